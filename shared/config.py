@@ -1,0 +1,264 @@
+"""Configuration shared by the router and the stage workers.
+
+Frozen dataclasses validated in ``__post_init__``. Values discovered at run time (the KV
+pool size, say) live in runtime objects elsewhere, never here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration the user gave (or a checkpoint holds) that we cannot serve."""
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unsupported dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ConfigError(f"unsupported dtype {dtype}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the serving code needs to know about a decoder-only checkpoint."""
+
+    model_path: str
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    # Qwen2 has q/k/v biases; Llama may via `attention_bias`.
+    qkv_bias: bool
+    # o_proj bias (Llama's `attention_bias` covers it too).
+    o_proj_bias: bool
+    mlp_bias: bool
+    # transformers' normalised rope description: rope_type, rope_theta, and type-specific keys.
+    rope_parameters: dict[str, Any]
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    # dtype the checkpoint was saved in ("bfloat16", ...).
+    checkpoint_dtype: str
+    # The transformers config object, for code that defers to transformers (rope init).
+    hf_config: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architecture {self.architecture!r} is not supported; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.num_hidden_layers < 1:
+            raise ConfigError("num_hidden_layers must be at least 1")
+
+    @property
+    def max_context(self) -> int:
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path) -> "ModelConfig":
+        """Reads config.json through transformers' AutoConfig (no weights are touched)."""
+        from transformers import AutoConfig
+
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{path} is not a Hugging Face model folder: config.json is missing")
+        raw = json.loads((path / "config.json").read_text())
+        archs = raw.get("architectures") or []
+        if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"{path}/config.json names architectures {archs}; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        hf = AutoConfig.from_pretrained(str(path))
+        act = getattr(hf, "hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act {act!r} is not supported; only 'silu' is")
+        rope = dict(getattr(hf, "rope_parameters", None) or {})
+        rope_type = rope.get("rope_type", "default")
+        if rope_type not in ("default", "llama3", "linear", "dynamic", "yarn"):
+            raise ConfigError(
+                f"rope type {rope_type!r} is not supported; supported: default, llama3, linear, "
+                "dynamic, yarn"
+            )
+        max_pos = int(hf.max_position_embeddings)
+        # Sliding-window attention is not implemented: serve only the part of the context
+        # where it equals full attention.
+        window = getattr(hf, "sliding_window", None)
+        uses_window = bool(window) and getattr(hf, "use_sliding_window", True)
+        if uses_window and window < max_pos:
+            max_pos = int(window)
+        heads = int(hf.num_attention_heads)
+        head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+        eos = hf.eos_token_id
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
+        attention_bias = bool(getattr(hf, "attention_bias", False))
+        dtype = getattr(hf, "dtype", None) or raw.get("torch_dtype") or "float32"
+        return cls(
+            model_path=str(path),
+            architecture=archs[0],
+            hidden_size=int(hf.hidden_size),
+            intermediate_size=int(hf.intermediate_size),
+            num_hidden_layers=int(hf.num_hidden_layers),
+            num_attention_heads=heads,
+            num_key_value_heads=int(getattr(hf, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            vocab_size=int(hf.vocab_size),
+            rms_norm_eps=float(hf.rms_norm_eps),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=archs[0] == "Qwen2ForCausalLM" or attention_bias,
+            o_proj_bias=attention_bias,
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            rope_parameters=rope,
+            bos_token_id=getattr(hf, "bos_token_id", None),
+            eos_token_ids=eos_ids,
+            checkpoint_dtype=str(dtype).replace("torch.", ""),
+            hf_config=hf,
+        )
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Which part of the model one pipeline stage owns."""
+
+    stage_index: int
+    num_stages: int
+    # Decoder layers [first_layer, last_layer).
+    first_layer: int
+    last_layer: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.stage_index < self.num_stages:
+            raise ConfigError(f"stage index {self.stage_index} outside [0, {self.num_stages})")
+        if not 0 <= self.first_layer < self.last_layer:
+            raise ConfigError(
+                f"stage {self.stage_index} owns no layers ([{self.first_layer}, {self.last_layer}))"
+            )
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    @property
+    def num_layers(self) -> int:
+        return self.last_layer - self.first_layer
+
+    def owns_layer(self, layer: int) -> bool:
+        return self.first_layer <= layer < self.last_layer
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The (pp, tp) layout of the whole deployment, and where this process sits in it."""
+
+    num_stages: int
+    tp_size: int
+    # Layers per stage; sums to the model's layer count.
+    layer_partition: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.num_stages < 1:
+            raise ConfigError("the number of pipeline stages must be at least 1")
+        if self.tp_size < 1:
+            raise ConfigError("the tensor-parallel size must be at least 1")
+        if len(self.layer_partition) != self.num_stages:
+            raise ConfigError(
+                f"layer partition {list(self.layer_partition)} has {len(self.layer_partition)} "
+                f"entries for {self.num_stages} stages"
+            )
+        if any(n < 1 for n in self.layer_partition):
+            raise ConfigError(
+                f"layer partition {list(self.layer_partition)}: every stage needs at least one layer"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.num_stages * self.tp_size
+
+    def stage_layout(self, stage_index: int) -> StageLayout:
+        first = sum(self.layer_partition[:stage_index])
+        return StageLayout(
+            stage_index=stage_index,
+            num_stages=self.num_stages,
+            first_layer=first,
+            last_layer=first + self.layer_partition[stage_index],
+        )
+
+    def global_rank(self, stage_index: int, tp_rank: int) -> int:
+        # Stages are laid out one after the other: stage s owns ranks [s*tp, (s+1)*tp).
+        return stage_index * self.tp_size + tp_rank
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    # Token budget of one step (prefill chunks + decodes).
+    max_num_batched_tokens: int = 2048
+    # Sequences in one step.
+    max_num_seqs: int = 64
+    # Waiting requests past which new ones get RESOURCE_EXHAUSTED.
+    max_queue_len: int = 4096
+    # Micro-batches in flight; 0 means one per pipeline stage.
+    max_inflight_steps: int = 0
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens must be at least 1")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs must be at least 1")
+        if self.max_queue_len < 1:
+            raise ConfigError("max_queue_len must be at least 1")
+        if self.max_inflight_steps < 0:
+            raise ConfigError("max_inflight_steps must be >= 0")
+
+
+def replace(obj: Any, **changes: Any) -> Any:
+    return dataclasses.replace(obj, **changes)
