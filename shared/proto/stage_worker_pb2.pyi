@@ -181,16 +181,18 @@ class ScheduledSequence(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., append_token_id: _Optional[int] = ..., sample: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "drop_seq_ids", "new_seqs", "seqs")
+    __slots__ = ("step_id", "drop_seq_ids", "new_seqs", "seqs", "reset")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     DROP_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_SEQS_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     drop_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     new_seqs: _containers.RepeatedCompositeFieldContainer[NewSequence]
     seqs: _containers.RepeatedCompositeFieldContainer[ScheduledSequence]
-    def __init__(self, step_id: _Optional[int] = ..., drop_seq_ids: _Optional[_Iterable[int]] = ..., new_seqs: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., seqs: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ...) -> None: ...
+    reset: bool
+    def __init__(self, step_id: _Optional[int] = ..., drop_seq_ids: _Optional[_Iterable[int]] = ..., new_seqs: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., seqs: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., reset: _Optional[bool] = ...) -> None: ...
 
 class TokenAlternative(_message.Message):
     __slots__ = ("token_id", "logprob")

@@ -1,0 +1,301 @@
+"""The router's step loop: admits requests, schedules micro-batches, sends them to every
+stage, and turns the last stage's sampled tokens into streamed responses.
+
+One thread owns the scheduler, the block manager and every sequence; the gRPC handlers
+talk to it only through its event queue. Up to `max_inflight` micro-batches (one per
+pipeline stage by default) are in flight at once, over disjoint sequences, so stage k
+works on batch i while stage k+1 works on batch i-1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from router.detokenizer import IncrementalDetokenizer
+from router.request_validation import ValidatedRequest
+from router.scheduler import QueueFullError, ScheduledBatch, Scheduler
+from router.sequence import Sequence
+from router.stage_client import StageClient
+from router.step_builder import StepBuilder
+from shared.proto import generation_pb2 as gen
+from shared.proto import stage_worker_pb2 as pb
+
+log = logging.getLogger("stageserve.router")
+
+# A sink receives each response of one request, then None once the stream is over.
+ResponseSink = Callable[[gen.GenerateResponse | None], None]
+
+
+class EngineUnavailable(RuntimeError):
+    """The pipeline is down (a stage failed); requests cannot be served now."""
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    request: ValidatedRequest
+    detokenizer: IncrementalDetokenizer
+    sink: ResponseSink
+    stage_sampling: pb.StageSamplingParams
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+
+@dataclass
+class EngineStats:
+    requests_finished: int = 0
+    steps: int = 0
+    preemptions: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        stages: list[StageClient],
+        scheduler: Scheduler,
+        tokenizer,
+        eos_token_ids: tuple[int, ...],
+        max_context: int,
+        max_inflight: int,
+        max_pending: int,
+    ) -> None:
+        self.stages = stages
+        self.scheduler = scheduler
+        self.block_manager = scheduler.block_manager
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_context = max_context
+        self.max_inflight = max_inflight
+        self.max_pending = max_pending
+        self.stats = EngineStats()
+        self._events: queue.Queue[tuple] = queue.Queue()
+        self._requests: dict[int, _Request] = {}
+        self._inflight: dict[int, ScheduledBatch] = {}
+        self._builder = StepBuilder()
+        self._ids = itertools.count(1)
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self.failed: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._stop = False
+
+    # ---- called from other threads -----------------------------------------------------
+
+    def start(self) -> None:
+        last = len(self.stages) - 1
+        for index, stage in enumerate(self.stages):
+            stage.open_execute(
+                on_result=lambda r, i=index: self._events.put(("result", i == last, r)),
+                on_error=lambda msg: self._events.put(("stage_error", msg)),
+            )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._events.put(("stop",))
+        self._thread.join(timeout=10)
+
+    def submit(self, request: ValidatedRequest, sink: ResponseSink) -> int:
+        """Queues a request; returns its sequence id. Raises QueueFullError or EngineUnavailable."""
+        if self.failed:
+            raise EngineUnavailable(self.failed)
+        with self._pending_lock:
+            if self._pending >= self.max_pending:
+                raise QueueFullError(
+                    f"the router holds {self._pending} requests, its limit (--max-queue-len); "
+                    "retry later"
+                )
+            self._pending += 1
+        seq_id = next(self._ids)
+        self._events.put(("submit", seq_id, request, sink))
+        return seq_id
+
+    def abort(self, seq_id: int) -> None:
+        self._events.put(("abort", seq_id))
+
+    @property
+    def num_pending(self) -> int:
+        return self._pending
+
+    # ---- the engine thread -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._schedule_steps()
+            # What can be scheduled changes only with an event (a result, a submit, an
+            # abort), so block until one comes, then drain the rest: one scheduling pass
+            # sees every abort and submit received so far.
+            self._handle(self._events.get())
+            while not self._stop:
+                try:
+                    self._handle(self._events.get_nowait())
+                except queue.Empty:
+                    break
+
+    def _handle(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "submit":
+            self._admit(*event[1:])
+        elif kind == "abort":
+            self._abort(event[1])
+        elif kind == "result":
+            self._on_result(event[1], event[2])
+        elif kind == "stage_error":
+            self._fail_all(event[1])
+        elif kind == "stop":
+            self._stop = True
+            self._fail_all("the router is shutting down")
+
+    def _admit(self, seq_id: int, request: ValidatedRequest, sink: ResponseSink) -> None:
+        if self.failed:
+            self._release_pending()
+            sink(_final(gen.FINISH_REASON_ERROR, request.request_id, f"unavailable: {self.failed}"))
+            sink(None)
+            return
+        seq = Sequence(
+            seq_id=seq_id,
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            max_new_tokens=request.sampling.max_new_tokens,
+        )
+        try:
+            self.scheduler.add(seq)
+        except QueueFullError as exc:
+            self._release_pending()
+            sink(_final(gen.FINISH_REASON_ERROR, request.request_id, str(exc)))
+            sink(None)
+            return
+        self._requests[seq_id] = _Request(
+            seq=seq,
+            request=request,
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, request.sampling.stop
+            ),
+            sink=sink,
+            stage_sampling=request.sampling.to_stage_proto(),
+        )
+
+    def _abort(self, seq_id: int) -> None:
+        req = self._requests.get(seq_id)
+        if req is None:
+            return
+        self.scheduler.abort(seq_id)
+        self._end(req, gen.FINISH_REASON_CANCELLED, "")
+
+    def _schedule_steps(self) -> None:
+        while not self.failed and len(self._inflight) < self.max_inflight:
+            batch = self.scheduler.schedule()
+            for seq in self.scheduler.pop_unschedulable():
+                req = self._requests.get(seq.seq_id)
+                if req is not None:
+                    self._builder.forget(seq.seq_id)
+                    self._end(
+                        req,
+                        gen.FINISH_REASON_ERROR,
+                        f"the sequence needs more KV blocks than the pool holds "
+                        f"({self.block_manager.num_total_blocks} blocks)",
+                    )
+            if batch is None:
+                return
+            self.stats.preemptions += len(batch.preempted)
+            sampling = {e.seq.seq_id: self._requests[e.seq.seq_id].stage_sampling for e in batch.entries}
+            step = self._builder.build(batch, sampling)
+            self._inflight[step.step_id] = batch
+            for stage in self.stages:
+                stage.send_step(step)
+            self.stats.steps += 1
+
+    def _on_result(self, from_last_stage: bool, result: pb.StepResult) -> None:
+        if not from_last_stage:
+            if result.error:
+                log.warning("stage %d rejected step %d: %s", result.stage_index, result.step_id, result.error)
+            return
+        batch = self._inflight.pop(result.step_id, None)
+        if batch is None:
+            return
+        if result.error:
+            log.error("step %d rejected: %s", result.step_id, result.error)
+            for seq in self.scheduler.on_step_failed(batch, result.error):
+                self._builder.forget(seq.seq_id)
+                req = self._requests.get(seq.seq_id)
+                if req is not None:
+                    self._end(req, gen.FINISH_REASON_ERROR, f"step failed: {result.error}")
+            return
+        sampled = {t.seq_id: t.token_id for t in result.tokens}
+        self.scheduler.on_step_done(batch, sampled)
+        for token in result.tokens:
+            req = self._requests.get(token.seq_id)
+            if req is not None and not req.seq.is_finished:
+                self._emit_token(req, token)
+
+    def _emit_token(self, req: _Request, token: pb.SampledToken) -> None:
+        seq, sampling = req.seq, req.request.sampling
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        response = gen.GenerateResponse(token_ids=[token.token_id], request_id=seq.request_id)
+        if sampling.return_logprob or sampling.top_logprobs:
+            lp = response.logprobs.add(token_id=token.token_id, logprob=token.logprob)
+            for alt in token.top:
+                lp.top.add(token_id=alt.token_id, logprob=alt.logprob)
+        finish, stop_reason = gen.FINISH_REASON_UNSPECIFIED, ""
+        tid = token.token_id
+        if tid in self.eos_token_ids and not sampling.ignore_eos:
+            finish = gen.FINISH_REASON_EOS
+        elif tid in sampling.stop_token_ids:
+            finish, stop_reason = gen.FINISH_REASON_STOP, str(tid)
+        step = req.detokenizer.add_tokens([tid])
+        response.text = step.text
+        if finish == gen.FINISH_REASON_UNSPECIFIED:
+            if step.stop_string is not None:
+                finish, stop_reason = gen.FINISH_REASON_STOP, step.stop_string
+            elif seq.num_output_tokens >= seq.max_new_tokens or seq.num_tokens >= self.max_context:
+                finish = gen.FINISH_REASON_LENGTH
+        if finish == gen.FINISH_REASON_UNSPECIFIED:
+            req.sink(response)
+            return
+        if step.stop_string is None:
+            response.text += req.detokenizer.finish()
+        self.scheduler.finish(seq)
+        self._builder.forget(seq.seq_id)
+        response.finish_reason = finish
+        response.stop_reason = stop_reason
+        self._close(req, response)
+
+    def _end(self, req: _Request, reason: int, message: str) -> None:
+        """Ends a request without a new token (cancelled, failed, unschedulable)."""
+        self._builder.forget(req.seq.seq_id)
+        self._close(req, _final(reason, req.seq.request_id, message))
+
+    def _close(self, req: _Request, last: gen.GenerateResponse) -> None:
+        last.prompt_tokens = req.seq.num_prompt_tokens
+        last.cached_prompt_tokens = req.seq.num_cached_prompt_tokens
+        self._requests.pop(req.seq.seq_id, None)
+        self._release_pending()
+        self.stats.requests_finished += 1
+        req.sink(last)
+        req.sink(None)
+
+    def _release_pending(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    def _fail_all(self, message: str) -> None:
+        """A stage stream broke: every request ends with an error; the engine stays down."""
+        if self.failed is None:
+            log.error("pipeline failed: %s", message)
+            self.failed = message
+        for batch in list(self._inflight.values()):
+            self.scheduler.on_step_failed(batch, message)
+        self._inflight.clear()
+        for req in list(self._requests.values()):
+            self.scheduler.abort(req.seq.seq_id)
+            self._close(req, _final(gen.FINISH_REASON_ERROR, req.seq.request_id, f"unavailable: {message}"))
+
+
+def _final(reason: int, request_id: str, message: str) -> gen.GenerateResponse:
+    return gen.GenerateResponse(finish_reason=reason, error_message=message, request_id=request_id)

@@ -1,0 +1,285 @@
+"""Validation of the public ``GenerateRequest``.
+
+A request is checked once, on arrival, and turned into a ``ValidatedRequest`` whose sampling
+parameters are fully resolved (defaults applied, seed assigned, ``max_new_tokens`` known), so
+nothing downstream (scheduler, stages) has to reinterpret proto3 zero values or guard against
+bad input. Every rejection raises ``InvalidRequestError`` whose message names the field, the
+offending value and the allowed range; the server maps it to INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shared.config import ConfigError, ModelConfig
+from shared.proto import generation_pb2, stage_worker_pb2
+
+MAX_REQUEST_ID_CHARS = 128
+# Error messages quote client strings; cap the quote so a huge value cannot bloat the status.
+_QUOTE_CHARS = 40
+
+
+class InvalidRequestError(ValueError):
+    """The client sent a request we refuse; the message says what was wrong and what is allowed."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds a request must respect, from the model and the router configuration."""
+
+    vocab_size: int
+    max_context: int
+    max_stop_strings: int = 16
+    max_stop_string_len: int = 256
+    max_stop_token_ids: int = 64
+    max_top_logprobs: int = 20
+    max_prompt_chars: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 1:
+            raise ConfigError(f"vocab_size must be at least 1, got {self.vocab_size}")
+        # A prompt needs one token and generation one more.
+        if self.max_context < 2:
+            raise ConfigError(f"max_context must be at least 2, got {self.max_context}")
+        for name in (
+            "max_stop_strings",
+            "max_stop_string_len",
+            "max_stop_token_ids",
+            "max_top_logprobs",
+            "max_prompt_chars",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_model_config(cls, model: ModelConfig, **overrides: int) -> RequestLimits:
+        return cls(vocab_size=model.vocab_size, max_context=model.max_context, **overrides)
+
+
+@dataclass(frozen=True)
+class ResolvedSampling:
+    """Sampling parameters with every default applied; what the scheduler and stages use."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    seed: int
+    stop: tuple[str, ...]
+    stop_token_ids: frozenset[int]
+    ignore_eos: bool
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    top_logprobs: int
+    return_logprob: bool
+    max_new_tokens: int
+
+    def to_stage_proto(self) -> stage_worker_pb2.StageSamplingParams:
+        # Stop conditions and the length limit are the router's business; stages only sample.
+        return stage_worker_pb2.StageSamplingParams(
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            seed=self.seed,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            top_logprobs=self.top_logprobs,
+            return_logprob=self.return_logprob,
+        )
+
+
+@dataclass(frozen=True)
+class ValidatedRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: ResolvedSampling
+
+
+def validate_request(
+    req: generation_pb2.GenerateRequest,
+    tokenizer_encode: Callable[[str], list[int]],
+    limits: RequestLimits,
+) -> ValidatedRequest:
+    """Check ``req`` against ``limits`` and resolve it; raises ``InvalidRequestError``.
+
+    ``tokenizer_encode`` turns a text prompt into token ids, special tokens (bos) included.
+    """
+    request_id = _resolve_request_id(req.request_id)
+    prompt_token_ids = _resolve_prompt(req, tokenizer_encode, limits)
+    sampling = _resolve_sampling(req.sampling, len(prompt_token_ids), limits)
+    return ValidatedRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling)
+
+
+def _quote(text: str) -> str:
+    if len(text) <= _QUOTE_CHARS:
+        return f"{text!r} ({len(text)} characters)"
+    return f"{text[:_QUOTE_CHARS]!r}... ({len(text)} characters)"
+
+
+def _resolve_request_id(request_id: str) -> str:
+    if not request_id:
+        return uuid.uuid4().hex
+    if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
+        raise InvalidRequestError(
+            f"request_id must be at most {MAX_REQUEST_ID_CHARS} printable characters "
+            f"(or empty to have one assigned), got {_quote(request_id)}"
+        )
+    return request_id
+
+
+def _resolve_prompt(
+    req: generation_pb2.GenerateRequest,
+    tokenizer_encode: Callable[[str], list[int]],
+    limits: RequestLimits,
+) -> tuple[int, ...]:
+    kind = req.WhichOneof("input")
+    if kind is None:
+        raise InvalidRequestError("the request has no input: set exactly one of prompt or prompt_token_ids")
+    if kind == "prompt":
+        if not req.prompt:
+            raise InvalidRequestError("prompt is empty: give a non-empty prompt or non-empty prompt_token_ids")
+        if len(req.prompt) > limits.max_prompt_chars:
+            raise InvalidRequestError(
+                f"prompt has {len(req.prompt)} characters; at most {limits.max_prompt_chars} are allowed"
+            )
+        ids = tuple(int(t) for t in tokenizer_encode(req.prompt))
+        if not ids:
+            raise InvalidRequestError("prompt tokenized to zero tokens; give a prompt that produces at least one")
+        where = "the tokenized prompt"
+    else:
+        ids = tuple(req.prompt_token_ids.ids)
+        if not ids:
+            raise InvalidRequestError(
+                "prompt_token_ids is empty: give at least one token id (or a non-empty prompt)"
+            )
+        where = "prompt_token_ids"
+    for i, token_id in enumerate(ids):
+        if not 0 <= token_id < limits.vocab_size:
+            raise InvalidRequestError(
+                f"{where}[{i}] = {token_id} is outside the vocabulary; token ids must be in "
+                f"[0, {limits.vocab_size - 1}]"
+            )
+    if len(ids) >= limits.max_context:
+        raise InvalidRequestError(
+            f"prompt has {len(ids)} tokens but the context limit is {limits.max_context}; a prompt may "
+            f"have at most {limits.max_context - 1} tokens so that at least one can be generated"
+        )
+    return ids
+
+
+def _in_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
+              high_open: bool = False, note: str = "") -> float:
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    # NaN compares false with everything, so it needs its own test.
+    if not math.isfinite(value) or too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise InvalidRequestError(f"sampling.{name} must be a finite number in {interval}{note}, got {value:g}")
+    return value
+
+
+def _resolve_sampling(
+    params: generation_pb2.SamplingParams, prompt_len: int, limits: RequestLimits
+) -> ResolvedSampling:
+    temperature = _in_range("temperature", params.temperature, 0.0, 100.0)
+
+    top_k = int(params.top_k)
+    if top_k > limits.vocab_size:
+        raise InvalidRequestError(
+            f"sampling.top_k must be in [0, {limits.vocab_size}] (the vocabulary size; 0 disables), got {top_k}"
+        )
+
+    # proto3 cannot tell "unset" from 0: 0 means no nucleus filtering.
+    top_p = _in_range("top_p", params.top_p, 0.0, 1.0, note=" (0 means 1)")
+    if top_p == 0.0:
+        top_p = 1.0
+
+    min_p = _in_range("min_p", params.min_p, 0.0, 1.0, high_open=True, note=" (0 disables)")
+
+    repetition_penalty = float(params.repetition_penalty)
+    if repetition_penalty == 0.0:
+        repetition_penalty = 1.0
+    else:
+        _in_range("repetition_penalty", repetition_penalty, 0.0, 10.0, low_open=True, note=" (or 0 for none)")
+
+    presence_penalty = _in_range("presence_penalty", params.presence_penalty, -2.0, 2.0)
+    frequency_penalty = _in_range("frequency_penalty", params.frequency_penalty, -2.0, 2.0)
+
+    top_logprobs = int(params.logprobs)
+    if top_logprobs > limits.max_top_logprobs:
+        raise InvalidRequestError(
+            f"sampling.logprobs must be in [0, {limits.max_top_logprobs}], got {top_logprobs}"
+        )
+
+    stop = _resolve_stop_strings(list(params.stop), limits)
+    stop_token_ids = _resolve_stop_token_ids(list(params.stop_token_ids), limits)
+
+    room = limits.max_context - prompt_len
+    max_new_tokens = int(params.max_new_tokens)
+    if max_new_tokens == 0:
+        max_new_tokens = room
+    elif max_new_tokens > room:
+        raise InvalidRequestError(
+            f"prompt has {prompt_len} tokens and sampling.max_new_tokens is {max_new_tokens}: together "
+            f"{prompt_len + max_new_tokens} exceed the context limit of {limits.max_context}; for this "
+            f"prompt max_new_tokens must be in [1, {room}] (or 0 for as many as fit)"
+        )
+
+    # A 63-bit seed fits every signed/unsigned 64-bit consumer (torch.Generator.manual_seed included).
+    seed = int(params.seed) if params.HasField("seed") else secrets.randbits(63)
+
+    return ResolvedSampling(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        seed=seed,
+        stop=stop,
+        stop_token_ids=stop_token_ids,
+        ignore_eos=bool(params.ignore_eos),
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        top_logprobs=top_logprobs,
+        return_logprob=bool(params.return_logprob) or top_logprobs > 0,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def _resolve_stop_strings(stop: list[str], limits: RequestLimits) -> tuple[str, ...]:
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidRequestError(
+            f"sampling.stop has {len(stop)} strings; at most {limits.max_stop_strings} are allowed"
+        )
+    for i, s in enumerate(stop):
+        if not s:
+            raise InvalidRequestError(f"sampling.stop[{i}] is empty; stop strings must be non-empty")
+        if len(s) > limits.max_stop_string_len:
+            raise InvalidRequestError(
+                f"sampling.stop[{i}] has {len(s)} characters; each stop string may have at most "
+                f"{limits.max_stop_string_len}"
+            )
+    # Duplicates change nothing but the detokenizer's work.
+    return tuple(dict.fromkeys(stop))
+
+
+def _resolve_stop_token_ids(ids: list[int], limits: RequestLimits) -> frozenset[int]:
+    if len(ids) > limits.max_stop_token_ids:
+        raise InvalidRequestError(
+            f"sampling.stop_token_ids has {len(ids)} ids; at most {limits.max_stop_token_ids} are allowed"
+        )
+    for i, token_id in enumerate(ids):
+        if token_id >= limits.vocab_size:
+            raise InvalidRequestError(
+                f"sampling.stop_token_ids[{i}] = {token_id} is outside the vocabulary; token ids must be "
+                f"in [0, {limits.vocab_size - 1}]"
+            )
+    return frozenset(int(t) for t in ids)

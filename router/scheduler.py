@@ -1,0 +1,301 @@
+"""Continuous batching: which sequences run in the next micro-batch, and how many tokens each.
+
+Policy: FCFS with chunked prefill and preemption by recompute.
+
+* A micro-batch holds only sequences that are not in flight, so with pipeline parallelism the
+  engine can keep several micro-batches (over disjoint sequences) in the pipe at once.
+* Running sequences go first: decodes, then unfinished prefill chunks, both in arrival order.
+  Decodes first keeps the inter-token latency of running requests steady while a long
+  prompt is being prefilled in chunks.
+* Waiting sequences are admitted in arrival order while the token budget, the sequence count
+  and the KV pool allow; the first one that does not fit stops admission (no overtaking).
+* When a running sequence needs a new block and none is free, the most recently arrived
+  running sequence that is not in flight is preempted (possibly the one asking): its blocks
+  are freed and it goes back to the front of the waiting queue, to be recomputed (prompt and
+  outputs; its full blocks usually come back as prefix-cache hits).
+* A sequence that cannot fit in the whole KV pool is never admitted: `schedule()` moves it to
+  an unschedulable list that the engine drains with `pop_unschedulable()` and reports as an
+  error to its client. This covers both over-long prompts and sequences that outgrew the
+  pool while decoding (they are preempted, then found unschedulable).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from router.block_manager import BlockManager
+from router.sequence import Sequence, SequenceStatus
+from shared.config import SchedulerConfig
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at SchedulerConfig.max_queue_len; the request is refused."""
+
+
+@dataclass(frozen=True)
+class ScheduledEntry:
+    seq: Sequence
+    # Tokens before this position are already in the KV cache.
+    start_position: int
+    num_tokens: int
+    # The chunk reaches the sequence's last known token, so the step samples a new one.
+    sample: bool
+    # Appended to the stages' block table before the step runs (the whole table when is_new).
+    new_block_ids: list[int]
+    # First step since (re-)admission: the stages do not know this sequence yet.
+    is_new: bool
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids_slice(self.start_position, self.start_position + self.num_tokens)
+
+
+@dataclass
+class ScheduledBatch:
+    entries: list[ScheduledEntry]
+    # Sequences preempted while building this batch (or an earlier empty one): the stages
+    # must drop them, before the batch's new sequences since one may be re-admitted here.
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(e.num_tokens for e in self.entries)
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [e.seq for e in self.entries]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self._waiting: deque[Sequence] = deque()
+        # Kept sorted by arrival: FCFS order for scheduling, reverse order for preemption.
+        self._running: list[Sequence] = []
+        self._by_id: dict[int, Sequence] = {}
+        # Finished or aborted while in flight: their blocks are freed when the step returns,
+        # since the stages are still writing into them.
+        self._free_on_return: set[int] = set()
+        self._unschedulable: list[Sequence] = []
+        # Preemptions from a schedule() call that produced no entries, reported with the
+        # next batch so the engine only ever handles non-empty batches.
+        self._pending_preempted: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def get(self, seq_id: int) -> Sequence | None:
+        return self._by_id.get(seq_id)
+
+    def waiting(self) -> Iterator[Sequence]:
+        return iter(tuple(self._waiting))
+
+    def running(self) -> Iterator[Sequence]:
+        return iter(tuple(self._running))
+
+    def unfinished(self) -> Iterator[Sequence]:
+        return iter(tuple(self._running) + tuple(self._waiting))
+
+    def pop_unschedulable(self) -> list[Sequence]:
+        """Sequences that need more blocks than the whole pool holds; they are FINISHED
+        and hold no blocks. The engine reports them to their clients as errors."""
+        out, self._unschedulable = self._unschedulable, []
+        return out
+
+    # -------------------------------------------------------------- lifecycle
+
+    def add(self, seq: Sequence) -> None:
+        if len(self._waiting) >= self.config.max_queue_len:
+            raise QueueFullError(
+                f"the waiting queue is full ({self.config.max_queue_len} requests); "
+                "retry later or raise max_queue_len"
+            )
+        if seq.seq_id in self._by_id:
+            raise ValueError(f"sequence id {seq.seq_id} is already scheduled")
+        assert seq.status is SequenceStatus.WAITING and not seq.block_ids
+        self._by_id[seq.seq_id] = seq
+        self._waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch | None:
+        """Builds one micro-batch from sequences not in flight; None if there is nothing to run."""
+        budget = self.config.max_num_batched_tokens
+        entries: list[ScheduledEntry] = []
+        preempted: list[Sequence] = []
+
+        candidates = [s for s in self._running if not s.in_flight]
+        decodes = [s for s in candidates if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in candidates if s.num_uncomputed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget == 0 or len(entries) == self.config.max_num_seqs:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            need = seq.num_uncomputed_tokens
+            assert need >= 1, f"running sequence {seq.seq_id} has nothing to compute"
+            num_tokens = min(need, budget)
+            total = seq.num_computed_tokens + num_tokens
+            if not self._make_room(seq, total, preempted):
+                continue
+            new_blocks = self.block_manager.append_slots(seq, total)
+            entries.append(self._entry(seq, num_tokens, new_blocks, is_new=False))
+            budget -= num_tokens
+
+        # Admitting right after a preemption would hand the freed blocks to a newcomer and
+        # preempt again next step; let the running sequences use them first.
+        if not preempted:
+            budget = self._admit(entries, budget)
+
+        self.num_preemptions += len(preempted)
+        if not entries:
+            self._pending_preempted.extend(preempted)
+            return None
+        batch = ScheduledBatch(entries=entries, preempted=self._pending_preempted + preempted)
+        self._pending_preempted = []
+        return batch
+
+    def on_step_done(self, batch: ScheduledBatch, sampled: dict[int, int]) -> None:
+        """Applies a step's result: KV computed, sampled tokens appended.
+
+        The engine decides afterwards which sequences finished (and calls `finish`).
+        """
+        for entry in batch.entries:
+            seq = entry.seq
+            assert seq.in_flight, f"sequence {seq.seq_id} returned from a step twice"
+            seq.in_flight = False
+            if seq.seq_id in self._free_on_return:
+                self._free_on_return.discard(seq.seq_id)
+                self.block_manager.free(seq)
+                continue
+            assert seq.num_computed_tokens == entry.start_position
+            seq.num_computed_tokens += entry.num_tokens
+            self.block_manager.mark_computed(seq, seq.num_computed_tokens)
+            if entry.sample:
+                if seq.seq_id not in sampled:
+                    raise ValueError(
+                        f"step result has no sampled token for sequence {seq.seq_id}, "
+                        "which the step asked to sample"
+                    )
+                seq.output_token_ids.append(sampled[seq.seq_id])
+
+    def on_step_failed(
+        self, batch: ScheduledBatch, error: str = "a pipeline step failed"
+    ) -> list[Sequence]:
+        """Ends every sequence of a failed step with `error`; returns those the engine must
+        report (sequences already finished or aborted are freed silently)."""
+        failed: list[Sequence] = []
+        for entry in batch.entries:
+            seq = entry.seq
+            seq.in_flight = False
+            if seq.seq_id in self._free_on_return:
+                self._free_on_return.discard(seq.seq_id)
+                self.block_manager.free(seq)
+                continue
+            seq.error = error
+            self._remove(seq)
+            failed.append(seq)
+        return failed
+
+    def finish(self, seq: Sequence) -> None:
+        """Ends a sequence (the engine saw a stop condition); frees its blocks now, or when
+        its step returns if it is in flight."""
+        if seq.is_finished:
+            return
+        self._remove(seq)
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Cancels a sequence; returns it, or None if it is unknown or already finished."""
+        seq = self._by_id.get(seq_id)
+        if seq is None:
+            return None
+        seq.aborted = True
+        self._remove(seq)
+        return seq
+
+    # ---------------------------------------------------------------- internal
+
+    def _remove(self, seq: Sequence) -> None:
+        """Takes an unfinished sequence out of the queues and releases its blocks (now, or
+        when its step returns)."""
+        if seq.status is SequenceStatus.WAITING:
+            self._waiting.remove(seq)
+        else:
+            assert seq.status is SequenceStatus.RUNNING
+            self._running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        del self._by_id[seq.seq_id]
+        if seq.in_flight:
+            self._free_on_return.add(seq.seq_id)
+        elif seq.block_ids:
+            self.block_manager.free(seq)
+
+    def _make_room(self, seq: Sequence, total_tokens: int, preempted: list[Sequence]) -> bool:
+        """Preempts until `seq` can cover `total_tokens`; False if `seq` itself was preempted."""
+        while not self.block_manager.can_append(seq, total_tokens):
+            victim = next((s for s in reversed(self._running) if not s.in_flight), None)
+            # `seq` is running and not in flight, so there is always a victim.
+            assert victim is not None
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        assert not seq.in_flight, "an in-flight sequence's blocks are being written"
+        self._running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        # The front, since it arrived before everything still waiting (FCFS).
+        self._waiting.appendleft(seq)
+
+    def _admit(self, entries: list[ScheduledEntry], budget: int) -> int:
+        bm = self.block_manager
+        while self._waiting and budget > 0 and len(entries) < self.config.max_num_seqs:
+            seq = self._waiting[0]
+            if bm.num_blocks_for(seq.num_tokens) > bm.num_total_blocks:
+                self._waiting.popleft()
+                seq.status = SequenceStatus.FINISHED
+                del self._by_id[seq.seq_id]
+                self._unschedulable.append(seq)
+                continue
+            if not bm.allocate_prompt(seq):
+                continue
+            self._waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self._running, seq, key=lambda s: s.arrival)
+            num_tokens = min(seq.num_uncomputed_tokens, budget)
+            entries.append(self._entry(seq, num_tokens, list(seq.block_ids), is_new=True))
+            budget -= num_tokens
+        return budget
+
+    def _entry(
+        self, seq: Sequence, num_tokens: int, new_block_ids: list[int], is_new: bool
+    ) -> ScheduledEntry:
+        start = seq.num_computed_tokens
+        # In flight from now on, which also keeps later preemptions in this call off it.
+        seq.in_flight = True
+        return ScheduledEntry(
+            seq=seq,
+            start_position=start,
+            num_tokens=num_tokens,
+            sample=start + num_tokens == seq.num_tokens,
+            new_block_ids=new_block_ids,
+            is_new=is_new,
+        )

@@ -1,0 +1,278 @@
+"""The router process: public Generation service (grpc.aio, so thousands of open streams
+cost no thread each), standard health service, rendezvous store for the stages, and the
+engine thread that drives the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from router.block_manager import BlockManager
+from router.control_plane import CachePlan, PipelineState, bring_up
+from router.engine import Engine, EngineUnavailable
+from router.request_validation import InvalidRequestError, RequestLimits, validate_request
+from router.scheduler import QueueFullError, Scheduler
+from router.stage_client import StageClient
+from shared.config import CacheConfig, ModelConfig, SchedulerConfig
+from shared.grpc_options import channel_options
+from shared.proto import generation_pb2 as gen
+from shared.proto import generation_pb2_grpc as gen_grpc
+
+log = logging.getLogger("stageserve.router")
+
+SERVICE_NAME = "stageserve.v1.Generation"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_path: str
+    stage_addresses: tuple[str, ...]
+    host: str
+    port: int
+    # The TCPStore the stages' ranks rendezvous through.
+    rendezvous_port: int
+    scheduler: SchedulerConfig
+    cache: CacheConfig
+    gpu_memory_utilization: float = 0.9
+    kv_cache_bytes: int = 0
+    max_kv_blocks: int = 0
+    startup_timeout_s: float = 1800.0
+    # Tests: a seeded shuffle of the free block list, so block tables are non-contiguous.
+    shuffle_blocks_seed: int | None = None
+
+
+class GenerationService(gen_grpc.GenerationServicer):
+    def __init__(self, config: RouterConfig, model: ModelConfig, tokenizer) -> None:
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.limits = RequestLimits.from_model_config(model)
+        self.engine: Engine | None = None
+        self.pipeline: PipelineState | None = None
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    async def Generate(
+        self, request: gen.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gen.GenerateResponse]:
+        engine = self.engine
+        if engine is None or engine.failed:
+            reason = engine.failed if engine is not None else "the pipeline is starting"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"not serving: {reason}")
+        loop = asyncio.get_running_loop()
+        try:
+            # Tokenizing a long prompt must not stall every other stream on the event loop.
+            validated = await loop.run_in_executor(
+                None, validate_request, request, self._encode, self.limits
+            )
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        responses: asyncio.Queue[gen.GenerateResponse | None] = asyncio.Queue()
+
+        def sink(item: gen.GenerateResponse | None) -> None:
+            loop.call_soon_threadsafe(responses.put_nowait, item)
+
+        try:
+            seq_id = engine.submit(validated, sink)
+        except QueueFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"not serving: {exc}")
+        finished = False
+        try:
+            while True:
+                item = await responses.get()
+                if item is None:
+                    finished = True
+                    return
+                if item.finish_reason == gen.FINISH_REASON_ERROR and item.error_message.startswith("unavailable"):
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, item.error_message)
+                yield item
+        finally:
+            # Cancelled, disconnected or past its deadline: free its blocks at the next step.
+            if not finished:
+                engine.abort(seq_id)
+
+    async def GetModelInfo(self, request: gen.GetModelInfoRequest, context) -> gen.ModelInfo:
+        info = gen.ModelInfo(
+            model_name=self.model.model_path.rstrip("/").rsplit("/", 1)[-1],
+            architecture=self.model.architecture,
+            max_context=self.model.max_context,
+            vocab_size=self.model.vocab_size,
+            pipeline_parallel_size=len(self.config.stage_addresses),
+            block_size=self.config.cache.block_size,
+            num_layers=self.model.num_hidden_layers,
+            eos_token_ids=list(self.model.eos_token_ids),
+        )
+        pipeline, engine = self.pipeline, self.engine
+        if pipeline is not None and engine is not None:
+            info.tensor_parallel_size = pipeline.infos[0].tp_size
+            info.dtype = pipeline.infos[0].dtype
+            info.num_kv_blocks = pipeline.num_blocks
+            info.free_kv_blocks = engine.block_manager.num_free_blocks
+            for stage_info, profile, address in zip(
+                pipeline.infos, pipeline.profiles, self.config.stage_addresses
+            ):
+                info.stages.add(
+                    stage_index=stage_info.stage_index,
+                    address=address,
+                    first_layer=stage_info.first_layer,
+                    last_layer=stage_info.last_layer,
+                    weight_bytes=profile.weight_bytes,
+                    kv_blocks=profile.num_blocks,
+                )
+        return info
+
+    async def Tokenize(self, request: gen.TokenizeRequest, context) -> gen.TokenizeResponse:
+        if len(request.text) > self.limits.max_prompt_chars:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"text has {len(request.text)} characters; at most {self.limits.max_prompt_chars} allowed",
+            )
+        ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        return gen.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
+
+
+class Router:
+    """Owns the rendezvous store, the stage clients, the engine and the health status."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.model = ModelConfig.from_pretrained(config.model_path)
+        tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+        self.service = GenerationService(config, self.model, tokenizer)
+        self.health = health.aio.HealthServicer()
+        self.stages = [StageClient(a) for a in config.stage_addresses]
+        self._store = None
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def host_rendezvous(self) -> None:
+        import torch.distributed as dist
+
+        # The stages' ranks join the process group through this store; the router is the
+        # one process every stage already has to reach.
+        self._store = dist.TCPStore(
+            "0.0.0.0", self.config.rendezvous_port, is_master=True, wait_for_workers=False
+        )
+        log.info("rendezvous store on port %d", self.config.rendezvous_port)
+
+    def start_engine(self) -> None:
+        cfg = self.config
+        state = bring_up(
+            self.stages,
+            self.model,
+            CachePlan(
+                block_size=cfg.cache.block_size,
+                max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
+                max_num_seqs=cfg.scheduler.max_num_seqs,
+                gpu_memory_utilization=cfg.gpu_memory_utilization,
+                kv_cache_bytes=cfg.kv_cache_bytes,
+                max_kv_blocks=cfg.max_kv_blocks,
+            ),
+            cfg.startup_timeout_s,
+        )
+        block_manager = BlockManager(
+            state.num_blocks,
+            cfg.cache.block_size,
+            enable_prefix_caching=cfg.scheduler.enable_prefix_caching,
+            shuffle_seed=cfg.shuffle_blocks_seed,
+        )
+        scheduler = Scheduler(cfg.scheduler, block_manager)
+        engine = Engine(
+            self.stages,
+            scheduler,
+            self.service.tokenizer,
+            self.model.eos_token_ids,
+            self.model.max_context,
+            max_inflight=cfg.scheduler.max_inflight_steps or len(self.stages),
+            max_pending=cfg.scheduler.max_queue_len,
+        )
+        engine.start()
+        self.service.pipeline = state
+        self.service.engine = engine
+
+    async def watch_health(self, stop: asyncio.Event) -> None:
+        """Router health is SERVING only while the engine runs and every stage serves."""
+        loop = asyncio.get_running_loop()
+        serving = True
+        while not stop.is_set():
+            engine = self.service.engine
+            stages_ok = all(await asyncio.gather(*(loop.run_in_executor(None, s.is_serving) for s in self.stages)))
+            now = engine is not None and engine.failed is None and stages_ok
+            if now != serving:
+                serving = now
+                await self.set_serving(now)
+                log.warning("router health: %s", "SERVING" if now else "NOT_SERVING")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+
+
+async def serve_async(config: RouterConfig) -> None:
+    router = Router(config)
+    router.host_rendezvous()
+    server = grpc.aio.server(options=channel_options())
+    gen_grpc.add_GenerationServicer_to_server(router.service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(router.health, server)
+    address = f"{config.host}:{config.port}"
+    if server.add_insecure_port(address) == 0:
+        raise SystemExit(f"cannot listen on {address}")
+    await router.set_serving(False)
+    await server.start()
+    log.info("router listening on %s; waiting for %d stage(s)", address, len(config.stage_addresses))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    startup: asyncio.Future[None] = loop.create_future()
+
+    def bring_up_thread() -> None:
+        # A daemon thread, not the loop's executor: a SIGTERM during a long bring-up must
+        # not wait for it to finish.
+        try:
+            router.start_engine()
+            loop.call_soon_threadsafe(startup.set_result, None)
+        except BaseException as exc:  # noqa: BLE001 - reported by the awaiting coroutine
+            loop.call_soon_threadsafe(startup.set_exception, exc)
+
+    threading.Thread(target=bring_up_thread, name="bring-up", daemon=True).start()
+    stop_wait = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    watcher = None
+    if startup in done:
+        if startup.exception() is not None:
+            log.error("bring-up failed: %s", startup.exception())
+            await server.stop(grace=0)
+            raise SystemExit(1)
+        await router.set_serving(True)
+        log.info("router serving on %s", address)
+        watcher = asyncio.ensure_future(router.watch_health(stop))
+        await stop.wait()
+    log.info("router stopping")
+    await router.set_serving(False)
+    if watcher is not None:
+        await watcher
+    if router.service.engine is not None:
+        router.service.engine.stop()
+    await server.stop(grace=2.0)
+    for stage in router.stages:
+        stage.close()
+
+
+def serve(config: RouterConfig) -> None:
+    asyncio.run(serve_async(config))

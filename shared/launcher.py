@@ -1,0 +1,154 @@
+"""`stageserve up`: the router and one process per stage on this machine, as separate
+processes exactly as compose would start them, stopped together."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from shared.client import GenerationClient
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    model_path: str
+    num_stages: int
+    tp_size: int
+    device: str
+    dtype: str
+    host: str
+    port: int
+    layer_partition: str | None
+    router_args: tuple[str, ...]
+    startup_timeout_s: float
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    # Children get SIGTERM if `up` itself dies (even by SIGKILL): no orphaned stages.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def resolve_device(device: str, gpus_needed: int) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= gpus_needed else "cpu"
+
+
+class Launcher:
+    def __init__(self, config: UpConfig) -> None:
+        self.config = config
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.router_address = f"127.0.0.1:{config.port}"
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        cmd = [sys.executable, "-m", "shared.cli", *args]
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        self.procs.append((name, proc))
+
+    def start(self) -> None:
+        cfg = self.config
+        device = resolve_device(cfg.device, cfg.num_stages * cfg.tp_size)
+        rendezvous_port = free_port()
+        stage_ports = [free_port() for _ in range(cfg.num_stages)]
+        stage_addresses = [f"127.0.0.1:{p}" for p in stage_ports]
+        self._spawn(
+            "router",
+            [
+                "router", "--model", cfg.model_path, "--stages", ",".join(stage_addresses),
+                "--host", cfg.host, "--port", str(cfg.port), "--rendezvous-port", str(rendezvous_port),
+                *cfg.router_args,
+            ],
+        )
+        for i, port in enumerate(stage_ports):
+            args = [
+                "stage", "--model", cfg.model_path, "--stage-index", str(i),
+                "--num-stages", str(cfg.num_stages), "--tp", str(cfg.tp_size), "--port", str(port),
+                "--host", "127.0.0.1", "--rendezvous", f"127.0.0.1:{rendezvous_port}",
+                "--device", device, "--dtype", cfg.dtype,
+            ]
+            if cfg.layer_partition:
+                args += ["--layer-partition", cfg.layer_partition]
+            env = None
+            if device == "cuda":
+                # Stage i owns GPUs [i*tp, (i+1)*tp); inside the stage they are cuda:0..tp-1.
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+                gpus = visible.split(",") if visible else [str(g) for g in range(cfg.num_stages * cfg.tp_size)]
+                env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * cfg.tp_size : (i + 1) * cfg.tp_size])}
+            self._spawn(f"stage{i}", args, env)
+
+    def dead_child(self) -> str | None:
+        for name, proc in self.procs:
+            code = proc.poll()
+            if code is not None:
+                return f"{name} exited with code {code}"
+        return None
+
+    def wait_until_serving(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        with GenerationClient(self.router_address) as client:
+            while not client.is_serving():
+                dead = self.dead_child()
+                if dead:
+                    raise RuntimeError(dead)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"not serving after {self.config.startup_timeout_s:.0f} s")
+                time.sleep(0.3)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _, proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
+    launcher = Launcher(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    launcher.start()
+    try:
+        launcher.wait_until_serving()
+        print(f"stageserve is serving on {launcher.router_address}", flush=True)
+        if prompt is not None:
+            from shared.cli import stream_to_stdout
+
+            stream_to_stdout(launcher.router_address, prompt, prompt_args)
+        while not stop.wait(0.5):
+            dead = launcher.dead_child()
+            if dead:
+                print(f"stageserve: {dead}; stopping", file=sys.stderr)
+                return 1
+        return 0
+    except RuntimeError as exc:
+        print(f"stageserve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        launcher.stop()

@@ -1,0 +1,92 @@
+"""Reference paged attention in plain torch (CPU and GPU).
+
+Each step writes its new K/V into the paged cache, then attends sequence by sequence over
+the sequence's whole context gathered through its block table. Correct for prefill,
+chunked prefill continuing a cached prefix, decode and mixed batches; not fast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stage_worker.attention_metadata import AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        assert num_heads % num_kv_heads == 0
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_queries_per_kv = num_heads // num_kv_heads
+        # (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]; set by
+        # KVCache.bind. Not buffers: the cache is sized after the model is built.
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """query [num_tokens, heads * head_dim], key/value [num_tokens, kv_heads * head_dim]
+        -> [num_tokens, heads * head_dim]."""
+        num_tokens = query.shape[0]
+        q = query.view(num_tokens, self.num_heads, self.head_dim)
+        k = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = torch.empty_like(q)  # [num_tokens, heads, head_dim]
+        md = attn_metadata
+        if md.use_cache:
+            assert self.kv_cache is not None, "KV cache not bound: call KVCache.bind(model) first"
+            k_cache, v_cache = self.kv_cache
+            # A slot is block_id * block_size + offset, i.e. a row of the flattened cache.
+            k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, md.slot_mapping, k)
+            v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, md.slot_mapping, v)
+        for i in range(md.num_seqs):
+            q_start, q_end = md.query_start_loc[i], md.query_start_loc[i + 1]
+            if q_end == q_start:
+                continue
+            if md.use_cache:
+                assert md.context_lens[i] == md.start_positions[i] + (q_end - q_start)
+                seq_k, seq_v = self._gather_context(i, md)
+            else:
+                seq_k, seq_v = k[q_start:q_end], v[q_start:q_end]
+            out[q_start:q_end] = self._attend(q[q_start:q_end], seq_k, seq_v)
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _gather_context(self, i: int, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence i's first context_lens[i] cached K/V rows, each [context_len, kv_heads, head_dim]."""
+        k_cache, v_cache = self.kv_cache
+        context_len = md.context_lens[i]
+        num_blocks = (context_len + md.block_size - 1) // md.block_size
+        blocks = md.block_tables[i][:num_blocks]
+        assert blocks.numel() == num_blocks, (
+            f"block table of sequence {i} has {blocks.numel()} blocks, {num_blocks} needed"
+        )
+        # [num_blocks, block_size, kv_heads, head_dim] -> [num_blocks * block_size, kv_heads, head_dim]
+        seq_k = k_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context_len]
+        seq_v = v_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context_len]
+        return seq_k, seq_v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [q_len, heads, head_dim]: the last q_len positions of k/v [ctx_len, kv_heads, head_dim]."""
+        q_len, ctx_len = q.shape[0], k.shape[0]
+        qh = q.transpose(0, 1)  # [heads, q_len, head_dim]
+        # Query head h reads kv head h // num_queries_per_kv (HF's repeat_kv order).
+        kh = k.transpose(0, 1).repeat_interleave(self.num_queries_per_kv, dim=0)  # [heads, ctx_len, head_dim]
+        vh = v.transpose(0, 1).repeat_interleave(self.num_queries_per_kv, dim=0)
+        mask = None
+        if q_len > 1:
+            # The queries are the last q_len positions of the keys' span: query j sits at
+            # key index ctx_len - q_len + j and sees keys up to and including it.
+            q_idx = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+            k_idx = torch.arange(ctx_len, device=q.device)
+            mask = k_idx[None, :] <= q_idx[:, None]  # [q_len, ctx_len]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
+        return out.transpose(0, 1)  # [q_len, heads, head_dim]

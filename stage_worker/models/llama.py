@@ -1,0 +1,274 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) holding one pipeline stage's part.
+
+Only what the stage owns is built: the embedding on the first stage, decoder layers
+[first_layer, last_layer) under their global HF indices, the final norm and lm_head on the
+last stage. Module names follow HF's checkpoint keys, except for the fused projections
+(qkv_proj, gate_up_proj), which `checkpoint_targets` maps back to HF names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shared.config import ConfigError, ModelConfig, StageLayout
+from stage_worker.attention_metadata import AttentionMetadata
+from stage_worker.distributed import get_tp_group
+from stage_worker.layers.activation import SiluAndMul
+from stage_worker.layers.attention import Attention
+from stage_worker.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from stage_worker.layers.layernorm import RMSNorm
+from stage_worker.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from stage_worker.layers.rotary_embedding import RotaryEmbedding
+
+# (fused module name, checkpoint module name, shard id): how HF's separate projections
+# load into the fused ones.
+STACKED_PARAMS_MAPPING: tuple[tuple[str, str, str | int], ...] = (
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size,
+            [config.intermediate_size] * 2,
+            bias=config.mlp_bias,
+            dtype=dtype,
+            device=device,
+        )
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, dtype=dtype, device=device
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        rotary_emb: RotaryEmbedding,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=config.qkv_bias,
+            dtype=dtype,
+            device=device,
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * head_dim,
+            config.hidden_size,
+            bias=config.o_proj_bias,
+            dtype=dtype,
+            device=device,
+        )
+        self.q_size = self.qkv_proj.q_size
+        self.kv_size = self.qkv_proj.kv_size
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(
+            self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, scale=head_dim**-0.5
+        )
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v, attn_metadata)
+        return self.o_proj(out)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        rotary_emb: RotaryEmbedding,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, rotary_emb, dtype, device)
+        self.mlp = LlamaMLP(config, dtype, device)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+        attn_metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # `residual` is the stream before this layer's input; `hidden_states` the previous
+        # sublayer's output still to be added to it (None/stream at a stage's first layer).
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions, hidden_states, attn_metadata)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states = self.mlp(hidden_states)
+        return hidden_states, residual
+
+
+class LlamaModel(nn.Module):
+    """HF's `model.` prefix: embedding, layers and final norm (the owned ones)."""
+
+    def __init__(
+        self, config: ModelConfig, layout: StageLayout, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.layout = layout
+        if layout.is_first:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, device)
+        rotary_emb = RotaryEmbedding(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_parameters,
+            config.hf_config,
+            dtype,
+            device,
+        )
+        # Keyed by the global layer index so parameter names equal the checkpoint keys.
+        self.layers = nn.ModuleDict(
+            {
+                str(i): LlamaDecoderLayer(config, rotary_emb, dtype, device)
+                for i in range(layout.first_layer, layout.last_layer)
+            }
+        )
+        if layout.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor | None,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        if self.layout.is_first:
+            assert input_ids is not None, "the first stage takes input_ids"
+            hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+        else:
+            assert hidden_states is not None, "a later stage takes the previous stage's hidden states"
+        residual = None
+        for layer in self.layers.values():
+            hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
+        if self.layout.is_last:
+            hidden_states, _ = self.norm(hidden_states, residual)
+            return hidden_states
+        # One tensor on the wire: the next stage starts from the full residual stream.
+        return hidden_states + residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(
+        self, config: ModelConfig, layout: StageLayout, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        if layout.last_layer > config.num_hidden_layers:
+            raise ConfigError(
+                f"stage {layout.stage_index} owns layers [{layout.first_layer}, {layout.last_layer}) "
+                f"but the model has {config.num_hidden_layers} layers"
+            )
+        device = torch.device(device)
+        self.config = config
+        self.layout = layout
+        self.dtype = dtype
+        self.device = device
+        self.model = LlamaModel(config, layout, dtype, device)
+        if layout.is_last:
+            shared = None
+            if config.tie_word_embeddings and layout.is_first:
+                # One stage holds both ends: the head reuses the embedding's shard.
+                shared = self.model.embed_tokens.weight
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.hidden_size, dtype, device, weight=shared
+            )
+        tp = get_tp_group()
+        self.tp_rank, self.tp_size = tp.rank, tp.size
+        first_attn = next(iter(self.attention_layers().values()))
+        self.num_local_heads = first_attn.num_heads
+        self.num_local_kv_heads = first_attn.num_kv_heads
+        self._checkpoint_targets = self._build_checkpoint_targets()
+
+    # ----- forward -----
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor | None,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """First stage: input_ids [num_tokens]; others: hidden_states [num_tokens, hidden].
+
+        Returns [num_tokens, hidden]: the residual stream for the next stage, or on the last
+        stage the final-normed hidden states for compute_logits.
+        """
+        return self.model(input_ids, positions, hidden_states, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> float32 [n, vocab_size], gathered over TP (same on every rank)."""
+        assert self.layout.is_last, "compute_logits runs on the last stage only"
+        return self.lm_head.compute_logits(hidden_states)
+
+    # ----- structure -----
+
+    @property
+    def layer_indices(self) -> list[int]:
+        return list(range(self.layout.first_layer, self.layout.last_layer))
+
+    def attention_layers(self) -> dict[int, Attention]:
+        """Global layer index -> that layer's attention (where KVCache.bind attaches caches)."""
+        return {int(i): layer.self_attn.attn for i, layer in self.model.layers.items()}
+
+    def _build_checkpoint_targets(self) -> dict[str, tuple[str, str | int | None]]:
+        targets: dict[str, tuple[str, str | int | None]] = {}
+        # named_parameters yields a tied parameter once, under its first name
+        # (model.embed_tokens.weight), so a single-stage tied model loads it once.
+        for name, _ in self.named_parameters():
+            for fused, ckpt, shard_id in STACKED_PARAMS_MAPPING:
+                if f".{fused}." in name:
+                    targets[name.replace(f".{fused}.", f".{ckpt}.")] = (name, shard_id)
+            if any(f".{fused}." in name for fused, _, _ in STACKED_PARAMS_MAPPING):
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                # Tied checkpoints store the head only as the embedding.
+                targets["model.embed_tokens.weight"] = (name, None)
+            else:
+                targets[name] = (name, None)
+        return targets
+
+    def checkpoint_targets(self) -> dict[str, tuple[str, str | int | None]]:
+        """Checkpoint key -> (parameter name, shard id for fused parameters, else None)."""
+        return dict(self._checkpoint_targets)
+
+    def checkpoint_parameter_names(self) -> list[str]:
+        """The HF checkpoint keys this stage owns (what it reports in GetInfo)."""
+        return list(self._checkpoint_targets)
+
+    def parameter_bytes(self) -> int:
+        """Bytes of parameters this rank holds (its TP shards, vocab padding included)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())

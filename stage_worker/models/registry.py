@@ -1,0 +1,31 @@
+"""Architecture name (config.json's `architectures`) -> model class."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shared.config import ConfigError, ModelConfig, StageLayout
+from stage_worker.models.llama import LlamaForCausalLM
+
+# Mistral and Qwen2 share Llama's structure; their differences (qkv bias, tied embeddings,
+# rope) come from ModelConfig.
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def build_model(
+    config: ModelConfig, layout: StageLayout, dtype: torch.dtype, device: torch.device
+) -> nn.Module:
+    """Builds the stage's part of the model directly on `device` (weights not loaded yet)."""
+    try:
+        cls = MODEL_REGISTRY[config.architecture]
+    except KeyError:
+        raise ConfigError(
+            f"architecture {config.architecture!r} is not supported; supported: "
+            + ", ".join(sorted(MODEL_REGISTRY))
+        ) from None
+    return cls(config, layout, dtype, device)

@@ -1,0 +1,103 @@
+"""The body of one TP rank process: load the stage's slice of the model, join the process
+group, then execute commands from the stage's gRPC process in the order they arrive.
+
+Commands come over a local pipe as serialized `RankCommand` protos; nothing here listens
+on the network.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import torch
+
+from shared.config import ModelConfig, ParallelConfig, dtype_from_name
+from shared.proto import stage_worker_pb2 as pb
+
+
+@dataclass(frozen=True)
+class RankArgs:
+    model_path: str
+    parallel: ParallelConfig
+    stage_index: int
+    tp_rank: int
+    device_type: str
+    dtype: str
+    rendezvous: str
+    join_timeout_s: float
+    cpu_threads: int
+
+
+def _reply(conn: Connection, reply: pb.RankReply) -> None:
+    conn.send_bytes(reply.SerializeToString())
+
+
+def rank_main(args: RankArgs, conn: Connection) -> None:
+    """Entry point of a spawned rank process."""
+    try:
+        _run(args, conn)
+    except (EOFError, BrokenPipeError):
+        # The stage process is gone: nothing left to serve.
+        sys.exit(1)
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the stage process
+        message = f"rank {args.tp_rank} of stage {args.stage_index}: {type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        try:
+            _reply(conn, pb.RankReply(fatal_error=message))
+        except (OSError, EOFError):
+            pass
+        sys.exit(1)
+
+
+def _run(args: RankArgs, conn: Connection) -> None:
+    # Imported here so the spawn of the process is cheap and import errors are reported.
+    from stage_worker.distributed import RankPlacement, destroy_distributed, init_distributed
+    from stage_worker.model_runner import ModelRunner
+
+    if args.device_type == "cuda":
+        device = torch.device("cuda", args.tp_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, args.cpu_threads))
+    config = ModelConfig.from_pretrained(args.model_path)
+    layout = args.parallel.stage_layout(args.stage_index)
+    placement = RankPlacement(args.parallel, args.stage_index, args.tp_rank)
+    runner = ModelRunner(config, layout, placement, dtype_from_name(args.dtype), device)
+    summary = runner.load()
+    report = pb.RankReady(
+        tp_rank=args.tp_rank,
+        parameter_names=summary.parameter_names,
+        parameter_bytes=summary.parameter_bytes,
+        bytes_read=summary.bytes_read,
+        load_seconds=summary.load_seconds,
+    )
+    _reply(conn, pb.RankReply(loaded=report))
+    init_distributed(placement, args.rendezvous, device, timeout_s=args.join_timeout_s)
+    runner.attach_hop()
+    _reply(conn, pb.RankReply(ready=report))
+    try:
+        while True:
+            command = pb.RankCommand.FromString(conn.recv_bytes())
+            kind = command.WhichOneof("command")
+            if kind == "step":
+                result = runner.execute(command.step)
+                if args.tp_rank == 0:
+                    _reply(conn, pb.RankReply(step=result))
+            elif kind == "profile":
+                _reply(conn, pb.RankReply(profile=runner.profile(command.profile)))
+            elif kind == "init_cache":
+                _reply(conn, pb.RankReply(init_cache=runner.init_cache(command.init_cache)))
+            elif kind == "shutdown":
+                break
+            else:
+                raise AssertionError(f"unknown rank command {kind!r}")
+    finally:
+        if runner.hop is not None:
+            runner.hop.wait_sends()
+        destroy_distributed()
+    os._exit(0)

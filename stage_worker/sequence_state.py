@@ -1,0 +1,138 @@
+"""What a stage remembers of each sequence between steps, and how a step's deltas apply.
+
+Every stage receives the same steps and applies them the same way, so their sequence
+tables stay identical without ever being exchanged. A step is validated as a whole before
+anything changes: a rejected step leaves every stage exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.proto import stage_worker_pb2 as pb
+
+
+class StepRejected(Exception):
+    """The step is inconsistent (bad block id, unknown sequence...); nothing was applied."""
+
+
+@dataclass
+class StageSequence:
+    seq_id: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling: pb.StageSamplingParams
+    block_table: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        if start >= prompt_len:
+            return self.output_token_ids[start - prompt_len : end - prompt_len]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    vocab_size: int
+    max_position: int
+    block_size: int
+    # 0 until InitCache.
+    num_blocks: int
+
+
+class SequenceTable:
+    def __init__(self) -> None:
+        self.seqs: dict[int, StageSequence] = {}
+
+    def apply(self, step: pb.StepRequest, limits: StepLimits) -> list[StageSequence]:
+        """Validates the whole step, then applies its deltas; returns the batch in order."""
+        self._validate(step, limits)
+        if step.reset:
+            self.seqs.clear()
+        for seq_id in step.drop_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for new in step.new_seqs:
+            self.seqs[new.seq_id] = StageSequence(
+                seq_id=new.seq_id,
+                prompt_token_ids=list(new.prompt_token_ids),
+                output_token_ids=list(new.output_token_ids),
+                sampling=new.sampling,
+            )
+        batch = []
+        for sched in step.seqs:
+            seq = self.seqs[sched.seq_id]
+            if sched.HasField("append_token_id"):
+                seq.output_token_ids.append(sched.append_token_id)
+            seq.block_table.extend(sched.new_block_ids)
+            batch.append(seq)
+        return batch
+
+    def _validate(self, step: pb.StepRequest, limits: StepLimits) -> None:
+        if limits.num_blocks == 0:
+            raise StepRejected("the KV cache is not initialised (InitCache first)")
+        if not step.seqs:
+            raise StepRejected("the step schedules no sequence")
+        live: set[int] = set() if step.reset else set(self.seqs)
+        live.difference_update(step.drop_seq_ids)
+        # Token and block counts each scheduled sequence will have, as if applied.
+        new_counts: dict[int, tuple[int, int]] = {}
+        for new in step.new_seqs:
+            if new.seq_id in live or new.seq_id in new_counts:
+                raise StepRejected(f"sequence {new.seq_id} is added twice")
+            ids = list(new.prompt_token_ids) + list(new.output_token_ids)
+            if not new.prompt_token_ids:
+                raise StepRejected(f"sequence {new.seq_id} has an empty prompt")
+            bad = [t for t in ids if t >= limits.vocab_size]
+            if bad:
+                raise StepRejected(
+                    f"sequence {new.seq_id}: token id {bad[0]} outside the vocabulary "
+                    f"[0, {limits.vocab_size})"
+                )
+            new_counts[new.seq_id] = (len(ids), 0)
+        seen: set[int] = set()
+        for sched in step.seqs:
+            sid = sched.seq_id
+            if sid in seen:
+                raise StepRejected(f"sequence {sid} appears twice in one step")
+            seen.add(sid)
+            if sid in new_counts:
+                num_tokens, num_blocks = new_counts[sid]
+            elif sid in live:
+                seq = self.seqs[sid]
+                num_tokens, num_blocks = seq.num_tokens, len(seq.block_table)
+            else:
+                raise StepRejected(f"sequence {sid} is not known to this stage")
+            if sched.HasField("append_token_id"):
+                if sched.append_token_id >= limits.vocab_size:
+                    raise StepRejected(
+                        f"sequence {sid}: appended token {sched.append_token_id} outside the "
+                        f"vocabulary [0, {limits.vocab_size})"
+                    )
+                num_tokens += 1
+            for block in sched.new_block_ids:
+                if block >= limits.num_blocks:
+                    raise StepRejected(
+                        f"sequence {sid}: block id {block} outside the pool [0, {limits.num_blocks})"
+                    )
+            num_blocks += len(sched.new_block_ids)
+            end = sched.start_position + sched.num_tokens
+            if sched.num_tokens == 0 or end > num_tokens:
+                raise StepRejected(
+                    f"sequence {sid}: tokens [{sched.start_position}, {end}) but it has {num_tokens}"
+                )
+            if end > limits.max_position:
+                raise StepRejected(
+                    f"sequence {sid}: position {end - 1} beyond the model's {limits.max_position}"
+                )
+            if num_blocks * limits.block_size < end:
+                raise StepRejected(
+                    f"sequence {sid}: {num_blocks} blocks of {limits.block_size} cannot hold {end} tokens"
+                )
+            if sched.sample and end != num_tokens:
+                raise StepRejected(f"sequence {sid}: sample set on a chunk that is not its last")

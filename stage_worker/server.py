@@ -1,0 +1,275 @@
+"""The StageWorker gRPC service of one pipeline stage.
+
+This process holds no weights: it spawns the stage's TP rank processes, relays commands
+to them in order, and answers health and info calls at once, even while a long step runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from shared.config import ModelConfig, ParallelConfig
+from shared.grpc_options import channel_options
+from shared.proto import stage_worker_pb2 as pb
+from shared.proto import stage_worker_pb2_grpc as pb_grpc
+from stage_worker.rank_pool import RankFailure, RankPool
+from stage_worker.rank_process import RankArgs
+
+log = logging.getLogger("stageserve.stage")
+
+SERVICE_NAME = "stageserve.v1.StageWorker"
+CONTROL_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class StageServerConfig:
+    model_path: str
+    parallel: ParallelConfig
+    stage_index: int
+    host: str
+    port: int
+    rendezvous: str
+    device_type: str
+    dtype: str
+    join_timeout_s: float = 1800.0
+
+
+class StageWorkerService(pb_grpc.StageWorkerServicer):
+    def __init__(self, config: StageServerConfig, health_servicer: health.HealthServicer) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_pretrained(config.model_path)
+        self.layout = config.parallel.stage_layout(config.stage_index)
+        if self.layout.last_layer > self.model_config.num_hidden_layers:
+            raise ValueError(
+                f"layer partition {list(config.parallel.layer_partition)} covers "
+                f"{sum(config.parallel.layer_partition)} layers; the model has "
+                f"{self.model_config.num_hidden_layers}"
+            )
+        self.health = health_servicer
+        self._lock = threading.Lock()
+        self.state = pb.STAGE_STATE_LOADING
+        self.error = ""
+        self._loaded: dict[int, pb.RankReady] = {}
+        self._ready: dict[int, pb.RankReady] = {}
+        self.num_kv_blocks = 0
+        self.block_size = 0
+        self._execute_active = False
+        self._set_health(False)
+        tp = config.parallel.tp_size
+        cpu_threads = max(1, (os.cpu_count() or 1) // (tp * config.parallel.num_stages))
+        args = [
+            RankArgs(
+                model_path=config.model_path,
+                parallel=config.parallel,
+                stage_index=config.stage_index,
+                tp_rank=r,
+                device_type=config.device_type,
+                dtype=config.dtype,
+                rendezvous=config.rendezvous,
+                join_timeout_s=config.join_timeout_s,
+                cpu_threads=cpu_threads,
+            )
+            for r in range(tp)
+        ]
+        self.pool = RankPool(args, self._on_loaded, self._on_ready, self._on_failure)
+
+    # ---- state -------------------------------------------------------------------------
+
+    def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def _on_loaded(self, report: pb.RankReady) -> None:
+        with self._lock:
+            self._loaded[report.tp_rank] = report
+            if len(self._loaded) == self.pool.size and self.state == pb.STAGE_STATE_LOADING:
+                self.state = pb.STAGE_STATE_JOINING
+                log.info("stage %d: weights loaded, joining the process group", self.config.stage_index)
+
+    def _on_ready(self, report: pb.RankReady) -> None:
+        with self._lock:
+            self._ready[report.tp_rank] = report
+            if len(self._ready) == self.pool.size and self.state == pb.STAGE_STATE_JOINING:
+                self.state = pb.STAGE_STATE_READY
+                log.info("stage %d: process group formed", self.config.stage_index)
+
+    def _on_failure(self, message: str) -> None:
+        log.error("stage %d failed: %s", self.config.stage_index, message)
+        with self._lock:
+            self.state = pb.STAGE_STATE_FAILED
+            self.error = message
+        self._set_health(False)
+
+    def _require(self, context: grpc.ServicerContext, *states: int) -> None:
+        if self.state == pb.STAGE_STATE_FAILED:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"stage failed: {self.error}")
+        if self.state not in states:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stage is {pb.StageState.Name(self.state)}; this call needs "
+                + " or ".join(pb.StageState.Name(s) for s in states),
+            )
+
+    # ---- RPCs --------------------------------------------------------------------------
+
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.StageInfo:
+        cfg = self.model_config
+        info = pb.StageInfo(
+            stage_index=self.layout.stage_index,
+            num_stages=self.layout.num_stages,
+            first_layer=self.layout.first_layer,
+            last_layer=self.layout.last_layer,
+            tp_size=self.config.parallel.tp_size,
+            dtype=self.config.dtype,
+            device=self.config.device_type,
+            state=self.state,
+            error=self.error,
+            architecture=cfg.architecture,
+            has_embedding=self.layout.is_first,
+            has_lm_head=self.layout.is_last,
+            num_kv_blocks=self.num_kv_blocks,
+            block_size=self.block_size,
+            vocab_size=cfg.vocab_size,
+            max_position_embeddings=cfg.max_position_embeddings,
+            num_layers=cfg.num_hidden_layers,
+            model_path=self.config.model_path,
+        )
+        reports = [self._loaded[r] for r in sorted(self._loaded)]
+        for report in reports:
+            info.ranks.add(
+                tp_rank=report.tp_rank,
+                parameter_bytes=report.parameter_bytes,
+                bytes_read=report.bytes_read,
+                load_seconds=report.load_seconds,
+            )
+            info.parameter_bytes += report.parameter_bytes
+        if request.include_parameter_names and reports:
+            # Rank 0's names are the stage's names: TP ranks hold slices of the same tensors.
+            info.parameter_names.extend(reports[0].parameter_names)
+        return info
+
+    def Profile(self, request: pb.ProfileRequest, context: grpc.ServicerContext) -> pb.ProfileResponse:
+        self._require(context, pb.STAGE_STATE_READY, pb.STAGE_STATE_SERVING)
+        if request.block_size < 1 or request.max_num_batched_tokens < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_size and max_num_batched_tokens must be >= 1")
+        try:
+            replies = self.pool.call(pb.RankCommand(profile=request), CONTROL_TIMEOUT_S)
+        except RankFailure as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        # The tightest rank decides for the stage.
+        return min((r.profile for r in replies), key=lambda p: p.num_blocks)
+
+    def InitCache(self, request: pb.InitCacheRequest, context: grpc.ServicerContext) -> pb.InitCacheResponse:
+        self._require(context, pb.STAGE_STATE_READY, pb.STAGE_STATE_SERVING)
+        if request.num_blocks < 1 or request.block_size < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks and block_size must be >= 1")
+        if self._execute_active:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "cannot resize the cache while an Execute stream is open")
+        try:
+            replies = self.pool.call(pb.RankCommand(init_cache=request), CONTROL_TIMEOUT_S)
+        except RankFailure as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        with self._lock:
+            self.num_kv_blocks = request.num_blocks
+            self.block_size = request.block_size
+            self.state = pb.STAGE_STATE_SERVING
+        self._set_health(True)
+        log.info("stage %d: %d KV blocks of %d tokens allocated; serving",
+                 self.config.stage_index, request.num_blocks, request.block_size)
+        return pb.InitCacheResponse(kv_cache_bytes=sum(r.init_cache.kv_cache_bytes for r in replies))
+
+    def Execute(
+        self, request_iterator: Iterator[pb.StepRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.StepResult]:
+        self._require(context, pb.STAGE_STATE_SERVING)
+        with self._lock:
+            if self._execute_active:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, "another router already holds the Execute stream")
+            self._execute_active = True
+        results: queue.Queue[pb.StepResult | str | None] = queue.Queue()
+        self.pool.set_step_sink(results.put)
+        sent = 0
+        pump_done = threading.Event()
+
+        def pump() -> None:
+            nonlocal sent
+            last_step = 0
+            try:
+                for step in request_iterator:
+                    if step.step_id <= last_step:
+                        results.put(f"step ids must increase: got {step.step_id} after {last_step}")
+                        return
+                    last_step = step.step_id
+                    sent += 1
+                    self.pool.send(pb.RankCommand(step=step))
+            except RankFailure as exc:
+                results.put(str(exc))
+            except grpc.RpcError:
+                pass  # The router went away; the stream ends below.
+            finally:
+                pump_done.set()
+                results.put(None)
+
+        threading.Thread(target=pump, name="execute-pump", daemon=True).start()
+        received = 0
+        try:
+            while not (pump_done.is_set() and received >= sent):
+                try:
+                    item = results.get(timeout=0.5)
+                except queue.Empty:
+                    item = None
+                if self.pool.failed:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"stage failed: {self.pool.failed}")
+                if isinstance(item, str):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
+                if item is not None:
+                    received += 1
+                    yield item
+        finally:
+            self.pool.set_step_sink(None)
+            with self._lock:
+                self._execute_active = False
+
+    def shutdown(self) -> None:
+        self._set_health(False)
+        self.pool.shutdown()
+
+
+def serve(config: StageServerConfig) -> None:
+    """Runs the stage until SIGTERM / SIGINT."""
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=channel_options())
+    service = StageWorkerService(config, health_servicer)
+    pb_grpc.add_StageWorkerServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{config.host}:{config.port}"
+    if server.add_insecure_port(address) == 0:
+        service.shutdown()
+        raise SystemExit(f"cannot listen on {address}")
+    server.start()
+    log.info("stage %d of %d listening on %s (layers [%d, %d), tp %d, %s %s)",
+             config.stage_index, config.parallel.num_stages, address, service.layout.first_layer,
+             service.layout.last_layer, config.parallel.tp_size, config.device_type, config.dtype)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    log.info("stage %d stopping", config.stage_index)
+    server.stop(grace=2.0)
+    service.shutdown()
