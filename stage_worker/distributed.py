@@ -53,6 +53,7 @@ class TensorParallelGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
+        assert self.group is not None, "collective before init_distributed"
         dist.all_reduce(x, group=self.group)
         return x
 
@@ -60,6 +61,7 @@ class TensorParallelGroup:
         """Concatenates every rank's `x` along `dim` (same shape on every rank)."""
         if self.size == 1:
             return x
+        assert self.group is not None, "collective before init_distributed"
         x = x.contiguous()
         if self.backend == "nccl":
             # [size * x.shape[0], ...] in one collective, then moved to `dim`.
@@ -85,6 +87,16 @@ def get_tp_group() -> TensorParallelGroup:
 def set_tp_group(group: TensorParallelGroup) -> None:
     global _TP_GROUP
     _TP_GROUP = group
+
+
+def declare_tp_placement(placement: RankPlacement, device: torch.device) -> None:
+    """Makes the rank's TP position known before the process group exists.
+
+    Layers read their TP rank and size when they are built, and a rank builds and loads
+    its slice of the model before joining the group (loading is the slow part, and the
+    stages load in parallel). Collectives need `init_distributed` first.
+    """
+    set_tp_group(TensorParallelGroup(None, placement.tp_rank, placement.tp_size, backend_for(device)))
 
 
 def backend_for(device: torch.device) -> str:

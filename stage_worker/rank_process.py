@@ -55,7 +55,12 @@ def rank_main(args: RankArgs, conn: Connection) -> None:
 
 def _run(args: RankArgs, conn: Connection) -> None:
     # Imported here so the spawn of the process is cheap and import errors are reported.
-    from stage_worker.distributed import RankPlacement, destroy_distributed, init_distributed
+    from stage_worker.distributed import (
+        RankPlacement,
+        declare_tp_placement,
+        destroy_distributed,
+        init_distributed,
+    )
     from stage_worker.model_runner import ModelRunner
 
     if args.device_type == "cuda":
@@ -67,6 +72,7 @@ def _run(args: RankArgs, conn: Connection) -> None:
     config = ModelConfig.from_pretrained(args.model_path)
     layout = args.parallel.stage_layout(args.stage_index)
     placement = RankPlacement(args.parallel, args.stage_index, args.tp_rank)
+    declare_tp_placement(placement, device)
     runner = ModelRunner(config, layout, placement, dtype_from_name(args.dtype), device)
     summary = runner.load()
     report = pb.RankReady(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 
 import stage_worker.loader as loader_module
@@ -262,44 +263,65 @@ def test_wrong_position_breaks_parity(checkpoints) -> None:
 # ---------------------------------------------------------------- tensor parallel
 
 
-def test_tp2_matches_hf(checkpoints) -> None:
-    # One spawn for several checks: process start-up dominates on two cores.
-    llama_dir, llama_hf = checkpoints["llama"]
-    qwen_dir, qwen_hf = checkpoints["qwen2"]
-    mistral_dir, mistral_hf = checkpoints["mistral"]
-    results = run_tp(2, _tp2_worker, llama_dir, qwen_dir, mistral_dir)
-    for rank_result in results:
-        _assert_matches_hf(rank_result["llama"], llama_hf)
-        _assert_matches_hf(rank_result["qwen2_pp"], qwen_hf)
-        _assert_matches_hf(rank_result["mistral"], mistral_hf)
+@pytest.fixture(scope="module")
+def tp_results(checkpoints) -> list[dict]:
+    """One spawn of 4 ranks for every TP check: process start-up dominates on two cores."""
+    return run_tp(4, _tp_worker, checkpoints["llama"][0], checkpoints["qwen2"][0], checkpoints["mistral"][0])
+
+
+def _tp_worker(llama_dir: str, qwen_dir: str, mistral_dir: str) -> dict:
+    world = get_tp_group()
+    # tp=4 over 4 query heads and 2 kv heads: ranks 0,1 share kv head 0, ranks 2,3 kv head 1;
+    # the vocabulary padded 300 -> 512 leaves rank 3 with padding rows only.
+    out = {"tp4_llama_pp": run_scenario(llama_dir, (2, 2))}
+    # Then two disjoint tp=2 groups run different checks side by side. new_group is
+    # collective over the world, so every rank creates both groups.
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pair = world.rank // 2
+    set_tp_group(TensorParallelGroup(groups[pair], world.rank % 2, 2, "gloo"))
+    try:
+        if pair == 0:
+            out["tp2_llama"] = run_scenario(llama_dir, (NUM_LAYERS,))
+            # kv_heads = 1 < tp = 2: the single kv head is replicated.
+            out["tp2_mistral"] = run_scenario(mistral_dir, (NUM_LAYERS,))
+        else:
+            out["tp2_qwen2_pp"] = run_scenario(qwen_dir, (2, 2))
+            config = ModelConfig.from_pretrained(llama_dir)
+            middle = build_model(config, StageLayout(1, 3, 1, 3), torch.float32, torch.device("cpu"))
+            out["tp2_middle_bytes"] = load_weights(middle, llama_dir).bytes_read
+    finally:
+        set_tp_group(world)
+    return out
+
+
+def test_tp4_replicated_kv_heads_match_hf(checkpoints, tp_results: list[dict]) -> None:
+    for result in tp_results:
+        _assert_matches_hf(result["tp4_llama_pp"], checkpoints["llama"][1])
     # Every rank returns the same gathered logits.
-    assert torch.equal(results[0]["llama"]["logits"], results[1]["llama"]["logits"])
-    _check_tp2_bytes(llama_dir, [r["middle_bytes"] for r in results])
+    for result in tp_results[1:]:
+        assert torch.equal(result["tp4_llama_pp"]["logits"], tp_results[0]["tp4_llama_pp"]["logits"])
 
 
-def _tp2_worker(llama_dir: str, qwen_dir: str, mistral_dir: str) -> dict:
-    config = ModelConfig.from_pretrained(llama_dir)
-    middle = build_model(config, StageLayout(1, 3, 1, 3), torch.float32, torch.device("cpu"))
-    return {
-        "llama": run_scenario(llama_dir, (NUM_LAYERS,)),
-        "qwen2_pp": run_scenario(qwen_dir, (2, 2)),
-        # kv_heads = 1 < tp = 2: the kv head is replicated.
-        "mistral": run_scenario(mistral_dir, (NUM_LAYERS,)),
-        "middle_bytes": load_weights(middle, llama_dir).bytes_read,
-    }
+@pytest.mark.parametrize("key,name", [("tp2_llama", "llama"), ("tp2_mistral", "mistral"), ("tp2_qwen2_pp", "qwen2")])
+def test_tp2_matches_hf(checkpoints, tp_results: list[dict], key: str, name: str) -> None:
+    ranks = [r for r in tp_results if key in r]
+    assert len(ranks) == 2
+    for result in ranks:
+        _assert_matches_hf(result[key], checkpoints[name][1])
 
 
-def _check_tp2_bytes(model_dir: str, per_rank: list[int]) -> None:
-    """A middle stage (layers 1, 2) at tp=2 reads half of every matrix, all of every norm."""
+def test_tp2_reads_half_the_layer_bytes(checkpoints, tp_results: list[dict]) -> None:
+    """A middle stage (layers 1, 2) at tp=2 reads half of every matrix and all of every norm."""
+    model_dir = checkpoints["llama"][0]
+    per_rank = [r["tp2_middle_bytes"] for r in tp_results if "tp2_middle_bytes" in r]
     weight_map = json.loads((Path(model_dir) / "model.safetensors.index.json").read_text())["weight_map"]
     sharded = replicated = 0
     for key, file in weight_map.items():
         if not key.startswith(("model.layers.1.", "model.layers.2.")):
             continue
         with safe_open(str(Path(model_dir) / file), framework="pt") as f:
-            sl = f.get_slice(key)
             numel = 1
-            for d in sl.get_shape():
+            for d in f.get_slice(key).get_shape():
                 numel *= d
         if key.endswith("layernorm.weight"):
             replicated += numel * 4
@@ -307,19 +329,6 @@ def _check_tp2_bytes(model_dir: str, per_rank: list[int]) -> None:
             sharded += numel * 4
     assert per_rank == [sharded // 2 + replicated] * 2
     assert replicated < 0.05 * sharded  # so "about half the layer bytes" holds
-
-
-def test_tp4_replicated_kv_heads_match_hf(checkpoints) -> None:
-    # 4 query heads, 2 kv heads, tp=4: ranks 0,1 share kv head 0 and ranks 2,3 kv head 1;
-    # the padded vocabulary (300 -> 512) leaves rank 3 with padding rows only.
-    model_dir, hf_model = checkpoints["llama"]
-    results = run_tp(4, _tp4_worker, model_dir)
-    for result in results:
-        _assert_matches_hf(result, hf_model)
-
-
-def _tp4_worker(model_dir: str) -> dict:
-    return run_scenario(model_dir, (2, 2))
 
 
 # ---------------------------------------------------------------- ownership and loading

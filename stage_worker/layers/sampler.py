@@ -43,10 +43,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from shared.proto import stage_worker_pb2
+
+# A python int or an int64 tensor: the hash code below works on both, bit for bit.
+_Int = TypeVar("_Int", int, torch.Tensor)
 
 _MASK32 = 0xFFFFFFFF
 _MASK16 = 0xFFFF
@@ -70,8 +74,20 @@ class SamplerOutput:
     top_logprobs: torch.Tensor  # [batch, k] float32
 
 
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """``(x * constant) mod 2**32`` for int64 ``x`` in [0, 2**32) without int64 overflow.
+def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor from python values on ``device`` without a host sync.
+
+    ``torch.tensor(values, device=cuda)`` copies from pageable memory and waits for the
+    stream; going through pinned memory with ``non_blocking`` only queues the copy (the
+    caching host allocator keeps the pinned buffer alive until the copy has run).
+    """
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _mul32(x: _Int, constant: int) -> _Int:
+    """``(x * constant) mod 2**32`` for ``x`` in [0, 2**32) without int64 overflow.
 
     A plain 32x32-bit product needs 64 bits and would overflow int64 (signed overflow is
     not something to rely on across devices). Split the constant in 16-bit halves:
@@ -83,13 +99,24 @@ def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
     return (x * lo + (((x & _MASK16) * hi) << 16)) & _MASK32
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche finaliser on int64 tensors holding values in [0, 2**32)."""
+def _mix32(x: _Int) -> _Int:
+    """A 32-bit avalanche finaliser on values in [0, 2**32).
+
+    The same bit operations work on python ints (for the per-row keys: a handful of
+    python ops per row beats ~50 tiny kernel launches) and on int64 tensors (per token).
+    """
     x = x ^ (x >> 16)
     x = _mul32(x, _MIX_MUL_1)
     x = x ^ (x >> 15)
     x = _mul32(x, _MIX_MUL_2)
     return x ^ (x >> 16)
+
+
+def _row_key(seed: int, position: int) -> int:
+    """32-bit hash of (uint64 seed, position), in python ints (int64 cannot hold a uint64)."""
+    key = _mix32(seed & _MASK32)
+    key = _mix32(key ^ (((seed >> 32) + _SEED_HI_SALT) & _MASK32))
+    return _mix32(key ^ ((position + _POSITION_SALT) & _MASK32))
 
 
 def uniform_noise(
@@ -100,15 +127,8 @@ def uniform_noise(
     ``vocab_hash`` is ``_mix32`` of the salted vocab ids (see ``Sampler._vocab_hash``).
     Returns float32 of shape [len(seeds), vocab].
     """
-    device = vocab_hash.device
-    # Split the uint64 seed in python: int64 tensors cannot hold the upper half of uint64.
-    seed_lo = torch.tensor([s & _MASK32 for s in seeds], dtype=torch.int64, device=device)
-    seed_hi = torch.tensor([(s >> 32) & _MASK32 for s in seeds], dtype=torch.int64, device=device)
-    pos = torch.tensor([p & _MASK32 for p in positions], dtype=torch.int64, device=device)
-    key = _mix32(seed_lo)
-    key = _mix32(key ^ ((seed_hi + _SEED_HI_SALT) & _MASK32))
-    key = _mix32(key ^ ((pos + _POSITION_SALT) & _MASK32))
-    bits = _mix32(key[:, None] ^ vocab_hash[None, :])  # [batch, vocab]
+    keys = to_device([_row_key(s, p) for s, p in zip(seeds, positions)], torch.int64, vocab_hash.device)
+    bits = _mix32(keys[:, None] ^ vocab_hash[None, :])  # [batch, vocab]
     # 24 bits are exact in float32; the +0.5 keeps u strictly inside (0, 1) so -log(u) > 0.
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
@@ -142,20 +162,21 @@ def _uses_output_penalty(p: stage_worker_pb2.StageSamplingParams) -> bool:
     return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _token_index(
-    rows: Sequence[int], token_lists: Sequence[Sequence[int]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened (row, token) coordinates of every token of ``token_lists[r]`` for r in rows."""
+def _flat_token_index(
+    rows: Sequence[int], token_lists: Sequence[Sequence[int]], vocab: int, device: torch.device
+) -> torch.Tensor:
+    """Indices into a flattened [batch, vocab] tensor of every token of ``token_lists[r]``.
+
+    Flat indices let scatter/index_add do the update: 2-D advanced-index assignment
+    synchronises with the host on CUDA.
+    """
     row_ids: list[int] = []
     token_ids: list[int] = []
     for r in rows:
         tokens = token_lists[r]
         row_ids.extend([r] * len(tokens))
         token_ids.extend(tokens)
-    return (
-        torch.tensor(row_ids, dtype=torch.int64, device=device),
-        torch.tensor(token_ids, dtype=torch.int64, device=device),
-    )
+    return to_device(row_ids, torch.int64, device) * vocab + to_device(token_ids, torch.int64, device)
 
 
 def apply_penalties(
@@ -171,28 +192,29 @@ def apply_penalties(
 
     rep_rows = [i for i, p in enumerate(params) if _uses_repetition(p)]
     if rep_rows:
-        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-        rows, tokens = _token_index(rep_rows, prompt_token_ids, device)
-        seen[rows, tokens] = True
-        rows, tokens = _token_index(rep_rows, output_token_ids, device)
-        seen[rows, tokens] = True
+        seen = torch.zeros(batch * vocab, dtype=torch.bool, device=device)
+        for token_lists in (prompt_token_ids, output_token_ids):
+            seen.index_fill_(0, _flat_token_index(rep_rows, token_lists, vocab, device), True)
+        seen = seen.view(batch, vocab)
         # Rows without the penalty get 1.0, which leaves their logits untouched.
-        penalty = torch.tensor(
-            [p.repetition_penalty if _uses_repetition(p) else 1.0 for p in params],
-            dtype=logits.dtype,
-            device=device,
+        penalty = to_device(
+            [p.repetition_penalty if _uses_repetition(p) else 1.0 for p in params], logits.dtype, device
         )[:, None]  # [batch, 1]
         penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalised, logits)
 
     out_rows = [i for i, p in enumerate(params) if _uses_output_penalty(p)]
     if out_rows:
-        counts = torch.zeros(batch, vocab, dtype=logits.dtype, device=device)
-        rows, tokens = _token_index(out_rows, output_token_ids, device)
-        counts.index_put_((rows, tokens), torch.ones_like(rows, dtype=logits.dtype), accumulate=True)
-        presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=device)
-        frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=device)
-        logits -= presence[:, None] * (counts > 0).to(logits.dtype) + frequency[:, None] * counts
+        flat = _flat_token_index(out_rows, output_token_ids, vocab, device)
+        counts = torch.zeros(batch * vocab, dtype=logits.dtype, device=device)
+        # Adding ones: exact in float32 whatever order the atomics land in.
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=logits.dtype))
+        counts = counts.view(batch, vocab)
+        weights = to_device(
+            [[p.presence_penalty, p.frequency_penalty] for p in params], logits.dtype, device
+        )  # [batch, 2]
+        presence, frequency = weights[:, :1], weights[:, 1:]
+        logits -= presence * (counts > 0).to(logits.dtype) + frequency * counts
     return logits
 
 
@@ -276,15 +298,17 @@ class Sampler:
         token_ids = logits.argmax(dim=-1)  # greedy; argmax returns the first (lowest) max
         sample_rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
         if sample_rows:
+            all_rows = len(sample_rows) == batch
+            rows = None if all_rows else to_device(sample_rows, torch.int64, device)
             sampled = self._sample(
-                logits if len(sample_rows) == batch else logits[sample_rows],
+                logits if rows is None else logits.index_select(0, rows),
                 [params[i] for i in sample_rows],
                 [len(prompt_token_ids[i]) + len(output_token_ids[i]) for i in sample_rows],
             )
-            if len(sample_rows) == batch:
+            if rows is None:
                 token_ids = sampled
             else:
-                token_ids[sample_rows] = sampled
+                token_ids.index_copy_(0, rows, sampled)
 
         chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [batch]
         k = min(max((p.top_logprobs for p in params), default=0), vocab)
@@ -307,21 +331,20 @@ class Sampler:
         positions: list[int],
     ) -> torch.Tensor:
         device = logits.device
-        temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=device)
-        scaled = logits / temperature[:, None]
-        use_top_p = [0.0 < p.top_p < 1.0 for p in params]
+        # 0 means off for top_p, like 1: map both to 1.0 so one comparison handles them.
+        floats = to_device(
+            [[p.temperature, p.top_p if 0.0 < p.top_p < 1.0 else 1.0, p.min_p] for p in params],
+            logits.dtype,
+            device,
+        )  # [rows, 3]
+        scaled = logits / floats[:, :1]
         top_k = top_p = min_p = None
         if any(p.top_k > 0 for p in params):
-            top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device)
-        if any(use_top_p):
-            # 0 means off, like 1: map both to 1.0 so one comparison handles them.
-            top_p = torch.tensor(
-                [p.top_p if use else 1.0 for p, use in zip(params, use_top_p)],
-                dtype=logits.dtype,
-                device=device,
-            )
+            top_k = to_device([p.top_k for p in params], torch.int64, device)
+        if any(0.0 < p.top_p < 1.0 for p in params):
+            top_p = floats[:, 1]
         if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=logits.dtype, device=device)
+            min_p = floats[:, 2]
         if top_k is not None or top_p is not None or min_p is not None:
             scaled = scaled.masked_fill(truncation_mask(scaled, top_k, top_p, min_p), float("-inf"))
         probs = scaled.softmax(dim=-1)  # removed tokens get exactly 0

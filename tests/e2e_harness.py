@@ -1,0 +1,124 @@
+"""Starts the whole system as a user would (`stageserve up`) and reference outputs from
+`transformers` for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared.client import GenerationClient
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServingSystem:
+    """`stageserve up` in a subprocess; stopped with SIGTERM like Ctrl-C would."""
+
+    def __init__(self, model: Path, pp: int, tp: int, *extra: str, startup_timeout: float = 240.0) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"stageserve-up-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        cmd = [
+            sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--pp", str(pp), "--tp", str(tp),
+            "--device", "cpu", "--port", str(self.port), *extra,
+        ]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        self.client = GenerationClient(self.address)
+        deadline = time.monotonic() + startup_timeout
+        while not self.client.is_serving():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"stageserve up did not start; log:\n{self.log()}")
+            time.sleep(0.3)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def stop(self) -> int:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@dataclass
+class Reference:
+    token_ids: list[int]
+    # [steps, vocab] log-softmax of the logits that chose each token.
+    logprobs: torch.Tensor
+
+
+def hf_greedy(model_dir: Path, prompt_ids: Sequence[int], max_new_tokens: int) -> Reference:
+    """Greedy decoding with the transformers model, one full forward per token (no eos stop)."""
+    model = _load_hf(model_dir)
+    ids = torch.tensor([list(prompt_ids)])
+    out, lps = [], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(ids).logits[0, -1].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            token = int(torch.argmax(lp))
+            out.append(token)
+            lps.append(lp)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return Reference(out, torch.stack(lps))
+
+
+_HF_MODELS: dict[str, torch.nn.Module] = {}
+
+
+def _load_hf(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    key = str(model_dir)
+    if key not in _HF_MODELS:
+        _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+    return _HF_MODELS[key]
+
+
+def forget_hf_model(model_dir: Path) -> None:
+    """After editing a model folder's config: the next use reloads it."""
+    _HF_MODELS.pop(str(model_dir), None)
+
+
+def hf_generate(model_dir: Path, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    """transformers' own `generate` (greedy, stops at the config's eos)."""
+    model = _load_hf(model_dir)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([list(prompt_ids)]), max_new_tokens=max_new_tokens, do_sample=False,
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        )
+    return out[0, len(prompt_ids):].tolist()
+
+
+def comparable_prefix(ref: Reference, margin: float = 1e-3) -> int:
+    """Steps up to and including the first near tie of the top-2 logprobs; after it, a tiny
+    numeric difference may legitimately pick the other token."""
+    for step, lp in enumerate(ref.logprobs):
+        top2 = torch.topk(lp, 2).values
+        if float(top2[0] - top2[1]) < margin:
+            return step + 1
+    return len(ref.token_ids)
