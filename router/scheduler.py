@@ -276,7 +276,7 @@ class Scheduler:
                 self._unschedulable.append(seq)
                 continue
             if not bm.allocate_prompt(seq):
-                continue
+                break
             self._waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self._running, seq, key=lambda s: s.arrival)

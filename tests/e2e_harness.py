@@ -29,14 +29,16 @@ def free_port() -> int:
 class ServingSystem:
     """`stageserve up` in a subprocess; stopped with SIGTERM like Ctrl-C would."""
 
-    def __init__(self, model: Path, pp: int, tp: int, *extra: str, startup_timeout: float = 240.0) -> None:
+    def __init__(
+        self, model: Path, pp: int, tp: int, *extra: str, device: str = "cpu", startup_timeout: float = 240.0
+    ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"stageserve-up-{self.port}.log"
         self._log = open(self.log_path, "wb")
         cmd = [
             sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--pp", str(pp), "--tp", str(tp),
-            "--device", "cpu", "--port", str(self.port), *extra,
+            "--device", device, "--port", str(self.port), *extra,
         ]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
         self.client = GenerationClient(self.address)
@@ -70,10 +72,13 @@ class Reference:
     logprobs: torch.Tensor
 
 
-def hf_greedy(model_dir: Path, prompt_ids: Sequence[int], max_new_tokens: int) -> Reference:
+def hf_greedy(
+    model_dir: Path, prompt_ids: Sequence[int], max_new_tokens: int,
+    dtype: torch.dtype = torch.float32, device: str = "cpu",
+) -> Reference:
     """Greedy decoding with the transformers model, one full forward per token (no eos stop)."""
-    model = _load_hf(model_dir)
-    ids = torch.tensor([list(prompt_ids)])
+    model = _load_hf(model_dir, dtype, device)
+    ids = torch.tensor([list(prompt_ids)], device=device)
     out, lps = [], []
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -82,25 +87,27 @@ def hf_greedy(model_dir: Path, prompt_ids: Sequence[int], max_new_tokens: int) -
             token = int(torch.argmax(lp))
             out.append(token)
             lps.append(lp)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return Reference(out, torch.stack(lps))
+            ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
+    return Reference(out, torch.stack(lps).cpu())
 
 
-_HF_MODELS: dict[str, torch.nn.Module] = {}
+_HF_MODELS: dict[tuple, torch.nn.Module] = {}
 
 
-def _load_hf(model_dir: Path) -> torch.nn.Module:
+def _load_hf(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    key = str(model_dir)
+    key = (str(model_dir), dtype, device)
     if key not in _HF_MODELS:
-        _HF_MODELS[key] = AutoModelForCausalLM.from_pretrained(key, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        _HF_MODELS[key] = model.to(device).eval()
     return _HF_MODELS[key]
 
 
 def forget_hf_model(model_dir: Path) -> None:
     """After editing a model folder's config: the next use reloads it."""
-    _HF_MODELS.pop(str(model_dir), None)
+    for key in [k for k in _HF_MODELS if k[0] == str(model_dir)]:
+        del _HF_MODELS[key]
 
 
 def hf_generate(model_dir: Path, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:

@@ -15,7 +15,10 @@ _next_id = iter(range(10**9))
 def make_seq(tokens: list[int], max_new_tokens: int = 8) -> Sequence:
     seq_id = next(_next_id)
     return Sequence(
-        seq_id=seq_id, request_id=f"r{seq_id}", prompt_token_ids=list(tokens), max_new_tokens=max_new_tokens
+        seq_id=seq_id,
+        request_id=f"r{seq_id}",
+        prompt_token_ids=list(tokens),
+        max_new_tokens=max_new_tokens,
     )
 
 

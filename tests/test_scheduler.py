@@ -15,10 +15,10 @@ from shared.config import SchedulerConfig
 _next_id = iter(range(10**9))
 
 
-def make_seq(num_prompt: int, max_new_tokens: int = 4, *, base: int | None = None, **kw: int) -> Sequence:
+def make_seq(num_prompt: int, max_new_tokens: int = 4, **kw: int) -> Sequence:
     """A sequence with prompt tokens unique to it (no accidental prefix hits)."""
     seq_id = next(_next_id)
-    start = seq_id * 10_000 if base is None else base
+    start = seq_id * 10_000
     return Sequence(
         seq_id=seq_id,
         request_id=f"r{seq_id}",
@@ -42,7 +42,8 @@ def make_scheduler(
         max_queue_len=max_queue_len,
         enable_prefix_caching=prefix_caching,
     )
-    return Scheduler(config, BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching))
+    block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
+    return Scheduler(config, block_manager)
 
 
 def complete(sched: Scheduler, batch: ScheduledBatch, token: int = 7) -> None:
@@ -88,7 +89,8 @@ def test_chunked_prefill_positions_and_sample_flag() -> None:
         batch = sched.schedule()
         assert batch is not None
         chunks.append(shape(batch)[0][1:])
-        assert batch.entries[0].token_ids == seq.prompt_token_ids[chunks[-1][0] : sum(chunks[-1][:2])]
+        start, num_tokens, _ = chunks[-1]
+        assert batch.entries[0].token_ids == seq.prompt_token_ids[start : start + num_tokens]
         complete(sched, batch, token=99)
     assert chunks == [(0, 16, False), (16, 16, False), (32, 16, False), (48, 2, True)]
     assert seq.output_token_ids == [99] and seq.num_computed_tokens == 50
@@ -226,14 +228,14 @@ def test_preemption_skips_in_flight_sequences() -> None:
     a, b, c = make_seq(7), make_seq(7), make_seq(7)  # 2 blocks each: the pool is used up
     for s in (a, b, c):
         sched.add(s)
-    for _ in range(2):  # prefill, then one decode each, one sequence per micro-batch
-        batches = [sched.schedule() for _ in range(3)]
-        assert all(b_ is not None for b_ in batches)
-        if _ == 0:
-            for b_ in batches:
-                complete(sched, b_)
-    complete(sched, batches[0])  # a: 9 tokens, its next decode needs a third block
-    complete(sched, batches[1])  # c stays in flight
+    prefills = [sched.schedule() for _ in range(3)]  # one sequence per micro-batch
+    for batch in prefills:
+        assert batch is not None
+        complete(sched, batch)
+    decodes = [sched.schedule() for _ in range(3)]
+    assert all(batch is not None for batch in decodes)
+    complete(sched, decodes[0])  # a: 9 tokens, its next decode needs a third block
+    complete(sched, decodes[1])  # c stays in flight
     batch = sched.schedule()
     assert batch is not None
     # The latest arrival, c, is in flight: b is preempted instead.
@@ -401,8 +403,10 @@ def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int) -
                     continue  # aborted while in flight: the stages' writes no longer matter
                 tokens = e.seq.all_token_ids
                 for pos in range(e.start_position, e.start_position + e.num_tokens):
-                    kv.setdefault(e.seq.block_ids[pos // bs], {})[pos % bs] = tuple(tokens[: pos + 1])
-            sched.on_step_done(batch, {e.seq.seq_id: rng.randrange(3) for e in batch.entries if e.sample})
+                    block = e.seq.block_ids[pos // bs]
+                    kv.setdefault(block, {})[pos % bs] = tuple(tokens[: pos + 1])
+            sampled = {e.seq.seq_id: rng.randrange(3) for e in batch.entries if e.sample}
+            sched.on_step_done(batch, sampled)
             for seq in batch.seqs:
                 if not seq.is_finished and seq.num_output_tokens >= seq.max_new_tokens:
                     sched.finish(seq)
