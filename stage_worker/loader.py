@@ -86,6 +86,8 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> LoadReport:
     for key in targets:
         by_file[weight_map[key]].append(key)
     params = dict(model.named_parameters())
+    # Every built parameter has a checkpoint key, so the missing-key check above covers them.
+    assert {name for name, _ in targets.values()} == set(params)
     bytes_read = 0
     bar = tqdm(
         total=len(targets), desc="loading weights", unit="tensor", disable=not sys.stderr.isatty()

@@ -402,6 +402,8 @@ def test_tied_embeddings_ownership(checkpoints) -> None:
     last_names = last.checkpoint_parameter_names()
     assert "model.embed_tokens.weight" in last_names and "model.norm.weight" in last_names
     assert not hasattr(last.model, "embed_tokens")
+    # Fill first: the padded rows must be zeroed by the loader, not by chance.
+    last.lm_head.weight.data.fill_(1.0)
     load_weights(last, model_dir)
     with safe_open(str(Path(model_dir) / "model.safetensors"), framework="pt") as f:
         embed = f.get_tensor("model.embed_tokens.weight")
