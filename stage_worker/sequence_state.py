@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.proto import stage_worker_pb2 as pb
+from stage_worker.layers.sampler import sampling_param_problems
 
 
 class StepRejected(Exception):
@@ -94,6 +95,11 @@ class SequenceTable:
                     f"sequence {new.seq_id}: token id {bad[0]} outside the vocabulary "
                     f"[0, {limits.vocab_size})"
                 )
+            problems = sampling_param_problems(new.sampling)
+            if new.sampling.top_k > limits.vocab_size or new.sampling.top_logprobs > limits.vocab_size:
+                problems.append(f"top_k / top_logprobs above the vocabulary size {limits.vocab_size}")
+            if problems:
+                raise StepRejected(f"sequence {new.seq_id}: " + "; ".join(problems))
             new_counts[new.seq_id] = (len(ids), 0)
         seen: set[int] = set()
         for sched in step.seqs:

@@ -133,8 +133,9 @@ def uniform_noise(
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def _check_params(p: stage_worker_pb2.StageSamplingParams, index: int) -> None:
-    """Reject values the semantics above do not define (NaN fails every comparison)."""
+def sampling_param_problems(p: stage_worker_pb2.StageSamplingParams) -> list[str]:
+    """What is wrong with `p` under the semantics above (NaN fails every comparison); the
+    stage checks this when a sequence arrives, so a bad value rejects a step, not a rank."""
     problems = []
     if not (p.temperature >= 0.0 and math.isfinite(p.temperature)):
         problems.append(f"temperature={p.temperature} (allowed: finite, >= 0; 0 = greedy)")
@@ -150,6 +151,11 @@ def _check_params(p: stage_worker_pb2.StageSamplingParams, index: int) -> None:
         problems.append(f"presence_penalty={p.presence_penalty} (allowed: finite)")
     if not math.isfinite(p.frequency_penalty):
         problems.append(f"frequency_penalty={p.frequency_penalty} (allowed: finite)")
+    return problems
+
+
+def _check_params(p: stage_worker_pb2.StageSamplingParams, index: int) -> None:
+    problems = sampling_param_problems(p)
     if problems:
         raise ValueError(f"invalid sampling parameters for batch row {index}: " + "; ".join(problems))
 
