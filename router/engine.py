@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from router.detokenizer import IncrementalDetokenizer
+from router.metrics import RouterMetrics
 from router.request_validation import ValidatedRequest
 from router.scheduler import QueueFullError, ScheduledBatch, Scheduler
 from router.sequence import Sequence
@@ -27,6 +28,11 @@ from shared.proto import generation_pb2 as gen
 from shared.proto import stage_worker_pb2 as pb
 
 log = logging.getLogger("stageserve.router")
+
+# A stage that neither answers nor breaks its stream (a hung collective, a wedged rank)
+# would leave every client waiting forever; past this long without an answer the pipeline
+# is declared failed. Generous: a cold first step or a long CPU prefill must not trip it.
+DEFAULT_STEP_TIMEOUT_S = 120.0
 
 # A sink receives each response of one request, then None once the stream is over.
 ResponseSink = Callable[[gen.GenerateResponse | None], None]
@@ -64,7 +70,10 @@ class Engine:
         max_context: int,
         max_inflight: int,
         max_pending: int,
+        step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
     ) -> None:
+        if not step_timeout_s > 0:
+            raise ValueError(f"step_timeout_s must be > 0 seconds, got {step_timeout_s}")
         self.stages = stages
         self.scheduler = scheduler
         self.block_manager = scheduler.block_manager
@@ -73,10 +82,17 @@ class Engine:
         self.max_context = max_context
         self.max_inflight = max_inflight
         self.max_pending = max_pending
+        self.step_timeout_s = step_timeout_s
         self.stats = EngineStats()
+        self.metrics = RouterMetrics()  # detached; the router's own comes via RouterMetrics.attach
         self._events: queue.Queue[tuple] = queue.Queue()
         self._requests: dict[int, _Request] = {}
         self._inflight: dict[int, ScheduledBatch] = {}
+        # Stages answer steps in order, so only the oldest step in flight is timed: from
+        # when it was sent or the previous step was answered, whichever came later.
+        self._progress_at = 0.0
+        # Stage indices that have answered each step in flight, to name the stuck one.
+        self._answered: dict[int, set[int]] = {}
         self._builder = StepBuilder()
         self._ids = itertools.count(1)
         self._pending = 0
@@ -130,7 +146,12 @@ class Engine:
             # What can be scheduled changes only with an event (a result, a submit, an
             # abort), so block until one comes, then drain the rest: one scheduling pass
             # sees every abort and submit received so far.
-            self._handle(self._events.get())
+            try:
+                event = self._events.get(timeout=self._time_left_for_oldest_step())
+            except queue.Empty:
+                self._check_step_timeout()
+                continue
+            self._handle(event)
             while not self._stop:
                 try:
                     self._handle(self._events.get_nowait())
@@ -149,11 +170,12 @@ class Engine:
             self._fail_all(event[1])
         elif kind == "stop":
             self._stop = True
-            self._fail_all("the router is shutting down")
+            self._fail_all("the router is shutting down", expected=True)
 
     def _admit(self, seq_id: int, request: ValidatedRequest, sink: ResponseSink) -> None:
         if self.failed:
             self._release_pending()
+            self.metrics.on_rejected("unavailable")
             sink(_final(gen.FINISH_REASON_ERROR, request.request_id, f"unavailable: {self.failed}"))
             sink(None)
             return
@@ -167,6 +189,7 @@ class Engine:
             self.scheduler.add(seq)
         except QueueFullError as exc:
             self._release_pending()
+            self.metrics.on_rejected("resource_exhausted")
             sink(_final(gen.FINISH_REASON_ERROR, request.request_id, str(exc)))
             sink(None)
             return
@@ -205,19 +228,27 @@ class Engine:
             self.stats.preemptions += len(batch.preempted)
             sampling = {e.seq.seq_id: self._requests[e.seq.seq_id].stage_sampling for e in batch.entries}
             step = self._builder.build(batch, sampling)
+            if not self._inflight:
+                self._progress_at = time.monotonic()
             self._inflight[step.step_id] = batch
+            self.metrics.on_step_sent(step.step_id)
             for stage in self.stages:
                 stage.send_step(step)
             self.stats.steps += 1
 
     def _on_result(self, from_last_stage: bool, result: pb.StepResult) -> None:
+        self.metrics.on_stage_result(result)
         if not from_last_stage:
             if result.error:
                 log.warning("stage %d rejected step %d: %s", result.stage_index, result.step_id, result.error)
+            if result.step_id in self._inflight:
+                self._answered.setdefault(result.step_id, set()).add(result.stage_index)
             return
         batch = self._inflight.pop(result.step_id, None)
         if batch is None:
             return
+        self._answered.pop(result.step_id, None)
+        self._progress_at = time.monotonic()
         if result.error:
             log.error("step %d rejected: %s", result.step_id, result.error)
             for seq in self.scheduler.on_step_failed(batch, result.error):
@@ -235,6 +266,7 @@ class Engine:
 
     def _emit_token(self, req: _Request, token: pb.SampledToken) -> None:
         seq, sampling = req.seq, req.request.sampling
+        self.metrics.on_token(seq.seq_id, req.submitted)
         if req.first_token_at is None:
             req.first_token_at = time.monotonic()
         response = gen.GenerateResponse(token_ids=[token.token_id], request_id=seq.request_id)
@@ -277,6 +309,7 @@ class Engine:
         self._requests.pop(req.seq.seq_id, None)
         self._release_pending()
         self.stats.requests_finished += 1
+        self.metrics.on_finished(req.seq, req.submitted, last)
         req.sink(last)
         req.sink(None)
 
@@ -284,14 +317,37 @@ class Engine:
         with self._pending_lock:
             self._pending -= 1
 
-    def _fail_all(self, message: str) -> None:
-        """A stage stream broke: every request ends with an error; the engine stays down."""
+    def _time_left_for_oldest_step(self) -> float | None:
+        """Seconds until the oldest step in flight times out; None when none is in flight."""
+        if not self._inflight:
+            return None
+        return max(0.0, self._progress_at + self.step_timeout_s - time.monotonic())
+
+    def _check_step_timeout(self) -> None:
+        if not self._inflight or time.monotonic() < self._progress_at + self.step_timeout_s:
+            return
+        oldest = min(self._inflight)
+        answered = self._answered.get(oldest, set())
+        silent = [f"{i} ({s.address})" for i, s in enumerate(self.stages) if i not in answered]
+        # Downstream stages wait for upstream ones, so the first silent stage is the suspect.
+        self._fail_all(
+            f"step {oldest} got no answer within {self.step_timeout_s:g} s (the router's per-step "
+            f"timeout) from stage {', '.join(silent)}; the first of them is stuck or overloaded"
+        )
+
+    def _fail_all(self, message: str, expected: bool = False) -> None:
+        """A stage stream broke (or the router stops): every request ends with an error and
+        the engine stays down."""
         if self.failed is None:
-            log.error("pipeline failed: %s", message)
+            if expected:
+                log.info("engine stopping: %s", message)
+            else:
+                log.error("pipeline failed: %s", message)
             self.failed = message
         for batch in list(self._inflight.values()):
             self.scheduler.on_step_failed(batch, message)
         self._inflight.clear()
+        self._answered.clear()
         for req in list(self._requests.values()):
             self.scheduler.abort(req.seq.seq_id)
             self._close(req, _final(gen.FINISH_REASON_ERROR, req.seq.request_id, f"unavailable: {message}"))
