@@ -194,6 +194,8 @@ class ParallelConfig:
     tp_size: int
     # Layers per stage; sums to the model's layer count.
     layer_partition: tuple[int, ...]
+    # Megatron-style sequence parallelism inside each stage's TP group (no effect at tp=1).
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         if self.num_stages < 1:

@@ -57,6 +57,25 @@ class TensorParallelGroup:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Sums `x` over the group and returns this rank's 1/size of the rows (dim 0).
+
+        x.shape[0] must be a multiple of the group size.
+        """
+        if self.size == 1:
+            return x
+        assert self.group is not None, "collective before init_distributed"
+        assert x.shape[0] % self.size == 0, f"{x.shape[0]} rows for a group of {self.size}"
+        x = x.contiguous()
+        rows = x.shape[0] // self.size
+        if self.backend == "nccl":
+            out = torch.empty((rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+            dist.reduce_scatter_tensor(out, x, group=self.group)
+            return out
+        # gloo has no reduce_scatter: all-reduce, then keep this rank's rows.
+        dist.all_reduce(x, group=self.group)
+        return x[self.rank * rows : (self.rank + 1) * rows].clone()
+
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Concatenates every rank's `x` along `dim` (same shape on every rank)."""
         if self.size == 1:

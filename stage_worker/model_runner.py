@@ -18,6 +18,7 @@ from stage_worker.distributed import RankPlacement, StageHop, get_tp_group
 from stage_worker.input_batch import InputBatch, build_input_batch
 from stage_worker.kv_cache import KVCache, bytes_per_block
 from stage_worker.layers.sampler import Sampler, SamplerOutput
+from stage_worker.layers.sequence_parallel import padded_num_tokens, shard_rows
 from stage_worker.loader import load_weights
 from stage_worker.models.registry import build_model
 from stage_worker.sequence_state import SequenceTable, StepLimits, StepRejected
@@ -48,7 +49,11 @@ class ModelRunner:
         self.placement = placement
         self.dtype = dtype
         self.device = device
-        self.model = build_model(config, layout, dtype, device)
+        self.model = build_model(
+            config, layout, dtype, device, sequence_parallel=placement.parallel.sequence_parallel
+        )
+        # The residual stream stays token-sharded between the TP matmuls, and across the hop.
+        self.sequence_parallel: bool = self.model.sequence_parallel
         self.sampler = Sampler() if layout.is_last else None
         self.sequences = SequenceTable()
         self.kv_cache: KVCache | None = None
@@ -120,7 +125,8 @@ class ModelRunner:
             input_ids = torch.randint(0, self.config.vocab_size, (num_tokens,), device=self.device)
             hidden = self.model(input_ids, positions, None, metadata)
         else:
-            hidden = torch.randn(num_tokens, self.config.hidden_size, device=self.device, dtype=self.dtype)
+            in_rows = shard_rows(num_tokens, get_tp_group().size) if self.sequence_parallel else num_tokens
+            hidden = torch.randn(in_rows, self.config.hidden_size, device=self.device, dtype=self.dtype)
             hidden = self.model(None, positions, hidden, metadata)
         if self.layout.is_last:
             assert self.sampler is not None
@@ -173,21 +179,26 @@ class ModelRunner:
         num_tokens = batch.num_tokens
         tp = get_tp_group()
         # Each TP rank carries 1/tp of the token rows over the hop; pad rows to a multiple of tp.
-        padded = -(-num_tokens // tp.size) * tp.size
+        padded = padded_num_tokens(num_tokens, tp.size)
         rows = padded // tp.size
         if self.layout.is_first:
             hidden = self.model(batch.input_ids, batch.positions, None, batch.attn_metadata)
         else:
             assert self.hop is not None
             part = self.hop.recv((rows, self.config.hidden_size), self.dtype, self.device)
-            # [padded, hidden] once every rank's slice is gathered, then the padding dropped.
-            hidden = tp.all_gather(part, dim=0)[:num_tokens]
-            hidden = self.model(None, batch.positions, hidden, batch.attn_metadata)
+            if not self.sequence_parallel:
+                # [padded, hidden] once every rank's slice is gathered, then the padding dropped.
+                part = tp.all_gather(part, dim=0)[:num_tokens]
+            hidden = self.model(None, batch.positions, part, batch.attn_metadata)
         if not self.layout.is_last:
             assert self.hop is not None
-            if padded != num_tokens:
-                hidden = torch.nn.functional.pad(hidden, (0, 0, 0, padded - num_tokens))
-            self.hop.send(hidden[tp.rank * rows : (tp.rank + 1) * rows])
+            if self.sequence_parallel:
+                # Already this rank's token shard: it goes over the hop as it is.
+                self.hop.send(hidden)
+            else:
+                if padded != num_tokens:
+                    hidden = torch.nn.functional.pad(hidden, (0, 0, 0, padded - num_tokens))
+                self.hop.send(hidden[tp.rank * rows : (tp.rank + 1) * rows])
         return hidden
 
     def _sample(self, hidden: torch.Tensor, batch: InputBatch) -> SamplerOutput:

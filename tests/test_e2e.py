@@ -33,6 +33,11 @@ pytestmark = pytest.mark.timeout(600)
 
 LAYOUTS = [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2)]
 MODELS = ["llama", "qwen2"]
+# (model, pp, tp, sequence_parallel): every layout plain, plus sequence parallelism at tp=2.
+SYSTEMS = [(m, pp, tp, False) for m in MODELS for pp, tp in LAYOUTS] + [
+    ("llama", 1, 2, True),
+    ("qwen2", 2, 2, True),
+]
 NEW_TOKENS = 16
 LOGPROB_TOL = 2e-3
 EOS_PROMPT = [0, 17, 230, 41, 99, 5, 301, 12]
@@ -72,14 +77,13 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return dirs
 
 
-@pytest.fixture(scope="module", params=[(m, pp, tp) for m in MODELS for pp, tp in LAYOUTS],
-                ids=lambda p: f"{p[0]}-pp{p[1]}-tp{p[2]}")
+@pytest.fixture(scope="module", params=SYSTEMS, ids=lambda p: f"{p[0]}-pp{p[1]}-tp{p[2]}" + ("-sp" if p[3] else ""))
 def system(request: pytest.FixtureRequest, model_dirs: dict[str, Path]):
-    name, pp, tp = request.param
+    name, pp, tp, sequence_parallel = request.param
     sys_ = ServingSystem(
         model_dirs[name], pp, tp,
         "--max-num-batched-tokens", "32", "--block-size", "8", "--kv-cache-bytes", str(8 * 2**20),
-        "--shuffle-blocks-seed", "7",
+        "--shuffle-blocks-seed", "7", *(["--sequence-parallel"] if sequence_parallel else []),
     )
     sys_.model_dir = model_dirs[name]
     sys_.layout = (pp, tp)

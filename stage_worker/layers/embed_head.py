@@ -58,7 +58,10 @@ class VocabParallelEmbedding(nn.Module):
             param.data[:num_real].copy_(loaded[self.vocab_start_index : real_end])
         param.data[num_real:].zero_()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """[num_tokens] -> [num_tokens, embedding_dim]. With reduce=False each rank returns
+        only its vocab shard's contribution (zeros elsewhere), for the caller to reduce
+        (sequence parallelism reduce-scatters it instead of all-reducing)."""
         if self.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         # Ids owned by other ranks look up row 0 and are zeroed; the all-reduce then sums
@@ -67,7 +70,7 @@ class VocabParallelEmbedding(nn.Module):
         local_ids = torch.where(in_shard, input_ids - self.vocab_start_index, 0)
         out = F.embedding(local_ids, self.weight)  # [num_tokens, embedding_dim]
         out = out.masked_fill(~in_shard.unsqueeze(-1), 0)
-        return get_tp_group().all_reduce(out)
+        return get_tp_group().all_reduce(out) if reduce else out
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -24,6 +24,7 @@ from stage_worker.layers.linear import (
     RowParallelLinear,
 )
 from stage_worker.layers.rotary_embedding import RotaryEmbedding
+from stage_worker.layers.sequence_parallel import gather_tokens, reduce_scatter_tokens
 
 # (fused module name, checkpoint module name, shard id): how HF's separate projections
 # load into the fused ones.
@@ -37,7 +38,9 @@ STACKED_PARAMS_MAPPING: tuple[tuple[str, str, str | int], ...] = (
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, device: torch.device, reduce_results: bool = True
+    ) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size,
@@ -47,7 +50,12 @@ class LlamaMLP(nn.Module):
             device=device,
         )
         self.down_proj = RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, dtype=dtype, device=device
+            config.intermediate_size,
+            config.hidden_size,
+            bias=config.mlp_bias,
+            dtype=dtype,
+            device=device,
+            reduce_results=reduce_results,
         )
         self.act_fn = SiluAndMul()
 
@@ -62,6 +70,7 @@ class LlamaAttention(nn.Module):
         rotary_emb: RotaryEmbedding,
         dtype: torch.dtype,
         device: torch.device,
+        reduce_results: bool = True,
     ) -> None:
         super().__init__()
         head_dim = config.head_dim
@@ -80,6 +89,7 @@ class LlamaAttention(nn.Module):
             bias=config.o_proj_bias,
             dtype=dtype,
             device=device,
+            reduce_results=reduce_results,
         )
         self.q_size = self.qkv_proj.q_size
         self.kv_size = self.qkv_proj.kv_size
@@ -105,10 +115,14 @@ class LlamaDecoderLayer(nn.Module):
         rotary_emb: RotaryEmbedding,
         dtype: torch.dtype,
         device: torch.device,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, rotary_emb, dtype, device)
-        self.mlp = LlamaMLP(config, dtype, device)
+        # With sequence parallelism the row-parallel outputs are reduce-scattered by the
+        # layer instead of all-reduced inside the projection.
+        self.sequence_parallel = sequence_parallel
+        self.self_attn = LlamaAttention(config, rotary_emb, dtype, device, reduce_results=not sequence_parallel)
+        self.mlp = LlamaMLP(config, dtype, device, reduce_results=not sequence_parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
@@ -121,14 +135,24 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # `residual` is the stream before this layer's input; `hidden_states` the previous
         # sublayer's output still to be added to it (None/stream at a stage's first layer).
+        # With sequence parallelism both are this rank's token shard [rows, hidden].
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        num_tokens = attn_metadata.num_tokens
+        if self.sequence_parallel:
+            hidden_states = gather_tokens(hidden_states, num_tokens)  # [num_tokens, hidden]
         hidden_states = self.self_attn(positions, hidden_states, attn_metadata)
+        if self.sequence_parallel:
+            hidden_states = reduce_scatter_tokens(hidden_states, num_tokens)  # [rows, hidden]
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        if self.sequence_parallel:
+            hidden_states = gather_tokens(hidden_states, num_tokens)
         hidden_states = self.mlp(hidden_states)
+        if self.sequence_parallel:
+            hidden_states = reduce_scatter_tokens(hidden_states, num_tokens)
         return hidden_states, residual
 
 
@@ -136,10 +160,16 @@ class LlamaModel(nn.Module):
     """HF's `model.` prefix: embedding, layers and final norm (the owned ones)."""
 
     def __init__(
-        self, config: ModelConfig, layout: StageLayout, dtype: torch.dtype, device: torch.device
+        self,
+        config: ModelConfig,
+        layout: StageLayout,
+        dtype: torch.dtype,
+        device: torch.device,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         self.layout = layout
+        self.sequence_parallel = sequence_parallel
         if layout.is_first:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype, device)
         rotary_emb = RotaryEmbedding(
@@ -153,7 +183,7 @@ class LlamaModel(nn.Module):
         # Keyed by the global layer index so parameter names equal the checkpoint keys.
         self.layers = nn.ModuleDict(
             {
-                str(i): LlamaDecoderLayer(config, rotary_emb, dtype, device)
+                str(i): LlamaDecoderLayer(config, rotary_emb, dtype, device, sequence_parallel)
                 for i in range(layout.first_layer, layout.last_layer)
             }
         )
@@ -169,7 +199,11 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         if self.layout.is_first:
             assert input_ids is not None, "the first stage takes input_ids"
-            hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden]
+            if self.sequence_parallel:
+                partial = self.embed_tokens(input_ids, reduce=False)  # [num_tokens, hidden]
+                hidden_states = reduce_scatter_tokens(partial, attn_metadata.num_tokens)  # [rows, hidden]
+            else:
+                hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden]
         else:
             assert hidden_states is not None, "a later stage takes the previous stage's hidden states"
         residual = None
@@ -177,14 +211,22 @@ class LlamaModel(nn.Module):
             hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
         if self.layout.is_last:
             hidden_states, _ = self.norm(hidden_states, residual)
+            if self.sequence_parallel:
+                hidden_states = gather_tokens(hidden_states, attn_metadata.num_tokens)
             return hidden_states
-        # One tensor on the wire: the next stage starts from the full residual stream.
+        # One tensor on the wire: the next stage starts from the full residual stream
+        # (with sequence parallelism, this rank's token shard of it).
         return hidden_states + residual
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(
-        self, config: ModelConfig, layout: StageLayout, dtype: torch.dtype, device: torch.device
+        self,
+        config: ModelConfig,
+        layout: StageLayout,
+        dtype: torch.dtype,
+        device: torch.device,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         if layout.last_layer > config.num_hidden_layers:
@@ -197,7 +239,10 @@ class LlamaForCausalLM(nn.Module):
         self.layout = layout
         self.dtype = dtype
         self.device = device
-        self.model = LlamaModel(config, layout, dtype, device)
+        tp = get_tp_group()
+        # Sequence parallelism needs a TP group to shard over.
+        self.sequence_parallel = sequence_parallel and tp.size > 1
+        self.model = LlamaModel(config, layout, dtype, device, self.sequence_parallel)
         if layout.is_last:
             shared = None
             if config.tie_word_embeddings and layout.is_first:
@@ -206,7 +251,6 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(
                 config.vocab_size, config.hidden_size, dtype, device, weight=shared
             )
-        tp = get_tp_group()
         self.tp_rank, self.tp_size = tp.rank, tp.size
         first_attn = next(iter(self.attention_layers().values()))
         self.num_local_heads = first_attn.num_heads
@@ -225,7 +269,9 @@ class LlamaForCausalLM(nn.Module):
         """First stage: input_ids [num_tokens]; others: hidden_states [num_tokens, hidden].
 
         Returns [num_tokens, hidden]: the residual stream for the next stage, or on the last
-        stage the final-normed hidden states for compute_logits.
+        stage the final-normed hidden states for compute_logits. With sequence parallelism
+        the hidden states coming in and the stream going out are this rank's token shard
+        [padded_num_tokens / tp, hidden]; the last stage still returns every token.
         """
         return self.model(input_ids, positions, hidden_states, attn_metadata)
 

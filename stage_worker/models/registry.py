@@ -18,7 +18,11 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 
 
 def build_model(
-    config: ModelConfig, layout: StageLayout, dtype: torch.dtype, device: torch.device
+    config: ModelConfig,
+    layout: StageLayout,
+    dtype: torch.dtype,
+    device: torch.device,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """Builds the stage's part of the model directly on `device` (weights not loaded yet)."""
     try:
@@ -28,4 +32,4 @@ def build_model(
             f"architecture {config.architecture!r} is not supported; supported: "
             + ", ".join(sorted(MODEL_REGISTRY))
         ) from None
-    return cls(config, layout, dtype, device)
+    return cls(config, layout, dtype, device, sequence_parallel=sequence_parallel)
