@@ -13,15 +13,20 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from router.block_manager import BlockManager
 from router.control_plane import CachePlan, PipelineState, bring_up
-from router.engine import Engine, EngineUnavailable
+from router.engine import DEFAULT_STEP_TIMEOUT_S, Engine, EngineUnavailable
+from router.malformed_requests import RejectMalformedRequests
+from router.metrics import RouterMetrics
 from router.request_validation import InvalidRequestError, RequestLimits, validate_request
 from router.scheduler import QueueFullError, Scheduler
 from router.stage_client import StageClient
+from shared.client import LIVENESS_SERVICE
 from shared.config import CacheConfig, ModelConfig, SchedulerConfig
 from shared.grpc_options import channel_options
+from shared.metrics import new_registry, serve_metrics
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
 
@@ -46,6 +51,10 @@ class RouterConfig:
     startup_timeout_s: float = 1800.0
     # Tests: a seeded shuffle of the free block list, so block tables are non-contiguous.
     shuffle_blocks_seed: int | None = None
+    # A step no stage answers for this long fails the pipeline (a stuck stage).
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    # Prometheus endpoint on host:metrics_port; None serves none.
+    metrics_port: int | None = None
 
 
 class GenerationService(gen_grpc.GenerationServicer):
@@ -56,6 +65,7 @@ class GenerationService(gen_grpc.GenerationServicer):
         self.limits = RequestLimits.from_model_config(model)
         self.engine: Engine | None = None
         self.pipeline: PipelineState | None = None
+        self.metrics = RouterMetrics()  # the Router gives it its own
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
@@ -66,6 +76,7 @@ class GenerationService(gen_grpc.GenerationServicer):
         engine = self.engine
         if engine is None or engine.failed:
             reason = engine.failed if engine is not None else "the pipeline is starting"
+            self.metrics.on_rejected("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not serving: {reason}")
         loop = asyncio.get_running_loop()
         try:
@@ -74,6 +85,7 @@ class GenerationService(gen_grpc.GenerationServicer):
                 None, validate_request, request, self._encode, self.limits
             )
         except InvalidRequestError as exc:
+            self.metrics.on_rejected("invalid_argument")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         responses: asyncio.Queue[gen.GenerateResponse | None] = asyncio.Queue()
 
@@ -83,8 +95,10 @@ class GenerationService(gen_grpc.GenerationServicer):
         try:
             seq_id = engine.submit(validated, sink)
         except QueueFullError as exc:
+            self.metrics.on_rejected("resource_exhausted")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineUnavailable as exc:
+            self.metrics.on_rejected("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not serving: {exc}")
         finished = False
         try:
@@ -128,6 +142,12 @@ class GenerationService(gen_grpc.GenerationServicer):
                     last_layer=stage_info.last_layer,
                     weight_bytes=profile.weight_bytes,
                     kv_blocks=profile.num_blocks,
+                    peak_activation_bytes=profile.peak_activation_bytes,
+                    kv_bytes=pipeline.num_blocks * profile.block_bytes,
+                    kv_block_bytes=profile.block_bytes,
+                    # A --max-kv-blocks cap below every stage's room means no stage set the pool.
+                    limits_pool=stage_info.stage_index == pipeline.limiting_stage
+                    and profile.num_blocks == pipeline.num_blocks,
                 )
         return info
 
@@ -137,7 +157,13 @@ class GenerationService(gen_grpc.GenerationServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"text has {len(request.text)} characters; at most {self.limits.max_prompt_chars} allowed",
             )
-        ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        # A long text costs seconds of CPU: off the event loop, or every stream stalls meanwhile.
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self._tokenize, request.text, request.add_special_tokens
+        )
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> gen.TokenizeResponse:
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return gen.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
 
 
@@ -151,6 +177,7 @@ class Router:
         self.model = ModelConfig.from_pretrained(config.model_path)
         tokenizer = AutoTokenizer.from_pretrained(config.model_path)
         self.service = GenerationService(config, self.model, tokenizer)
+        self.metrics = self.service.metrics = RouterMetrics(new_registry())
         self.health = health.aio.HealthServicer()
         self.stages = [StageClient(a) for a in config.stage_addresses]
         self._store = None
@@ -159,6 +186,7 @@ class Router:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+        self.metrics.serving.set(1 if serving else 0)
 
     def host_rendezvous(self) -> None:
         import torch.distributed as dist
@@ -200,7 +228,9 @@ class Router:
             self.model.max_context,
             max_inflight=cfg.scheduler.max_inflight_steps or len(self.stages),
             max_pending=cfg.scheduler.max_queue_len,
+            step_timeout_s=cfg.step_timeout_s,
         )
+        self.metrics.attach(engine)
         engine.start()
         self.service.pipeline = state
         self.service.engine = engine
@@ -226,13 +256,22 @@ class Router:
 async def serve_async(config: RouterConfig) -> None:
     router = Router(config)
     router.host_rendezvous()
-    server = grpc.aio.server(options=channel_options())
+    server = grpc.aio.server(options=channel_options(), interceptors=[RejectMalformedRequests(SERVICE_NAME)])
     gen_grpc.add_GenerationServicer_to_server(router.service, server)
     health_pb2_grpc.add_HealthServicer_to_server(router.health, server)
+    # grpcurl and similar tools discover the API from the server, without the .proto files.
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
     address = f"{config.host}:{config.port}"
     if server.add_insecure_port(address) == 0:
         raise SystemExit(f"cannot listen on {address}")
     await router.set_serving(False)
+    # Liveness: SERVING while this process runs, whatever the pipeline's state (readiness).
+    await router.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    metrics_endpoint = None
+    if config.metrics_port is not None:
+        metrics_endpoint = serve_metrics(router.metrics.registry, config.metrics_port, config.host)
     await server.start()
     log.info("router listening on %s; waiting for %d stage(s)", address, len(config.stage_addresses))
     stop = asyncio.Event()
@@ -270,6 +309,8 @@ async def serve_async(config: RouterConfig) -> None:
     if router.service.engine is not None:
         router.service.engine.stop()
     await server.stop(grace=2.0)
+    if metrics_endpoint is not None:
+        metrics_endpoint.stop()
     for stage in router.stages:
         stage.close()
 

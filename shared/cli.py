@@ -1,22 +1,61 @@
-"""The `stageserve` command: up, router, stage, generate, health."""
+"""The `stageserve` command: up, router, stage, generate, health, plan, save-sharded."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import grpc
+
+if TYPE_CHECKING:
+    from shared.memory_plan import MemorySettings
 
 DESCRIPTION = "stageserve: LLM serving with pipeline stages as separate gRPC services"
 
 
-def _setup_logging(name: str) -> None:
-    logging.basicConfig(
-        level=os.environ.get("STAGESERVE_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s %(levelname)s {name}[%(process)d] %(message)s",
-    )
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: the standard fields plus whatever a call
+    passed as `extra` (request_id, outcome, ... on the router's per-request lines)."""
+
+    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "component": self.component,
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        out.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def _setup_logging(name: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonLogFormatter(name))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}[%(process)d] %(message)s"))
+    logging.basicConfig(level=os.environ.get("STAGESERVE_LOG_LEVEL", "INFO"), handlers=[handler])
+
+
+def _add_ops_flags(p: argparse.ArgumentParser, metrics_help: str) -> None:
+    p.add_argument("--metrics-port", type=int, default=None, help=metrics_help)
+    p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("STAGESERVE_LOG_FORMAT", "text"),
+                   help="json: one object per line with request ids (default: $STAGESERVE_LOG_FORMAT or text)")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -56,6 +95,8 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-bytes", type=int, default=0, help="fixed KV bytes per rank (default: profiled)")
     p.add_argument("--max-kv-blocks", type=int, default=0, help="cap on the KV pool (0: no cap)")
+    p.add_argument("--step-timeout", type=float, default=120.0,
+                   help="seconds the pipeline may take to answer a step before it is declared stuck")
     p.add_argument("--shuffle-blocks-seed", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -67,6 +108,7 @@ def _router_flag_values(args: argparse.Namespace) -> list[str]:
         "--max-inflight-steps", str(args.max_inflight_steps),
         "--gpu-memory-utilization", str(args.gpu_memory_utilization),
         "--kv-cache-bytes", str(args.kv_cache_bytes), "--max-kv-blocks", str(args.max_kv_blocks),
+        "--step-timeout", str(args.step_timeout),
     ]
     if args.no_prefix_caching:
         out.append("--no-prefix-caching")
@@ -88,10 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051)
     up.add_argument("--layer-partition", default=None, help="layers per stage, e.g. 10,12,10")
+    up.add_argument("--sequence-parallel", action="store_true",
+                    help="shard the residual stream by tokens inside each stage's TP group")
     up.add_argument("--startup-timeout", type=float, default=1800.0)
     up.add_argument("--prompt", default=None, help="once serving, stream an answer to this prompt")
     _add_router_flags(up)
     _add_sampling_flags(up)
+    _add_ops_flags(up, "Prometheus /metrics: the router on this port, stage i on this port + 1 + i (default: none)")
 
     router = sub.add_parser("router", help="run the router service")
     router.add_argument("--model", required=True, help="HF model folder (config and tokenizer are read)")
@@ -101,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--rendezvous-port", type=int, default=29500)
     router.add_argument("--startup-timeout", type=float, default=1800.0)
     _add_router_flags(router)
+    _add_ops_flags(router, "serve Prometheus /metrics on this port (default: none)")
 
     stage = sub.add_parser("stage", help="run one pipeline stage")
     stage.add_argument("--model", required=True)
@@ -113,18 +159,123 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--layer-partition", default=None)
     stage.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     stage.add_argument("--dtype", default="auto")
+    stage.add_argument("--sequence-parallel", action="store_true",
+                       help="shard the residual stream by tokens inside the TP group (needs --tp > 1)")
+    _add_ops_flags(stage, "serve Prometheus /metrics on this port (default: none)")
 
     generate = sub.add_parser("generate", help="stream an answer from a running router")
     generate.add_argument("prompt")
     generate.add_argument("--addr", default="127.0.0.1:50051")
-    generate.add_argument("--timeout", type=float, default=None)
+    generate.add_argument("--timeout", type=float, default=None, help="deadline of the whole call, in seconds")
+    generate.add_argument("--retries", type=int, default=4,
+                          help="retries of UNAVAILABLE before the first token (0-4; gRPC caps attempts at 5)")
     _add_sampling_flags(generate)
 
     health = sub.add_parser("health", help="exit 0 only if the service reports SERVING")
     health.add_argument("--addr", default="127.0.0.1:50051")
-    health.add_argument("--service", default="")
+    health.add_argument("--service", default="", help="health service name (default \"\": readiness)")
+    health.add_argument("--liveness", action="store_true",
+                        help="check liveness (the process runs) instead of readiness (it can serve)")
     health.add_argument("--timeout", type=float, default=3.0)
+
+    plan = sub.add_parser("plan", help="print the layer partition, each stage's weights and KV blocks, "
+                                       "and the pool, from config.json alone (no weights are read)")
+    plan.add_argument("--model", required=True, help="model folder; config.json is all it needs")
+    plan.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    plan.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
+    plan.add_argument("--gpu-memory", default=None,
+                      help="memory of one GPU, e.g. 80GiB (default: this machine's GPU, if it has one)")
+    plan.add_argument("--reserved-memory", default="0",
+                      help="held back per GPU besides weights and activations (CUDA context, NCCL)")
+    plan.add_argument("--dtype", default="bfloat16", help="serving dtype: bfloat16, float16, float32")
+    plan.add_argument("--layer-partition", default=None, help="also show this partition, e.g. 9,11,12")
+    _add_memory_flags(plan)
+
+    save = sub.add_parser("save-sharded", help="write the weights as one file set per stage x TP rank, "
+                                               "which stages load with no re-slicing")
+    save.add_argument("--model", required=True, help="Hugging Face model folder")
+    save.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    save.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
+    save.add_argument("--layer-partition", default=None,
+                      help="layers per stage (default: memory-balanced with --gpu-memory, else even)")
+    save.add_argument("--gpu-memory", default=None, help="memory of one GPU, for the balanced default")
+    save.add_argument("--out", required=True, help="new (or empty) output folder")
+    save.add_argument("--dtype", default="auto", help="auto keeps the checkpoint's dtype")
+    save.add_argument("--max-shard-size", default="4GiB", help="files are split at this size, e.g. 4GiB, 500MB")
     return parser
+
+
+def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+    # The router flags that decide how many KV blocks fit (same defaults as the router).
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-bytes", type=int, default=0, help="fixed KV bytes per rank (0: from memory)")
+
+
+def _memory_settings(args: argparse.Namespace, dtype: str, device_bytes: int | None) -> MemorySettings:
+    from shared.config import dtype_from_name
+    from shared.memory_plan import MemorySettings, parse_size
+
+    # `up` and `save-sharded` lack some of plan's flags: those take the router's defaults.
+    return MemorySettings(
+        dtype=dtype_from_name(dtype),
+        block_size=getattr(args, "block_size", 16),
+        max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 2048),
+        max_num_seqs=getattr(args, "max_num_seqs", 64),
+        device_bytes=device_bytes,
+        gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9),
+        reserved_bytes=parse_size(getattr(args, "reserved_memory", "0")),
+        kv_cache_bytes=getattr(args, "kv_cache_bytes", 0),
+    )
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from shared.config import ModelConfig
+    from shared.launcher import local_gpu_memory, resolve_device
+    from shared.memory_plan import parse_size, render_plan
+    from shared.partition import parse_layer_partition
+
+    model = ModelConfig.from_pretrained(args.model)
+    if args.gpu_memory is not None:
+        device_bytes: int | None = parse_size(args.gpu_memory)
+    elif resolve_device("auto", 1) == "cuda":
+        device_bytes = local_gpu_memory(1)
+    else:
+        device_bytes = None
+    explicit = parse_layer_partition(args.layer_partition) if args.layer_partition else None
+    print(render_plan(model, args.pp, args.tp, _memory_settings(args, args.dtype, device_bytes), explicit))
+    return 0
+
+
+def _save_sharded(args: argparse.Namespace) -> int:
+    from shared.config import ModelConfig, ParallelConfig
+    from shared.memory_plan import default_partition, parse_size
+    from shared.partition import parse_layer_partition, resolve_layer_partition
+    from stage_worker.save_sharded import SaveShardedConfig, save_sharded, summarize
+
+    model = ModelConfig.from_pretrained(args.model)
+    if args.layer_partition:
+        partition = resolve_layer_partition(
+            model.num_hidden_layers, args.pp, parse_layer_partition(args.layer_partition)
+        )
+    else:
+        device_bytes = parse_size(args.gpu_memory) if args.gpu_memory else None
+        dtype = model.checkpoint_dtype if args.dtype == "auto" else args.dtype
+        partition = default_partition(
+            model, args.pp, args.tp, _memory_settings(args, dtype, device_bytes)
+        ).partition
+    state = save_sharded(
+        SaveShardedConfig(
+            model_path=args.model, out_dir=args.out,
+            parallel=ParallelConfig(num_stages=args.pp, tp_size=args.tp, layer_partition=partition),
+            dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size),
+        ),
+        progress=sys.stderr.isatty(),
+    )
+    print(summarize(state))
+    return 0
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
@@ -133,10 +284,12 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if device == "cuda" else "float32"
 
 
-def stream_to_stdout(address: str, prompt: str, sampling: dict, timeout: float | None = None) -> int:
-    from shared.client import FINISH_REASONS, GenerationClient
+def stream_to_stdout(
+    address: str, prompt: str, sampling: dict, timeout: float | None = None, retries: int = 4
+) -> int:
+    from shared.client import FINISH_REASONS, GenerationClient, RetryPolicy
 
-    with GenerationClient(address) as client:
+    with GenerationClient(address, RetryPolicy(max_attempts=retries + 1)) as client:
         try:
             for msg in client.stream(prompt, timeout=timeout, **sampling):
                 sys.stdout.write(msg.text)
@@ -153,6 +306,21 @@ def stream_to_stdout(address: str, prompt: str, sampling: dict, timeout: float |
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The client commands come first and never import torch (shared.config does): a health
+    # probe runs every few seconds and must stay cheap.
+    if args.command == "generate":
+        if not 0 <= args.retries <= 4:
+            print(f"stageserve: --retries must be in [0, 4] (gRPC caps attempts at 5), got {args.retries}",
+                  file=sys.stderr)
+            return 2
+        return stream_to_stdout(args.addr, args.prompt, _sampling_from(args), args.timeout, args.retries)
+    if args.command == "health":
+        from shared.client import LIVENESS_SERVICE, GenerationClient
+
+        with GenerationClient(args.addr) as client:
+            ok = client.is_serving(LIVENESS_SERVICE if args.liveness else args.service, timeout=args.timeout)
+        print("SERVING" if ok else "NOT_SERVING")
+        return 0 if ok else 1
     from shared.config import CacheConfig, ConfigError, ParallelConfig, SchedulerConfig
 
     try:
@@ -160,17 +328,27 @@ def main(argv: list[str] | None = None) -> int:
             from shared.demo_model import ensure_demo_model
             from shared.launcher import UpConfig, resolve_device, run_up
 
+            from shared.launcher import choose_up_partition
+            from shared.memory_plan import format_partition
+
             model = args.model or str(ensure_demo_model())
+            _setup_logging("up", args.log_format)
             device = resolve_device(args.device, args.pp * args.tp)
+            dtype = resolve_dtype(args.dtype, device)
+            choice = choose_up_partition(
+                model, args.pp, args.tp, device, args.layer_partition, _memory_settings(args, dtype, None)
+            )
+            print(f"stageserve: layer partition {format_partition(choice.partition)} ({choice.reason})", flush=True)
             config = UpConfig(
                 model_path=model, num_stages=args.pp, tp_size=args.tp, device=device,
-                dtype=resolve_dtype(args.dtype, device), host=args.host, port=args.port,
-                layer_partition=args.layer_partition, router_args=tuple(_router_flag_values(args)),
-                startup_timeout_s=args.startup_timeout,
+                dtype=dtype, host=args.host, port=args.port,
+                layer_partition=format_partition(choice.partition), router_args=tuple(_router_flag_values(args)),
+                startup_timeout_s=args.startup_timeout, metrics_port=args.metrics_port,
+                log_format=args.log_format, sequence_parallel=args.sequence_parallel,
             )
             return run_up(config, args.prompt, _sampling_from(args))
         if args.command == "router":
-            _setup_logging("router")
+            _setup_logging("router", args.log_format)
             from router.server import RouterConfig, serve
 
             serve(RouterConfig(
@@ -186,35 +364,41 @@ def main(argv: list[str] | None = None) -> int:
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_bytes=args.kv_cache_bytes, max_kv_blocks=args.max_kv_blocks,
                 startup_timeout_s=args.startup_timeout, shuffle_blocks_seed=args.shuffle_blocks_seed,
+                step_timeout_s=args.step_timeout,
+                metrics_port=args.metrics_port,
             ))
             return 0
         if args.command == "stage":
-            _setup_logging(f"stage{args.stage_index}")
+            _setup_logging(f"stage{args.stage_index}", args.log_format)
             from shared.config import ModelConfig
             from shared.launcher import resolve_device
             from shared.partition import parse_layer_partition, resolve_layer_partition
             from stage_worker.server import StageServerConfig, serve
 
+            from shared.sharded_state import read_sharded_state
+
             model = ModelConfig.from_pretrained(args.model)
             explicit = parse_layer_partition(args.layer_partition) if args.layer_partition else None
+            sharded = read_sharded_state(args.model)
+            if sharded is not None:
+                # The folder fixes the layout: another one stops the stage here, saying which.
+                explicit = sharded.resolve_layout(args.num_stages, args.tp, explicit)
             partition = resolve_layer_partition(model.num_hidden_layers, args.num_stages, explicit)
             device = resolve_device(args.device, args.tp)
             serve(StageServerConfig(
                 model_path=args.model,
-                parallel=ParallelConfig(num_stages=args.num_stages, tp_size=args.tp, layer_partition=partition),
+                parallel=ParallelConfig(
+                    num_stages=args.num_stages, tp_size=args.tp, layer_partition=partition,
+                    sequence_parallel=args.sequence_parallel,
+                ),
                 stage_index=args.stage_index, host=args.host, port=args.port, rendezvous=args.rendezvous,
-                device_type=device, dtype=resolve_dtype(args.dtype, device),
+                device_type=device, dtype=resolve_dtype(args.dtype, device), metrics_port=args.metrics_port,
             ))
             return 0
-        if args.command == "generate":
-            return stream_to_stdout(args.addr, args.prompt, _sampling_from(args), args.timeout)
-        if args.command == "health":
-            from shared.client import GenerationClient
-
-            with GenerationClient(args.addr) as client:
-                ok = client.is_serving(args.service, timeout=args.timeout)
-            print("SERVING" if ok else "NOT_SERVING")
-            return 0 if ok else 1
+        if args.command == "plan":
+            return _plan(args)
+        if args.command == "save-sharded":
+            return _save_sharded(args)
     except ConfigError as exc:
         print(f"stageserve: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
-"""A typed Python client for the public Generation API."""
+"""A typed Python client for the public Generation API (blocking; `shared.async_client` has the
+asyncio one). Both stream, take deadlines, and retry UNAVAILABLE before the first token."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +14,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.grpc_options import channel_options
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
+
+# The health service name every stageserve process reports SERVING while it runs (liveness);
+# "" and the API's own service name report whether it can serve requests (readiness).
+LIVENESS_SERVICE = "liveness"
+GENERATION_SERVICE = gen.DESCRIPTOR.services_by_name["Generation"].full_name
 
 FINISH_REASONS = {
     gen.FINISH_REASON_LENGTH: "length",
@@ -33,6 +40,59 @@ class GenerationResult:
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
 
+    def add(self, msg: gen.GenerateResponse) -> None:
+        """Folds one streamed message into the result."""
+        self.token_ids.extend(msg.token_ids)
+        self.text += msg.text
+        self.logprobs.extend(msg.logprobs)
+        if msg.finish_reason:
+            self.finish_reason = FINISH_REASONS.get(msg.finish_reason, "unknown")
+            self.stop_reason = msg.stop_reason
+            self.error_message = msg.error_message
+            self.prompt_tokens = msg.prompt_tokens
+            self.cached_prompt_tokens = msg.cached_prompt_tokens
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of UNAVAILABLE (router starting, restarting, or its pipeline down) done by
+    gRPC itself: a call is retried only until the server sends its first message, so a
+    stream that already delivered tokens is never replayed. Backoffs are randomised by gRPC
+    (each wait is uniform in [0, current backoff]); the call's deadline bounds them all."""
+
+    # Attempts in all, the first included; gRPC caps it at 5. 1 disables retries.
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 5.0
+    backoff_multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_attempts <= 5:
+            raise ValueError(f"max_attempts must be in [1, 5] (gRPC's cap), got {self.max_attempts}")
+        if not (0 < self.initial_backoff_s <= self.max_backoff_s):
+            raise ValueError(
+                f"backoffs must satisfy 0 < initial ({self.initial_backoff_s}) <= max ({self.max_backoff_s})"
+            )
+        if not self.backoff_multiplier > 0:
+            raise ValueError(f"backoff_multiplier must be > 0, got {self.backoff_multiplier}")
+
+    def service_config(self) -> str:
+        """The gRPC service config (JSON) that applies this policy to the Generation API."""
+        method: dict = {"name": [{"service": GENERATION_SERVICE}]}
+        if self.max_attempts > 1:
+            method["retryPolicy"] = {
+                "maxAttempts": self.max_attempts,
+                "initialBackoff": f"{self.initial_backoff_s:.3f}s",
+                "maxBackoff": f"{self.max_backoff_s:.3f}s",
+                "backoffMultiplier": self.backoff_multiplier,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            }
+        return json.dumps({"methodConfig": [method]})
+
+
+def client_channel_options(retry: RetryPolicy) -> list[tuple[str, int | str]]:
+    return [*channel_options(), ("grpc.enable_retries", 1), ("grpc.service_config", retry.service_config())]
+
 
 def build_request(
     prompt: str | Sequence[int], request_id: str = "", **sampling: object
@@ -47,9 +107,9 @@ def build_request(
 
 
 class GenerationClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, retry: RetryPolicy = RetryPolicy()) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.channel = grpc.insecure_channel(address, options=client_channel_options(retry))
         self.stub = gen_grpc.GenerationStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -63,25 +123,32 @@ class GenerationClient:
         self.close()
 
     def stream(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, request_id: str = "", **sampling: object
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, request_id: str = "",
+        wait_for_ready: bool = False, **sampling: object,
     ) -> Iterator[gen.GenerateResponse]:
-        """Yields each streamed message; raises grpc.RpcError on a non-OK status."""
-        yield from self.stub.Generate(build_request(prompt, request_id, **sampling), timeout=timeout)
+        """Yields each streamed message; raises grpc.RpcError on a non-OK status.
+
+        `timeout` (seconds) is the deadline of the whole call, retries included: past it the
+        call ends with DEADLINE_EXCEEDED and the router frees the request. `wait_for_ready`
+        waits (until the deadline) for an unreachable router instead of failing fast.
+        Leaving the loop early cancels the call."""
+        call = self.stub.Generate(
+            build_request(prompt, request_id, **sampling), timeout=timeout, wait_for_ready=wait_for_ready
+        )
+        try:
+            yield from call
+        finally:
+            call.cancel()  # A no-op once the call is over.
 
     def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, request_id: str = "", **sampling: object
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, request_id: str = "",
+        wait_for_ready: bool = False, **sampling: object,
     ) -> GenerationResult:
         result = GenerationResult()
-        for msg in self.stream(prompt, timeout=timeout, request_id=request_id, **sampling):
-            result.token_ids.extend(msg.token_ids)
-            result.text += msg.text
-            result.logprobs.extend(msg.logprobs)
-            if msg.finish_reason:
-                result.finish_reason = FINISH_REASONS.get(msg.finish_reason, "unknown")
-                result.stop_reason = msg.stop_reason
-                result.error_message = msg.error_message
-                result.prompt_tokens = msg.prompt_tokens
-                result.cached_prompt_tokens = msg.cached_prompt_tokens
+        for msg in self.stream(
+            prompt, timeout=timeout, request_id=request_id, wait_for_ready=wait_for_ready, **sampling
+        ):
+            result.add(msg)
         return result
 
     def model_info(self, timeout: float = 10.0) -> gen.ModelInfo:

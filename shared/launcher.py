@@ -14,6 +14,10 @@ import time
 from dataclasses import dataclass
 
 from shared.client import GenerationClient
+from shared.config import ModelConfig, replace
+from shared.memory_plan import MemorySettings, PartitionChoice, default_partition
+from shared.partition import parse_layer_partition, resolve_layer_partition
+from shared.sharded_state import read_sharded_state
 
 
 @dataclass(frozen=True)
@@ -25,9 +29,14 @@ class UpConfig:
     dtype: str
     host: str
     port: int
+    # Every stage gets it (see choose_up_partition); None leaves the stages' own default.
     layer_partition: str | None
     router_args: tuple[str, ...]
     startup_timeout_s: float
+    # Router's /metrics port; stage i gets metrics_port + 1 + i. None: no endpoints.
+    metrics_port: int | None = None
+    log_format: str = "text"
+    sequence_parallel: bool = False
 
 
 def free_port() -> int:
@@ -51,6 +60,36 @@ def resolve_device(device: str, gpus_needed: int) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= gpus_needed else "cpu"
+
+
+def local_gpu_memory(num_gpus: int) -> int:
+    """Total memory of the smallest of the first `num_gpus` visible GPUs (what every stage
+    rank gets, since `up` gives stage i GPUs [i*tp, (i+1)*tp))."""
+    import torch
+
+    # Device properties, not mem_get_info: the latter creates a CUDA context, which would
+    # hold a few hundred MiB of GPU 0 for as long as `up` runs.
+    return min(torch.cuda.get_device_properties(i).total_memory for i in range(num_gpus))
+
+
+def choose_up_partition(
+    model_path: str, num_stages: int, tp_size: int, device: str, explicit: str | None, settings: MemorySettings
+) -> PartitionChoice:
+    """The partition `up` passes to every stage, decided once here so that they agree: a
+    sharded folder's own, else --layer-partition, else the memory-balanced default on GPU
+    (each rank's memory is known) and the even split on CPU."""
+    model = ModelConfig.from_pretrained(model_path)
+    given = parse_layer_partition(explicit) if explicit else None
+    sharded = read_sharded_state(model_path)
+    if sharded is not None:
+        return PartitionChoice(sharded.resolve_layout(num_stages, tp_size, given), "the sharded folder's")
+    if given is not None:
+        return PartitionChoice(
+            resolve_layer_partition(model.num_hidden_layers, num_stages, given), "given by --layer-partition"
+        )
+    if device == "cuda" and settings.device_bytes is None:
+        settings = replace(settings, device_bytes=local_gpu_memory(num_stages * tp_size))
+    return default_partition(model, num_stages, tp_size, settings)
 
 
 class Launcher:
@@ -77,7 +116,7 @@ class Launcher:
             [
                 "router", "--model", cfg.model_path, "--stages", ",".join(stage_addresses),
                 "--host", cfg.host, "--port", str(cfg.port), "--rendezvous-port", str(rendezvous_port),
-                *cfg.router_args,
+                *cfg.router_args, *self._ops_args(0),
             ],
         )
         for i, port in enumerate(stage_ports):
@@ -85,10 +124,12 @@ class Launcher:
                 "stage", "--model", cfg.model_path, "--stage-index", str(i),
                 "--num-stages", str(cfg.num_stages), "--tp", str(cfg.tp_size), "--port", str(port),
                 "--host", "127.0.0.1", "--rendezvous", f"127.0.0.1:{rendezvous_port}",
-                "--device", device, "--dtype", cfg.dtype,
+                "--device", device, "--dtype", cfg.dtype, *self._ops_args(1 + i),
             ]
             if cfg.layer_partition:
                 args += ["--layer-partition", cfg.layer_partition]
+            if cfg.sequence_parallel:
+                args.append("--sequence-parallel")
             env = None
             if device == "cuda":
                 # Stage i owns GPUs [i*tp, (i+1)*tp); inside the stage they are cuda:0..tp-1.
@@ -96,6 +137,13 @@ class Launcher:
                 gpus = visible.split(",") if visible else [str(g) for g in range(cfg.num_stages * cfg.tp_size)]
                 env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * cfg.tp_size : (i + 1) * cfg.tp_size])}
             self._spawn(f"stage{i}", args, env)
+
+    def _ops_args(self, metrics_offset: int) -> list[str]:
+        cfg = self.config
+        args = ["--log-format", cfg.log_format]
+        if cfg.metrics_port is not None:
+            args += ["--metrics-port", str(cfg.metrics_port + metrics_offset)]
+        return args
 
     def dead_child(self) -> str | None:
         for name, proc in self.procs:

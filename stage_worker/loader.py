@@ -3,6 +3,10 @@
 Only files holding tensors this stage owns are opened, and of each owned tensor only this
 rank's TP slice is read: parameters' weight_loaders index a lazy safetensors slice object,
 so the bytes of other ranks' shards and of other stages' layers never leave the disk.
+
+A folder written by `stageserve save-sharded` (it has the sharded-state metadata file) is
+read differently: the rank reads its own files whole and copies each tensor into the
+parameter of the same name, with no slicing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shared.config import ConfigError
+from shared.sharded_state import ShardedState, read_rank_files, read_sharded_state
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -72,6 +77,9 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> LoadReport:
     """Loads every parameter `model` owns (see model.checkpoint_targets) from `model_dir`."""
     started = time.perf_counter()
     model_dir = Path(model_dir)
+    sharded = read_sharded_state(model_dir)
+    if sharded is not None:
+        return _load_sharded(model, sharded, started)
     targets = model.checkpoint_targets()
     weight_map = checkpoint_weight_map(model_dir)
     missing = [key for key in targets if key not in weight_map]
@@ -106,3 +114,42 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> LoadReport:
                     bytes_read += loaded.bytes_read
                     bar.update(1)
     return LoadReport(bytes_read=bytes_read, seconds=time.perf_counter() - started, tensors=len(targets))
+
+
+def _load_sharded(model: nn.Module, state: ShardedState, started: float) -> LoadReport:
+    """Copies the rank's own tensors from its sharded-state files into its parameters."""
+    state.check_rank(model.layout, model.tp_size)
+    stage, rank = model.layout.stage_index, model.tp_rank
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    bytes_read = 0
+    bar = tqdm(
+        total=state.shard(stage, rank).num_tensors, desc="loading weights", unit="tensor",
+        disable=not sys.stderr.isatty(),
+    )
+    with torch.no_grad(), bar:
+        for tensors, nbytes in read_rank_files(state, stage, rank):
+            bytes_read += nbytes
+            for name, tensor in tensors.items():
+                param = params.get(name)
+                if param is None:
+                    raise ConfigError(
+                        f"sharded folder {state.folder} holds {name} for stage {stage}, TP rank {rank}, "
+                        "which this model does not have; was it written for another model?"
+                    )
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ConfigError(
+                        f"sharded folder {state.folder}: {name} has shape {list(tensor.shape)}, the "
+                        f"model expects {list(param.shape)} for stage {stage}, TP rank {rank}"
+                    )
+                param.copy_(tensor)
+                seen.add(name)
+                bar.update(1)
+            del tensors
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ConfigError(
+            f"sharded folder {state.folder} lacks {len(missing)} tensor(s) of stage {stage}, "
+            f"TP rank {rank}, e.g. " + ", ".join(missing[:5])
+        )
+    return LoadReport(bytes_read=bytes_read, seconds=time.perf_counter() - started, tensors=len(seen))

@@ -2,7 +2,7 @@
 
 Every stage receives the same steps and applies them the same way, so their sequence
 tables stay identical without ever being exchanged. A step is validated as a whole before
-anything changes: a rejected step leaves every stage exactly as it was.
+anything else changes: a rejected step applies only its reset and drops, on every stage alike.
 """
 
 from __future__ import annotations
@@ -52,12 +52,18 @@ class SequenceTable:
         self.seqs: dict[int, StageSequence] = {}
 
     def apply(self, step: pb.StepRequest, limits: StepLimits) -> list[StageSequence]:
-        """Validates the whole step, then applies its deltas; returns the batch in order."""
-        self._validate(step, limits)
-        if step.reset:
-            self.seqs.clear()
-        for seq_id in step.drop_seq_ids:
-            self.seqs.pop(seq_id, None)
+        """Validates the whole step, then applies its deltas; returns the batch in order.
+
+        A rejected step still applies its reset and drops (always valid: unknown ids are
+        ignored), since the router counts them as delivered; nothing else of it applies.
+        """
+        try:
+            self._validate(step, limits)
+        finally:
+            if step.reset:
+                self.seqs.clear()
+            for seq_id in step.drop_seq_ids:
+                self.seqs.pop(seq_id, None)
         for new in step.new_seqs:
             self.seqs[new.seq_id] = StageSequence(
                 seq_id=new.seq_id,

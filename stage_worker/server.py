@@ -18,10 +18,14 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from shared.client import LIVENESS_SERVICE
 from shared.config import ModelConfig, ParallelConfig
 from shared.grpc_options import channel_options
+from shared.metrics import serve_metrics
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
+from shared.sharded_state import read_sharded_state
+from stage_worker.metrics import StageMetrics
 from stage_worker.rank_pool import RankFailure, RankPool
 from stage_worker.rank_process import RankArgs
 
@@ -42,6 +46,8 @@ class StageServerConfig:
     device_type: str
     dtype: str
     join_timeout_s: float = 1800.0
+    # Prometheus endpoint on host:metrics_port; None serves none.
+    metrics_port: int | None = None
 
 
 class StageWorkerService(pb_grpc.StageWorkerServicer):
@@ -63,8 +69,16 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
         self._ready: dict[int, pb.RankReady] = {}
         self.num_kv_blocks = 0
         self.block_size = 0
+        # The memory report in GetInfo: the last Profile answer and the allocated cache.
+        self.profile: pb.ProfileResponse | None = None
+        self.kv_cache_bytes = 0
+        self.sharded_state = read_sharded_state(config.model_path) is not None
         self._execute_active = False
         self._set_health(False)
+        # Liveness: SERVING while the process runs and its ranks are alive (readiness is "").
+        self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics = StageMetrics(config.stage_index)
+        self.metrics.attach(self)
         tp = config.parallel.tp_size
         cpu_threads = max(1, (os.cpu_count() or 1) // (tp * config.parallel.num_stages))
         args = [
@@ -114,6 +128,8 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
             self.state = pb.STAGE_STATE_FAILED
             self.error = message
         self._set_health(False)
+        # A failed stage cannot recover in place: an orchestrator's liveness probe restarts it.
+        self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _require(self, context: grpc.ServicerContext, *states: int) -> None:
         if self.state == pb.STAGE_STATE_FAILED:
@@ -148,7 +164,11 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
             max_position_embeddings=cfg.max_position_embeddings,
             num_layers=cfg.num_hidden_layers,
             model_path=self.config.model_path,
+            kv_cache_bytes=self.kv_cache_bytes,
+            sharded_state=self.sharded_state,
         )
+        if self.profile is not None:
+            info.profile.CopyFrom(self.profile)
         reports = [self._loaded[r] for r in sorted(self._loaded)]
         for report in reports:
             info.ranks.add(
@@ -172,7 +192,8 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
         except RankFailure as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         # The tightest rank decides for the stage.
-        return min((r.profile for r in replies), key=lambda p: p.num_blocks)
+        self.profile = min((r.profile for r in replies), key=lambda p: p.num_blocks)
+        return self.profile
 
     def InitCache(self, request: pb.InitCacheRequest, context: grpc.ServicerContext) -> pb.InitCacheResponse:
         self._require(context, pb.STAGE_STATE_READY, pb.STAGE_STATE_SERVING)
@@ -188,10 +209,11 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
             self.num_kv_blocks = request.num_blocks
             self.block_size = request.block_size
             self.state = pb.STAGE_STATE_SERVING
+        self.kv_cache_bytes = sum(r.init_cache.kv_cache_bytes for r in replies)
         self._set_health(True)
         log.info("stage %d: %d KV blocks of %d tokens allocated; serving",
                  self.config.stage_index, request.num_blocks, request.block_size)
-        return pb.InitCacheResponse(kv_cache_bytes=sum(r.init_cache.kv_cache_bytes for r in replies))
+        return pb.InitCacheResponse(kv_cache_bytes=self.kv_cache_bytes)
 
     def Execute(
         self, request_iterator: Iterator[pb.StepRequest], context: grpc.ServicerContext
@@ -216,6 +238,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                         return
                     last_step = step.step_id
                     sent += 1
+                    self.metrics.on_step_sent(step.step_id)
                     self.pool.send(pb.RankCommand(step=step))
             except RankFailure as exc:
                 results.put(str(exc))
@@ -239,6 +262,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
                 if item is not None:
                     received += 1
+                    self.metrics.on_step_done(item)
                     yield item
         finally:
             self.pool.set_step_sink(None)
@@ -262,6 +286,9 @@ def serve(config: StageServerConfig) -> None:
         service.shutdown()
         raise SystemExit(f"cannot listen on {address}")
     server.start()
+    metrics_endpoint = None
+    if config.metrics_port is not None:
+        metrics_endpoint = serve_metrics(service.metrics.registry, config.metrics_port, config.host)
     log.info("stage %d of %d listening on %s (layers [%d, %d), tp %d, %s %s)",
              config.stage_index, config.parallel.num_stages, address, service.layout.first_layer,
              service.layout.last_layer, config.parallel.tp_size, config.device_type, config.dtype)
@@ -272,4 +299,6 @@ def serve(config: StageServerConfig) -> None:
         pass
     log.info("stage %d stopping", config.stage_index)
     server.stop(grace=2.0)
+    if metrics_endpoint is not None:
+        metrics_endpoint.stop()
     service.shutdown()

@@ -117,20 +117,28 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageLayout(_message.Message):
-    __slots__ = ("stage_index", "address", "first_layer", "last_layer", "weight_bytes", "kv_blocks")
+    __slots__ = ("stage_index", "address", "first_layer", "last_layer", "weight_bytes", "kv_blocks", "peak_activation_bytes", "kv_bytes", "kv_block_bytes", "limits_pool")
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     LAST_LAYER_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_POOL_FIELD_NUMBER: _ClassVar[int]
     stage_index: int
     address: str
     first_layer: int
     last_layer: int
     weight_bytes: int
     kv_blocks: int
-    def __init__(self, stage_index: _Optional[int] = ..., address: _Optional[str] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_blocks: _Optional[int] = ...) -> None: ...
+    peak_activation_bytes: int
+    kv_bytes: int
+    kv_block_bytes: int
+    limits_pool: bool
+    def __init__(self, stage_index: _Optional[int] = ..., address: _Optional[str] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., peak_activation_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_block_bytes: _Optional[int] = ..., limits_pool: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_name", "architecture", "max_context", "vocab_size", "pipeline_parallel_size", "tensor_parallel_size", "num_kv_blocks", "block_size", "free_kv_blocks", "dtype", "stages", "num_layers", "eos_token_ids")

@@ -41,7 +41,7 @@ class RankLoadReport(_message.Message):
     def __init__(self, tp_rank: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., bytes_read: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("stage_index", "num_stages", "first_layer", "last_layer", "tp_size", "dtype", "device", "state", "error", "architecture", "has_embedding", "has_lm_head", "parameter_bytes", "parameter_names", "ranks", "num_kv_blocks", "block_size", "vocab_size", "max_position_embeddings", "num_layers", "model_path")
+    __slots__ = ("stage_index", "num_stages", "first_layer", "last_layer", "tp_size", "dtype", "device", "state", "error", "architecture", "has_embedding", "has_lm_head", "parameter_bytes", "parameter_names", "ranks", "num_kv_blocks", "block_size", "vocab_size", "max_position_embeddings", "num_layers", "model_path", "profile", "kv_cache_bytes", "sharded_state")
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,9 @@ class StageInfo(_message.Message):
     MAX_POSITION_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARDED_STATE_FIELD_NUMBER: _ClassVar[int]
     stage_index: int
     num_stages: int
     first_layer: int
@@ -84,7 +87,10 @@ class StageInfo(_message.Message):
     max_position_embeddings: int
     num_layers: int
     model_path: str
-    def __init__(self, stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., tp_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., error: _Optional[str] = ..., architecture: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_lm_head: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., parameter_names: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[_Union[RankLoadReport, _Mapping]]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., num_layers: _Optional[int] = ..., model_path: _Optional[str] = ...) -> None: ...
+    profile: ProfileResponse
+    kv_cache_bytes: int
+    sharded_state: bool
+    def __init__(self, stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., tp_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., error: _Optional[str] = ..., architecture: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_lm_head: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., parameter_names: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[_Union[RankLoadReport, _Mapping]]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., num_layers: _Optional[int] = ..., model_path: _Optional[str] = ..., profile: _Optional[_Union[ProfileResponse, _Mapping]] = ..., kv_cache_bytes: _Optional[int] = ..., sharded_state: _Optional[bool] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
     __slots__ = ("block_size", "max_num_batched_tokens", "max_num_seqs", "gpu_memory_utilization", "kv_cache_bytes")

@@ -1,0 +1,119 @@
+#!/usr/bin/env node
+// Streams an answer from a stageserve router using only the .proto contract:
+// @grpc/proto-loader reads protos/generation.proto at run time, @grpc/grpc-js calls it.
+//
+//   npm install
+//   node client.js --addr 127.0.0.1:50051 --max-new-tokens 32 "Hello"
+//
+// Text goes to stdout as it streams. --json prints one JSON summary line at the end
+// instead (token ids, finish reason, ...). Exit status: 0 when the call ended OK, 1 on a
+// gRPC error (printed as CODE: details), 2 on bad arguments.
+'use strict';
+
+const path = require('node:path');
+const { parseArgs } = require('node:util');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const USAGE = 'usage: node client.js [--addr HOST:PORT] [--proto-dir DIR] [--max-new-tokens N] ' +
+  '[--temperature T] [--seed S] [--ignore-eos] [--timeout SECONDS] [--request-id ID] [--json] PROMPT';
+
+function parseCommandLine(argv) {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    allowPositionals: true,
+    options: {
+      addr: { type: 'string', default: '127.0.0.1:50051' },
+      // Default: the repository's protos/ folder, two levels up from examples/node.
+      'proto-dir': { type: 'string', default: path.join(__dirname, '..', '..', 'protos') },
+      'max-new-tokens': { type: 'string', default: '32' },
+      temperature: { type: 'string', default: '0' },
+      seed: { type: 'string' },
+      timeout: { type: 'string' },
+      'request-id': { type: 'string', default: '' },
+      'ignore-eos': { type: 'boolean', default: false },
+      json: { type: 'boolean', default: false },
+      help: { type: 'boolean', default: false },
+    },
+  });
+  if (values.help || positionals.length !== 1) {
+    throw new Error(USAGE);
+  }
+  const number = (name) => {
+    const value = Number(values[name]);
+    if (!Number.isFinite(value)) throw new Error(`--${name} must be a number, got ${values[name]}\n${USAGE}`);
+    return value;
+  };
+  return {
+    addr: values.addr,
+    protoDir: values['proto-dir'],
+    prompt: positionals[0],
+    maxNewTokens: number('max-new-tokens'),
+    temperature: number('temperature'),
+    seed: values.seed === undefined ? undefined : values.seed,
+    timeoutSeconds: values.timeout === undefined ? undefined : number('timeout'),
+    requestId: values['request-id'],
+    ignoreEos: values['ignore-eos'],
+    json: values.json,
+  };
+}
+
+function loadGenerationService(protoDir) {
+  const definition = protoLoader.loadSync(path.join(protoDir, 'generation.proto'), {
+    keepCase: true, // field names exactly as in the .proto (max_new_tokens, token_ids)
+    longs: String, // uint64 (seed) without precision loss
+    enums: String, // finish_reason as its name, e.g. FINISH_REASON_LENGTH
+    defaults: true,
+    oneofs: true,
+  });
+  return grpc.loadPackageDefinition(definition).stageserve.v1.Generation;
+}
+
+function main() {
+  let args;
+  try {
+    args = parseCommandLine(process.argv.slice(2));
+  } catch (err) {
+    process.stderr.write(`${err.message}\n`);
+    process.exit(2);
+  }
+  const Generation = loadGenerationService(args.protoDir);
+  const client = new Generation(args.addr, grpc.credentials.createInsecure());
+
+  const sampling = { max_new_tokens: args.maxNewTokens, temperature: args.temperature, ignore_eos: args.ignoreEos };
+  if (args.seed !== undefined) sampling.seed = args.seed;
+  const request = { prompt: args.prompt, sampling, request_id: args.requestId };
+  const options = {};
+  if (args.timeoutSeconds !== undefined) {
+    options.deadline = new Date(Date.now() + args.timeoutSeconds * 1000);
+  }
+
+  const summary = { token_ids: [], text: '', finish_reason: '', error_message: '', prompt_tokens: 0, messages: 0 };
+  const call = client.Generate(request, options);
+  call.on('data', (msg) => {
+    summary.messages += 1;
+    summary.token_ids.push(...msg.token_ids);
+    summary.text += msg.text;
+    if (!args.json) process.stdout.write(msg.text);
+    if (msg.finish_reason !== 'FINISH_REASON_UNSPECIFIED') {
+      summary.finish_reason = msg.finish_reason;
+      summary.error_message = msg.error_message;
+      summary.prompt_tokens = msg.prompt_tokens;
+    }
+  });
+  call.on('error', (err) => {
+    process.stderr.write(`${grpc.status[err.code]}: ${err.details}\n`);
+    client.close();
+    process.exitCode = 1;
+  });
+  call.on('end', () => {
+    if (args.json) {
+      process.stdout.write(`${JSON.stringify(summary)}\n`);
+    } else {
+      process.stdout.write(`\n[finish: ${summary.finish_reason}]\n`);
+    }
+    client.close();
+  });
+}
+
+main();

@@ -1,0 +1,217 @@
+"""What the router measures: request outcomes and latencies, scheduler and KV-pool state,
+per-stage step and hop times; plus one structured log line per finished request.
+
+The engine calls the `on_*` hooks from its own thread; the gRPC handlers call `on_rejected`
+from the event loop. prometheus_client's metrics are thread-safe, and the little state kept
+here (first-token and step-send times) is touched only by the engine thread. Scheduler and
+pool state are read at scrape time by a collector, so the engine pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from router.sequence import Sequence
+from shared.metrics import LATENCY_BUCKETS, NAMESPACE, STEP_BUCKETS, new_registry
+from shared.proto import generation_pb2 as gen
+from shared.proto import stage_worker_pb2 as pb
+
+if TYPE_CHECKING:
+    from router.engine import Engine
+
+# Its own logger, so an operator can route or silence the per-request lines separately.
+request_log = logging.getLogger("stageserve.requests")
+
+OUTCOMES = {
+    gen.FINISH_REASON_LENGTH: "length",
+    gen.FINISH_REASON_STOP: "stop",
+    gen.FINISH_REASON_EOS: "eos",
+    gen.FINISH_REASON_CANCELLED: "cancelled",
+    gen.FINISH_REASON_ERROR: "error",
+}
+# Requests refused before they reach the scheduler, named after the gRPC status they get.
+REJECTIONS = ("invalid_argument", "resource_exhausted", "unavailable")
+
+# Step-send records older than this many steps are dropped: a step whose last result never
+# comes (the pipeline failed) must not keep its record forever.
+_MAX_TRACKED_STEPS = 1024
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # A detached instance (no registry given) records into a private registry nobody
+        # scrapes, so the engine can call the hooks unconditionally.
+        self.registry = registry if registry is not None else new_registry(process_metrics=False)
+        r, ns = self.registry, NAMESPACE
+        self.requests = Counter(
+            "requests", "Finished or refused Generate requests by outcome: a finish reason "
+            "(length, stop, eos, cancelled, error) or the status of a refusal "
+            "(invalid_argument, resource_exhausted, unavailable).",
+            ["outcome"], namespace=ns, registry=r,
+        )
+        for outcome in (*OUTCOMES.values(), *REJECTIONS):
+            self.requests.labels(outcome)  # Export zeros, so rate() works from the first scrape.
+        self.ttft = Histogram(
+            "time_to_first_token_seconds", "Time from a request's admission to its first token.",
+            namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.tpot = Histogram(
+            "time_per_output_token_seconds", "Time between consecutive tokens of one request.",
+            namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.e2e = Histogram(
+            "e2e_request_latency_seconds", "Time from a request's admission to its last message.",
+            namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.prompt_tokens = Counter(
+            "prompt_tokens", "Prompt tokens of finished requests.", namespace=ns, registry=r
+        )
+        self.cached_prompt_tokens = Counter(
+            "cached_prompt_tokens", "Prompt tokens served from the prefix cache.", namespace=ns, registry=r
+        )
+        self.generation_tokens = Counter(
+            "generation_tokens", "Tokens generated (streamed to clients).", namespace=ns, registry=r
+        )
+        self.stage_latency = Histogram(
+            "stage_result_latency_seconds", "Time from the router sending a step to a stage's "
+            "result for it (queueing behind earlier micro-batches and upstream stages included).",
+            ["stage"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
+        )
+        self.stage_step = Histogram(
+            "stage_step_seconds", "Time the stage's TP rank 0 spent executing a step, as the "
+            "stage reports it (for stages after the first, waiting for hidden states included).",
+            ["stage"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
+        )
+        self.hop = Histogram(
+            "stage_hop_seconds", "Time from stage s-1's result to stage s's result for the same "
+            "step, seen by the router: the hidden-state hop into stage s plus stage s's work once "
+            "they arrived (steps whose results came back out of order are not counted).",
+            ["stage"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
+        )
+        self.serving = Gauge(
+            "router_serving", "1 while the router reports SERVING on the health service.",
+            namespace=ns, registry=r,
+        )
+        self._last_token_at: dict[int, float] = {}
+        # step id -> (send time, {stage index: arrival time of its result})
+        self._steps: OrderedDict[int, tuple[float, dict[int, float]]] = OrderedDict()
+        self._num_stages = 0
+
+    def attach(self, engine: Engine) -> None:
+        """Makes `engine` report here and exports its scheduler and pool state."""
+        self._num_stages = len(engine.stages)
+        engine.metrics = self
+        self.registry.register(_EngineCollector(engine, self))
+
+    @property
+    def num_tracked_steps(self) -> int:
+        return len(self._steps)
+
+    # ---- hooks -------------------------------------------------------------------------
+
+    def on_rejected(self, status: str) -> None:
+        assert status in REJECTIONS, status
+        self.requests.labels(status).inc()
+
+    def on_token(self, seq_id: int, submitted: float) -> None:
+        now = time.monotonic()
+        last = self._last_token_at.get(seq_id)
+        if last is None:
+            self.ttft.observe(now - submitted)
+        else:
+            self.tpot.observe(now - last)
+        self._last_token_at[seq_id] = now
+        self.generation_tokens.inc()
+
+    def on_finished(self, seq: Sequence, submitted: float, last: gen.GenerateResponse) -> None:
+        e2e = time.monotonic() - submitted
+        outcome = OUTCOMES.get(last.finish_reason, "error")
+        self._last_token_at.pop(seq.seq_id, None)
+        self.requests.labels(outcome).inc()
+        self.e2e.observe(e2e)
+        self.prompt_tokens.inc(seq.num_prompt_tokens)
+        self.cached_prompt_tokens.inc(seq.num_cached_prompt_tokens)
+        request_log.info(
+            "request %s finished: %s, %d prompt tokens (%d cached), %d generated, %.3f s%s",
+            seq.request_id, outcome, seq.num_prompt_tokens, seq.num_cached_prompt_tokens,
+            seq.num_output_tokens, e2e, f" ({last.error_message})" if last.error_message else "",
+            extra={
+                "event": "request_finished", "request_id": seq.request_id, "outcome": outcome,
+                "prompt_tokens": seq.num_prompt_tokens, "cached_prompt_tokens": seq.num_cached_prompt_tokens,
+                "generated_tokens": seq.num_output_tokens, "e2e_seconds": round(e2e, 6),
+                "error": last.error_message,
+            },
+        )
+
+    def on_step_sent(self, step_id: int) -> None:
+        self._steps[step_id] = (time.monotonic(), {})
+        if len(self._steps) > _MAX_TRACKED_STEPS:
+            self._steps.popitem(last=False)
+
+    def on_stage_result(self, result: pb.StepResult) -> None:
+        now = time.monotonic()
+        stage_index = result.stage_index
+        stage = str(stage_index)
+        self.stage_step.labels(stage).observe(result.compute_seconds)
+        record = self._steps.get(result.step_id)
+        if record is None:
+            return
+        sent, arrivals = record
+        self.stage_latency.labels(stage).observe(now - sent)
+        previous = arrivals.get(stage_index - 1)
+        # Stage s finishes after stage s-1 sent, but their results travel different streams:
+        # when s-1's result is the later one, the reporting jitter exceeded the hop and the
+        # sample says nothing about it, so it is skipped.
+        if previous is not None:
+            self.hop.labels(stage).observe(now - previous)
+        arrivals[stage_index] = now
+        if len(arrivals) >= self._num_stages:
+            del self._steps[result.step_id]
+
+
+class _EngineCollector(Collector):
+    """Reads the scheduler and the block manager at scrape time. Reads of ints and list
+    lengths owned by the engine thread are atomic under the GIL; a scrape may see a state
+    between two steps, which is all a gauge promises."""
+
+    def __init__(self, engine: Engine, metrics: RouterMetrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        engine, ns = self.engine, NAMESPACE
+        scheduler, blocks = engine.scheduler, engine.block_manager
+        yield GaugeMetricFamily(
+            f"{ns}_queue_length", "Requests the router holds (waiting, running, or just "
+            "submitted); new ones are refused at --max-queue-len.", value=engine.num_pending,
+        )
+        yield GaugeMetricFamily(f"{ns}_num_requests_waiting", "Sequences waiting to be scheduled.",
+                                value=scheduler.num_waiting)
+        yield GaugeMetricFamily(f"{ns}_num_requests_running", "Sequences holding KV blocks.",
+                                value=scheduler.num_running)
+        yield GaugeMetricFamily(f"{ns}_steps_in_flight", "Steps sent that not every stage has "
+                                "answered yet.", value=self.metrics.num_tracked_steps)
+        yield GaugeMetricFamily(f"{ns}_kv_blocks_total", "Blocks in the KV pool (every stage).",
+                                value=blocks.num_total_blocks)
+        yield GaugeMetricFamily(f"{ns}_kv_blocks_free", "Free blocks (cached-but-free included).",
+                                value=blocks.num_free_blocks)
+        yield GaugeMetricFamily(f"{ns}_kv_cache_usage_ratio", "Fraction of KV blocks held by sequences.",
+                                value=blocks.usage)
+        yield GaugeMetricFamily(f"{ns}_prefix_cache_hit_rate", "Prompt tokens found in the prefix "
+                                "cache over prompt tokens looked up, since start.",
+                                value=blocks.prefix_cache_hit_rate)
+        yield CounterMetricFamily(f"{ns}_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=blocks.num_queried_tokens)
+        yield CounterMetricFamily(f"{ns}_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                  value=blocks.num_hit_tokens)
+        yield CounterMetricFamily(f"{ns}_steps", "Steps sent to the stages.", value=engine.stats.steps)
+        yield CounterMetricFamily(f"{ns}_preemptions", "Sequences preempted (to be recomputed).",
+                                  value=engine.stats.preemptions)

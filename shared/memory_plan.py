@@ -1,0 +1,376 @@
+"""Per-stage memory from the model config alone, and a layer partition that balances it.
+
+The KV pool is the minimum over stages of the blocks that fit after each stage's weights
+and activations (router/control_plane.py), so a stage that carries the embedding or the
+lm_head limits everyone unless it gets fewer layers. Everything here is arithmetic on the
+config (no weights, no device), per TP rank: every rank of a stage holds the same bytes
+(the vocabulary is padded to equal shards, replicated kv heads count on every rank). The
+layer rules come from the serving layers themselves (kv_head_partition, pad_vocab_size),
+and tests/test_memory_plan.py checks the totals against models built on the meta device.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from shared.config import ConfigError, ModelConfig
+from shared.partition import even_layer_partition
+from stage_worker.layers.embed_head import pad_vocab_size
+from stage_worker.layers.linear import divide, kv_head_partition
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """'80GiB' -> 85899345920. KB/MB/GB/TB are powers of 1000; K/M/G/T and KiB.. of 1024."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ConfigError(
+            f"cannot read {text!r} as a size; write a number with an optional unit, e.g. 80GiB, "
+            "500MB, 4G (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB, K, M, G, T)"
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def format_size(num_bytes: int) -> str:
+    value = float(num_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} TiB"
+
+
+def format_partition(partition: tuple[int, ...]) -> str:
+    """The --layer-partition spelling: '9,10,11'."""
+    return ",".join(str(n) for n in partition)
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """The serving settings that decide how many KV blocks fit on a rank."""
+
+    dtype: torch.dtype
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    # Device memory of one rank; None when unknown (CPU, or no --gpu-memory).
+    device_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    # Held back on every rank besides weights and activations (CUDA context, NCCL buffers).
+    reserved_bytes: int = 0
+    # > 0: a fixed KV budget per rank (what --kv-cache-bytes and the CPU default give);
+    # weights then do not compete with the cache, and device_bytes is not used.
+    kv_cache_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ConfigError("block size, max_num_batched_tokens and max_num_seqs must be >= 1")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"gpu memory utilisation must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.device_bytes is not None and self.device_bytes <= 0:
+            raise ConfigError("device memory must be positive")
+
+    @property
+    def memory_known(self) -> bool:
+        return self.kv_cache_bytes > 0 or self.device_bytes is not None
+
+    @property
+    def balances_memory(self) -> bool:
+        # With a fixed KV budget each stage's blocks depend only on its layer count, so the
+        # even split is already the best; only a shared device budget needs balancing.
+        return self.kv_cache_bytes <= 0 and self.device_bytes is not None
+
+
+@dataclass(frozen=True)
+class RankBytes:
+    """Bytes one TP rank holds for each kind of module, in the serving dtype."""
+
+    decoder_layer: int
+    embedding: int
+    lm_head: int
+    final_norm: int
+    # K and V of one block (block_size tokens) in one layer.
+    kv_block_per_layer: int
+    # Peak activation of one step: an estimate (the server measures the real one).
+    activation: int
+    # Added on the last stage: logits and sampling of max_num_seqs rows.
+    sampling_activation: int
+
+
+def rank_bytes(config: ModelConfig, tp: int, settings: MemorySettings) -> RankBytes:
+    itemsize = settings.dtype.itemsize
+    hidden, head_dim = config.hidden_size, config.head_dim
+    heads, kv_heads, _ = kv_head_partition(config.num_attention_heads, config.num_key_value_heads, tp)
+    inter = divide(config.intermediate_size, tp, "intermediate_size")
+    qkv_out = (heads + 2 * kv_heads) * head_dim
+    layer = qkv_out * hidden + heads * head_dim * hidden + 3 * inter * hidden + 2 * hidden
+    if config.qkv_bias:
+        layer += qkv_out
+    if config.o_proj_bias:
+        # Row-parallel biases are replicated: the full hidden size on every rank.
+        layer += hidden
+    if config.mlp_bias:
+        layer += 2 * inter + hidden
+    vocab_rows = pad_vocab_size(config.vocab_size, tp) // tp
+    tokens = settings.max_num_batched_tokens
+    seqs = min(settings.max_num_seqs, tokens)
+    # A rough upper bound of the profiled peak: the residual stream and its copies, then the
+    # larger of attention (the reference attention materialises a heads x T x T score
+    # matrix for one long prompt) and the MLP. The server measures the real value.
+    attention = tokens * (qkv_out + (heads + kv_heads) * head_dim + 3 * heads * head_dim) + heads * tokens * tokens
+    mlp = tokens * 3 * inter
+    activation = (4 * tokens * hidden + max(attention, mlp)) * itemsize + tokens * tokens
+    # Local and gathered logits in the model dtype, then float32 copies for the sampler.
+    sampling = seqs * vocab_rows * tp * itemsize * 2 + seqs * config.vocab_size * 4 * 3
+    return RankBytes(
+        decoder_layer=layer * itemsize,
+        embedding=vocab_rows * hidden * itemsize,
+        lm_head=vocab_rows * hidden * itemsize,
+        final_norm=hidden * itemsize,
+        kv_block_per_layer=2 * settings.block_size * kv_heads * head_dim * itemsize,
+        activation=activation,
+        sampling_activation=sampling,
+    )
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage_index: int
+    first_layer: int
+    last_layer: int
+    # Per rank.
+    weight_bytes: int
+    activation_bytes: int
+    kv_budget_bytes: int | None
+    block_bytes: int
+    # None when the memory is unknown.
+    kv_blocks: int | None
+
+    @property
+    def num_layers(self) -> int:
+        return self.last_layer - self.first_layer
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    partition: tuple[int, ...]
+    stages: tuple[StagePlan, ...]
+
+    @property
+    def pool_blocks(self) -> int | None:
+        blocks = [s.kv_blocks for s in self.stages]
+        return None if any(b is None for b in blocks) else min(blocks)  # type: ignore[type-var]
+
+    @property
+    def limiting_stage(self) -> int | None:
+        if self.pool_blocks is None:
+            return None
+        return min(self.stages, key=lambda s: s.kv_blocks).stage_index  # type: ignore[arg-type, return-value]
+
+
+def _stage_weight_bytes(rb: RankBytes, config: ModelConfig, stage: int, pp: int, num_layers: int) -> int:
+    first, last = stage == 0, stage == pp - 1
+    weights = num_layers * rb.decoder_layer
+    if first:
+        weights += rb.embedding
+    if last:
+        weights += rb.final_norm
+        # A tied head shares the embedding's parameter only when one stage holds both;
+        # otherwise the last stage keeps its own copy of the matrix.
+        if not (config.tie_word_embeddings and first):
+            weights += rb.lm_head
+    return weights
+
+
+def _stage_activation_bytes(rb: RankBytes, stage: int, pp: int) -> int:
+    return rb.activation + (rb.sampling_activation if stage == pp - 1 else 0)
+
+
+def _fixed_bytes(rb: RankBytes, config: ModelConfig, stage: int, pp: int) -> int:
+    """Per-rank bytes of stage `stage` that do not depend on its layer count."""
+    return _stage_weight_bytes(rb, config, stage, pp, 0) + _stage_activation_bytes(rb, stage, pp)
+
+
+def _usable_bytes(settings: MemorySettings) -> int:
+    assert settings.device_bytes is not None
+    return int(settings.device_bytes * settings.gpu_memory_utilization) - settings.reserved_bytes
+
+
+def check_partition(config: ModelConfig, pp: int, partition: tuple[int, ...]) -> None:
+    if len(partition) != pp or sum(partition) != config.num_hidden_layers or min(partition) < 1:
+        raise ConfigError(
+            f"layer partition {list(partition)} must have {pp} entries, each at least 1, summing "
+            f"to the model's {config.num_hidden_layers} layers"
+        )
+
+
+def plan_partition(
+    config: ModelConfig, pp: int, tp: int, partition: tuple[int, ...], settings: MemorySettings
+) -> PartitionPlan:
+    """Weights, activation, KV budget and blocks of every stage under `partition`."""
+    check_partition(config, pp, partition)
+    rb = rank_bytes(config, tp, settings)
+    stages = []
+    first = 0
+    for s, n in enumerate(partition):
+        weights = _stage_weight_bytes(rb, config, s, pp, n)
+        activation = _stage_activation_bytes(rb, s, pp)
+        block_bytes = n * rb.kv_block_per_layer
+        if settings.kv_cache_bytes > 0:
+            budget: int | None = settings.kv_cache_bytes
+        elif settings.device_bytes is not None:
+            budget = _usable_bytes(settings) - weights - activation
+        else:
+            budget = None
+        blocks = None if budget is None else max(0, budget) // block_bytes
+        stages.append(StagePlan(s, first, first + n, weights, activation, budget, block_bytes, blocks))
+        first += n
+    return PartitionPlan(tuple(partition), tuple(stages))
+
+
+def balanced_partition(config: ModelConfig, pp: int, tp: int, settings: MemorySettings) -> tuple[int, ...]:
+    """The partition that maximises the minimum KV blocks over stages under a shared device
+    budget; with a fixed KV budget (or none known) that is the even split."""
+    num_layers = config.num_hidden_layers
+    even = even_layer_partition(num_layers, pp)  # also the clear error for too many stages
+    if not settings.balances_memory:
+        return even
+    rb = rank_bytes(config, tp, settings)
+    # Bytes each stage has for its layers and their KV cache.
+    room = [_usable_bytes(settings) - _fixed_bytes(rb, config, s, pp) for s in range(pp)]
+
+    def max_layers(blocks: int) -> list[int]:
+        # Stage s keeps >= `blocks` blocks with n layers iff n * (layer + blocks * kv) <= room.
+        per_layer = rb.decoder_layer + blocks * rb.kv_block_per_layer
+        return [min(num_layers, max(0, r) // per_layer) for r in room]
+
+    def feasible(blocks: int) -> bool:
+        caps = max_layers(blocks)
+        return min(caps) >= 1 and sum(caps) >= num_layers
+
+    if not feasible(1):
+        plan = plan_partition(config, pp, tp, even, settings)
+        worst = min(plan.stages, key=lambda st: st.kv_budget_bytes or 0)
+        raise ConfigError(
+            f"the model does not fit in {format_size(_usable_bytes(settings))} per rank at pp={pp}, "
+            f"tp={tp}: no partition leaves room for one KV block on every stage (stage "
+            f"{worst.stage_index} of the even split needs {format_size(worst.weight_bytes)} of "
+            f"weights and {format_size(worst.activation_bytes)} of activations); use more stages, "
+            "a larger tensor-parallel size, or a smaller max_num_batched_tokens"
+        )
+    low, high = 1, max(room) // rb.kv_block_per_layer + 1
+    # Invariant: feasible(low), not feasible(high).
+    while high - low > 1:
+        mid = (low + high) // 2
+        if feasible(mid):
+            low = mid
+        else:
+            high = mid
+    counts = max_layers(low)
+    # Any counts under the caps keep every stage at >= `low` blocks: hand back the surplus
+    # from the fullest stages so the result stays as even as the memory allows.
+    while sum(counts) > num_layers:
+        fullest = max(range(pp), key=lambda s: (counts[s], -room[s], s))
+        counts[fullest] -= 1
+    return tuple(counts)
+
+
+@dataclass(frozen=True)
+class PartitionChoice:
+    partition: tuple[int, ...]
+    # Why this partition: shown by `plan` and logged by `up`.
+    reason: str
+
+
+def default_partition(config: ModelConfig, pp: int, tp: int, settings: MemorySettings) -> PartitionChoice:
+    """Memory-balanced when a shared device budget is known, otherwise the even split."""
+    if settings.balances_memory:
+        return PartitionChoice(
+            balanced_partition(config, pp, tp, settings),
+            f"memory-balanced for {format_size(settings.device_bytes or 0)} per rank",
+        )
+    if settings.kv_cache_bytes > 0:
+        reason = "even split: with a fixed KV budget per rank, the stage with the most layers limits the pool"
+    else:
+        reason = "even split: the device memory is unknown"
+    return PartitionChoice(even_layer_partition(config.num_hidden_layers, pp), reason)
+
+
+def _plan_table(title: str, plan: PartitionPlan, block_size: int) -> list[str]:
+    lines = [f"{title}  --layer-partition {format_partition(plan.partition)}"]
+    lines.append(f"  {'stage':<6}{'layers':<12}{'weights/rank':>14}{'activation':>14}{'KV budget':>14}{'KV blocks':>11}")
+    for st in plan.stages:
+        budget = "-" if st.kv_budget_bytes is None else format_size(st.kv_budget_bytes)
+        blocks = "-" if st.kv_blocks is None else str(st.kv_blocks)
+        lines.append(
+            f"  {st.stage_index:<6}{f'[{st.first_layer}, {st.last_layer})':<12}"
+            f"{format_size(st.weight_bytes):>14}{format_size(st.activation_bytes):>14}{budget:>14}{blocks:>11}"
+        )
+    pool = plan.pool_blocks
+    if pool is None:
+        lines.append("  pool: unknown without a memory size (--gpu-memory or --kv-cache-bytes)")
+    else:
+        lines.append(
+            f"  pool: {pool} blocks ({pool * block_size} tokens), limited by stage {plan.limiting_stage}"
+        )
+    return lines
+
+
+def render_plan(
+    config: ModelConfig,
+    pp: int,
+    tp: int,
+    settings: MemorySettings,
+    explicit: tuple[int, ...] | None = None,
+    model_name: str | None = None,
+) -> str:
+    """What `stageserve plan` prints: the default partition and the even split side by side
+    (and a given one), each with per-stage weights and KV blocks and the pool."""
+    rb = rank_bytes(config, tp, settings)
+    dtype = str(settings.dtype).replace("torch.", "")
+    name = model_name or config.model_path.rstrip("/").rsplit("/", 1)[-1]
+    lines = [
+        f"{name}: {config.architecture}, {config.num_hidden_layers} layers, hidden "
+        f"{config.hidden_size}, vocab {config.vocab_size}, "
+        f"{'tied' if config.tie_word_embeddings else 'untied'} embeddings; {dtype}, pp={pp}, tp={tp}",
+        f"per rank: decoder layer {format_size(rb.decoder_layer)}, embedding {format_size(rb.embedding)}, "
+        f"lm_head {format_size(rb.lm_head)}; KV block of {settings.block_size} tokens: "
+        f"{format_size(rb.kv_block_per_layer)} per layer",
+    ]
+    if settings.kv_cache_bytes > 0:
+        lines.append(f"KV budget per rank: {format_size(settings.kv_cache_bytes)} (fixed)")
+    elif settings.device_bytes is not None:
+        lines.append(
+            f"memory per rank: {format_size(settings.device_bytes)} x {settings.gpu_memory_utilization:g}"
+            f" - {format_size(settings.reserved_bytes)} reserved = {format_size(_usable_bytes(settings))};"
+            f" activations estimated for {settings.max_num_batched_tokens} tokens,"
+            f" {settings.max_num_seqs} sequences"
+        )
+    else:
+        lines.append("memory per rank: unknown (give --gpu-memory or --kv-cache-bytes for KV blocks)")
+    choice = default_partition(config, pp, tp, settings)
+    default_plan = plan_partition(config, pp, tp, choice.partition, settings)
+    even_plan = plan_partition(config, pp, tp, even_layer_partition(config.num_hidden_layers, pp), settings)
+    lines += ["", *_plan_table(f"default ({choice.reason})", default_plan, settings.block_size)]
+    if choice.partition != even_plan.partition:
+        lines += ["", *_plan_table("even split", even_plan, settings.block_size)]
+        if default_plan.pool_blocks is not None and even_plan.pool_blocks:
+            gain = default_plan.pool_blocks / even_plan.pool_blocks - 1
+            lines += ["", f"default vs even split: {gain * 100:+.1f}% KV blocks"]
+    elif settings.balances_memory:
+        lines += ["", "the even split is already the balanced one: no other partition gives a larger pool"]
+    if explicit is not None and explicit not in (choice.partition, even_plan.partition):
+        lines += ["", *_plan_table("given", plan_partition(config, pp, tp, explicit, settings), settings.block_size)]
+    return "\n".join(lines)

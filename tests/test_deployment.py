@@ -1,0 +1,213 @@
+"""The deployment files: docker-compose.yml (through `docker-compose config` when a compose
+binary is installed, and structurally with PyYAML always), the Kubernetes manifests, and
+the Dockerfile. Every command they run is parsed by the real `stageserve` argument parser,
+so a renamed flag breaks this test rather than a deployment."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shared.cli import build_parser
+from shared.client import LIVENESS_SERVICE
+from tests.e2e_harness import REPO
+
+COMPOSE_FILE = REPO / "docker-compose.yml"
+K8S = REPO / "deploy" / "k8s"
+STAGES = ("stage0", "stage1")
+_DEFAULT = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def with_defaults(value: object, env: dict[str, str] | None = None) -> object:
+    """Compose's `${VAR:-default}` interpolation, enough for this file (no compose needed)."""
+    env = env or {}
+    if isinstance(value, str):
+        return _DEFAULT.sub(lambda m: env.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [with_defaults(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: with_defaults(v, env) for k, v in value.items()}
+    return value
+
+
+def flag(command: list[str], name: str) -> str:
+    values = [a.split("=", 1)[1] for a in command if a.startswith(f"{name}=")]
+    assert len(values) == 1, (name, command)
+    return values[0]
+
+
+def parses(command: list[str]) -> None:
+    assert command[0] == "stageserve", command
+    try:
+        build_parser().parse_args(command[1:])
+    except SystemExit:
+        pytest.fail(f"`stageserve` rejects this command (argparse's message is above): {command}")
+
+
+def check_compose(config: dict) -> None:
+    """What docs/deployment.md promises about the compose layout, on a resolved config."""
+    services = config["services"]
+    assert set(STAGES) | {"router"} <= set(services)
+    router = services["router"]
+    parses(router["command"])
+    # Only the router is published; the stages' control ports stay on the internal network.
+    assert router.get("ports")
+    for name, service in services.items():
+        if name != "router":
+            assert not service.get("ports"), f"{name} publishes ports"
+    networks = config["networks"]
+    assert networks["pipeline"]["internal"] is True
+    assert set(router["networks"]) == {"pipeline", "public"}
+    # The router waits for no stage: stages become healthy only after the router's InitCache.
+    assert not set(router.get("depends_on", {})) & set(STAGES)
+    assert "stageserve" in router["healthcheck"]["test"] and "health" in router["healthcheck"]["test"]
+    stage_addresses = flag(router["command"], "--stages").split(",")
+    assert stage_addresses == [f"{s}:{flag(services[s]['command'], '--port')}" for s in STAGES]
+    rendezvous = f"router:{flag(router['command'], '--rendezvous-port')}"
+    seen_gpus: set[str] = set()
+    for index, name in enumerate(STAGES):
+        stage = services[name]
+        command = stage["command"]
+        parses(command)
+        assert flag(command, "--stage-index") == str(index)
+        assert flag(command, "--num-stages") == str(len(STAGES))
+        assert flag(command, "--rendezvous") == rendezvous
+        assert set(stage["networks"]) == {"pipeline"}
+        assert stage["ipc"] == "host"
+        assert stage["restart"] in ("unless-stopped", "always", "on-failure")
+        assert stage["depends_on"]["router"]["condition"] == "service_started"
+        devices = stage["deploy"]["resources"]["reservations"]["devices"]
+        assert len(devices) == 1 and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+        ids = [str(d) for d in devices[0]["device_ids"]]
+        assert len(ids) == int(flag(command, "--tp")), "each stage reserves exactly its TP GPUs"
+        assert not seen_gpus & set(ids), "two stages reserve the same GPU"
+        seen_gpus |= set(ids)
+        test = stage["healthcheck"]["test"]
+        assert test[0] == "CMD" and test[-1].endswith(":" + flag(command, "--port"))
+        parses(test[1:])
+        assert any(v.endswith(":/model:ro") for v in stage["volumes"])
+    for name in ("router", *STAGES):
+        check = services[name]["healthcheck"]
+        assert check["start_period"] and check["interval"] and check["retries"]
+        assert services[name]["restart"] == "unless-stopped"
+    smoke = services["smoke"]
+    assert smoke["depends_on"]["router"]["condition"] == "service_healthy"
+    parses(smoke["command"])
+
+
+def test_compose_file_structure() -> None:
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    config = with_defaults(raw)
+    check_compose(config)
+    # Defaults for model, layout and ports come from environment variables.
+    text = COMPOSE_FILE.read_text()
+    for var in ("STAGESERVE_MODEL_DIR", "STAGESERVE_TP", "STAGESERVE_LAYER_PARTITION", "STAGESERVE_PORT",
+                "STAGESERVE_METRICS_PORT", "STAGESERVE_START_PERIOD", "STAGESERVE_IMAGE"):
+        assert "${" + var + ":-" in text, var
+    overridden = with_defaults(raw, {"STAGESERVE_TP": "1", "STAGESERVE_PORT": "6000"})
+    assert flag(overridden["services"]["stage0"]["command"], "--tp") == "1"
+    assert overridden["services"]["router"]["ports"][0].startswith("6000:")
+
+
+def _compose_command() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+def test_compose_config_validates_with_a_compose_binary(tmp_path: Path) -> None:
+    compose = _compose_command()
+    if compose is None:
+        pytest.skip("no compose binary (apt-get install docker-compose); the structure test still runs")
+    env = {**os.environ, "STAGESERVE_MODEL_DIR": str(tmp_path), "STAGESERVE_TP": "2"}
+    out = subprocess.run(
+        [*compose, "-f", str(COMPOSE_FILE), "--profile", "smoke", "config"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
+    )
+    assert out.returncode == 0, out.stderr
+    resolved = yaml.safe_load(out.stdout)
+    # Compose resolved every variable and merge key; the same promises hold on its output.
+    check_compose(resolved)
+    volume = resolved["services"]["stage0"]["volumes"][0]
+    source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+    assert source == str(tmp_path)
+
+
+def _k8s_docs() -> list[dict]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_k8s_manifests_use_native_grpc_probes_and_agree_with_each_other() -> None:
+    docs = _k8s_docs()
+    by_kind: dict[str, dict[str, dict]] = {}
+    for doc in docs:
+        if doc["kind"] != "Kustomization":
+            by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    config = by_kind["ConfigMap"]["stageserve-config"]["data"]
+    services = by_kind["Service"]
+    deployments = by_kind["Deployment"]
+    assert set(deployments) == {"stageserve-router", *(f"stageserve-{s}" for s in STAGES)}
+    for name, deployment in deployments.items():
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        # $(VAR) references resolve from the ConfigMap, as Kubernetes expands them.
+        args = [re.sub(r"\$\((\w+)\)", lambda m: config[m.group(1)], a) for a in container["args"]]
+        parses(args)
+        ports = {p["containerPort"] for p in container["ports"]}
+        port = int(flag(args, "--port"))
+        assert port in ports and int(flag(args, "--metrics-port")) in ports
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            grpc_probe = container[probe]["grpc"]
+            assert grpc_probe["port"] == port, (name, probe)
+        assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE
+        assert container["startupProbe"]["grpc"]["service"] == LIVENESS_SERVICE
+        assert container["readinessProbe"]["grpc"].get("service", "") == ""
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert deployment["spec"]["template"]["metadata"]["labels"] == selector
+    router_args = deployments["stageserve-router"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    stage_addresses = flag(router_args, "--stages").split(",")
+    for index, stage in enumerate(STAGES):
+        host, port = stage_addresses[index].split(":")
+        service = services[host]
+        # The router must reach a stage before the stage is ready.
+        assert service["spec"]["publishNotReadyAddresses"] is True
+        assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+        pod = deployments[f"stageserve-{stage}"]["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert service["spec"]["selector"] == deployments[f"stageserve-{stage}"]["spec"]["selector"]["matchLabels"]
+        assert flag(container["args"], "--stage-index") == str(index)
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == int(config["TP"])
+        rendezvous_host, rendezvous_port = flag(container["args"], "--rendezvous").split(":")
+        assert services[rendezvous_host]["spec"]["publishNotReadyAddresses"] is True
+        assert rendezvous_port == flag(router_args, "--rendezvous-port")
+        assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"])
+    assert int(config["NUM_STAGES"]) == len(STAGES)
+
+
+def test_dockerfile_installs_the_package_on_a_cuda_pytorch_base() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M)
+    assert base and "cuda" in base.group(1) and "pytorch" in base.group(1)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    copied = [line.split()[1] for line in text.splitlines() if line.startswith("COPY ")]
+    for source in copied:
+        assert (REPO / source).exists(), source
+    assert {"shared", "router", "stage_worker", "pyproject.toml"} <= {s.rstrip("/") for s in copied}
+    assert "pip install" in text and "torch.version.cuda" in text
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert not ignored & {s.rstrip("/") for s in copied}, "the .dockerignore drops a copied path"

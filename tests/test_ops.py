@@ -1,0 +1,487 @@
+"""Operations, end to end on CPU: the router and two stages started one by one as compose
+starts them (`stageserve router`, `stageserve stage`), then probed the way an orchestrator
+and a client would: health (readiness vs liveness, the `stageserve health` probe command),
+server reflection, the Prometheus endpoints, structured request logs, and the Python sync
+and asyncio clients (streaming, deadlines, retries of UNAVAILABLE before the first token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.async_client import AsyncGenerationClient
+from shared.client import LIVENESS_SERVICE, GenerationClient, RetryPolicy
+from shared.demo_model import write_tiny_model
+from shared.proto import generation_pb2 as gen
+from shared.proto import generation_pb2_grpc as gen_grpc
+from tests.e2e_harness import REPO, free_port
+
+pytestmark = pytest.mark.timeout(300)
+
+GENERATION = "stageserve.v1.Generation"
+NO_RETRY = RetryPolicy(max_attempts=1)
+# Enough tokens that a sub-second deadline always strikes mid-stream on the tiny model.
+LONG = dict(max_new_tokens=480, ignore_eos=True)
+
+
+class Process:
+    """One `stageserve` command in its own session, its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", *args], cwd=REPO, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        self.terminate()
+        if self.proc.poll() is None:
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class Cluster:
+    """Router and stages started separately, like compose does; stage 1 only on demand."""
+
+    NUM_STAGES = 2
+
+    def __init__(self, model: Path, log_dir: Path) -> None:
+        self.model = model
+        self.log_dir = log_dir
+        self.port, self.rendezvous = free_port(), free_port()
+        self.metrics_port = free_port()
+        self.stage_ports = [free_port() for _ in range(self.NUM_STAGES)]
+        self.stage_metrics_ports = [free_port() for _ in range(self.NUM_STAGES)]
+        self.address = f"127.0.0.1:{self.port}"
+        self.stage_addresses = [f"127.0.0.1:{p}" for p in self.stage_ports]
+        self.procs: dict[str, Process] = {}
+        self.procs["router"] = Process("router", [
+            "router", "--model", str(model), "--stages", ",".join(self.stage_addresses),
+            "--host", "127.0.0.1", "--port", str(self.port), "--rendezvous-port", str(self.rendezvous),
+            "--metrics-port", str(self.metrics_port), "--log-format", "json",
+            "--kv-cache-bytes", str(8 << 20), "--max-num-batched-tokens", "256",
+        ], log_dir)
+        self.client = GenerationClient(self.address, NO_RETRY)
+
+    def start_stage(self, index: int) -> None:
+        name = f"stage{index}"
+        if name in self.procs:
+            return
+        self.procs[name] = Process(name, [
+            "stage", "--model", str(self.model), "--stage-index", str(index),
+            "--num-stages", str(self.NUM_STAGES), "--tp", "1", "--host", "127.0.0.1",
+            "--port", str(self.stage_ports[index]), "--rendezvous", f"127.0.0.1:{self.rendezvous}",
+            "--device", "cpu", "--metrics-port", str(self.stage_metrics_ports[index]),
+        ], self.log_dir)
+
+    def wait_until(self, address: str, service: str, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        with GenerationClient(address, NO_RETRY) as client:
+            while not client.is_serving(service):
+                dead = [f"{n} exited {p.proc.returncode}:\n{p.log()[-3000:]}"
+                        for n, p in self.procs.items() if p.proc.poll() is not None]
+                assert not dead, dead
+                assert time.monotonic() < deadline, f"{address} not SERVING {service!r} in {timeout} s"
+                time.sleep(0.2)
+
+    def serving(self) -> Cluster:
+        for i in range(self.NUM_STAGES):
+            self.start_stage(i)
+        self.wait_until(self.address, "")
+        return self
+
+    def stop(self) -> None:
+        self.client.close()
+        # All at once: each waits for its peers' streams to close, so one by one is slow.
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            proc.stop()
+
+
+def probe(address: str, *extra: str) -> int:
+    """`stageserve health`, the probe compose runs; its exit code."""
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", "health", "--addr", address, *extra],
+        cwd=REPO, capture_output=True, timeout=60,
+    ).returncode
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }
+
+
+def metric(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("ops")
+    model = write_tiny_model(root / "model", "LlamaForCausalLM", seed=7)
+    c = Cluster(model, root)
+    c.start_stage(0)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def system(cluster: Cluster) -> Cluster:
+    return cluster.serving()
+
+
+def _wait_pool_full(client: GenerationClient, timeout: float = 20.0) -> gen.ModelInfo:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = client.model_info()
+        if info.free_kv_blocks == info.num_kv_blocks or time.monotonic() > deadline:
+            return info
+        time.sleep(0.1)
+
+
+# ---- health ------------------------------------------------------------------------------
+
+
+def test_router_not_serving_while_a_stage_is_down_then_serving(cluster: Cluster) -> None:
+    if "stage1" in cluster.procs:
+        pytest.skip("needs the cluster before stage 1 starts (run this test first)")
+    cluster.wait_until(cluster.address, LIVENESS_SERVICE, timeout=120)
+    cluster.wait_until(cluster.stage_addresses[0], LIVENESS_SERVICE, timeout=120)
+    # Liveness yes, readiness no: the router runs, but stage 1 is missing.
+    assert probe(cluster.address, "--liveness") == 0
+    assert probe(cluster.address) == 1
+    assert probe(cluster.address, "--service", GENERATION) == 1
+    assert not cluster.client.is_serving()
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.client.generate("hi", max_new_tokens=2, timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "not serving" in err.value.details()
+    # Stage 0 is alive but not ready: the router has not allocated its cache.
+    assert probe(cluster.stage_addresses[0], "--liveness") == 0
+    assert probe(cluster.stage_addresses[0]) == 1
+    # A stage's readiness only follows the router's InitCache, so nothing here may wait for
+    # stages to be healthy before the router runs (the compose ordering).
+    cluster.start_stage(1)
+    cluster.wait_until(cluster.address, "", timeout=180)
+    assert probe(cluster.address) == 0
+    assert probe(cluster.address, "--service", GENERATION) == 0
+    for address in cluster.stage_addresses:
+        assert probe(address) == 0
+        assert probe(address, "--liveness") == 0
+    assert cluster.client.generate("hi", max_new_tokens=2, timeout=60).finish_reason == "length"
+
+
+def test_health_answers_at_once_while_a_long_request_runs(system: Cluster) -> None:
+    done = threading.Event()
+
+    def long_request() -> None:
+        try:
+            system.client.generate("a long one", timeout=120, **LONG)
+        finally:
+            done.set()
+
+    threading.Thread(target=long_request, daemon=True).start()
+    checks = 0
+    with grpc.insecure_channel(system.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while not done.is_set() and checks < 20:
+            # A 1 s deadline: health must never queue behind generation work.
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            checks += 1
+            time.sleep(0.05)
+    assert checks > 0
+    assert done.wait(120)
+
+
+# ---- reflection --------------------------------------------------------------------------
+
+
+def test_reflection_lists_services_and_calls_the_api_without_protos(system: Cluster) -> None:
+    with grpc.insecure_channel(system.address) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {GENERATION, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services
+        # A pool built only from what the server describes, as grpcurl does.
+        pool = descriptor_pool.DescriptorPool(db)
+        service = pool.FindServiceByName(GENERATION)
+        assert {m.name for m in service.methods} >= {"Generate", "GetModelInfo", "Tokenize"}
+        generate = service.methods_by_name["Generate"]
+        assert generate.server_streaming and not generate.client_streaming
+        request_cls = message_factory.GetMessageClass(generate.input_type)
+        response_cls = message_factory.GetMessageClass(generate.output_type)
+        request = request_cls(prompt="reflected", sampling={"max_new_tokens": 3})
+        call = channel.unary_stream(
+            f"/{GENERATION}/Generate",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
+        messages = list(call(request, timeout=60))
+    assert sum(len(m.token_ids) for m in messages) == 3
+    assert messages[-1].finish_reason == gen.FINISH_REASON_LENGTH
+
+
+# ---- metrics and logs --------------------------------------------------------------------
+
+
+def test_metrics_move_after_a_request_and_the_log_names_it(system: Cluster) -> None:
+    before = scrape(system.metrics_port)
+    stages_before = [scrape(p) for p in system.stage_metrics_ports]
+    result = system.client.generate("count me", max_new_tokens=6, request_id="ops-metrics-1", timeout=60)
+    assert result.finish_reason == "length" and len(result.token_ids) == 6
+    with pytest.raises(grpc.RpcError) as err:
+        system.client.generate("bad", max_new_tokens=2, temperature=-1.0, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = scrape(system.metrics_port)
+
+    def moved(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert moved("stageserve_requests_total", outcome="length") == 1
+    assert moved("stageserve_requests_total", outcome="invalid_argument") == 1
+    assert moved("stageserve_generation_tokens_total") == 6
+    assert moved("stageserve_prompt_tokens_total") == result.prompt_tokens
+    assert moved("stageserve_time_to_first_token_seconds_count") == 1
+    assert moved("stageserve_time_per_output_token_seconds_count") == 5
+    assert moved("stageserve_e2e_request_latency_seconds_count") == 1
+    assert moved("stageserve_e2e_request_latency_seconds_sum") > 0
+    assert moved("stageserve_steps_total") >= 6
+    for stage in ("0", "1"):
+        assert moved("stageserve_stage_step_seconds_count", stage=stage) >= 6
+        assert moved("stageserve_stage_result_latency_seconds_count", stage=stage) >= 6
+    assert metric(after, "stageserve_router_serving") == 1
+    assert metric(after, "stageserve_kv_blocks_total") > 0
+    assert metric(after, "stageserve_prefix_cache_queries_total") > 0
+    for name in ("stageserve_queue_length", "stageserve_num_requests_waiting", "stageserve_num_requests_running",
+                 "stageserve_kv_cache_usage_ratio", "stageserve_prefix_cache_hit_rate"):
+        assert (name, ()) in after, name
+    assert "process_resident_memory_bytes" in {name for name, _ in after}
+    for index, port in enumerate(system.stage_metrics_ports):
+        stage_after, label = scrape(port), str(index)
+        ok = metric(stage_after, "stageserve_stage_steps_total", stage=label, status="ok")
+        assert ok - metric(stages_before[index], "stageserve_stage_steps_total", stage=label, status="ok") >= 6
+        assert metric(stage_after, "stageserve_stage_step_wall_seconds_count", stage=label) >= ok
+        assert metric(stage_after, "stageserve_stage_state", stage=label, stageserve_stage_state="SERVING") == 1
+        assert metric(stage_after, "stageserve_stage_kv_blocks", stage=label) == metric(
+            after, "stageserve_kv_blocks_total")
+    # One JSON line per finished request, carrying the client's request id.
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [json.loads(line) for line in system.procs["router"].log().splitlines() if line.startswith("{")]
+        mine = [r for r in lines if r.get("request_id") == "ops-metrics-1"]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(mine) == 1, lines[-5:]
+    assert mine[0]["event"] == "request_finished" and mine[0]["outcome"] == "length"
+    assert mine[0]["generated_tokens"] == 6 and mine[0]["component"] == "router"
+
+
+# ---- clients -----------------------------------------------------------------------------
+
+
+def test_sync_client_streams_and_honours_a_deadline(system: Cluster) -> None:
+    messages = list(system.client.stream("stream me", max_new_tokens=5, timeout=60))
+    assert len(messages) == 5 and all(len(m.token_ids) == 1 for m in messages)
+    assert [m.finish_reason for m in messages[:-1]] == [0] * 4
+    assert messages[-1].finish_reason == gen.FINISH_REASON_LENGTH
+    cancelled_before = metric(scrape(system.metrics_port), "stageserve_requests_total", outcome="cancelled")
+    received = 0
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in system.client.stream("too long for the deadline", timeout=0.5, **LONG):
+            received += 1
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 10
+    assert received < LONG["max_new_tokens"]
+    # The router noticed the deadline: it cancelled the request and freed its blocks.
+    info = _wait_pool_full(system.client)
+    assert info.free_kv_blocks == info.num_kv_blocks
+    cancelled = metric(scrape(system.metrics_port), "stageserve_requests_total", outcome="cancelled")
+    assert cancelled - cancelled_before == 1
+
+
+def test_sync_client_leaving_the_loop_cancels_the_request(system: Cluster) -> None:
+    for i, _ in enumerate(system.client.stream("stop early", timeout=60, **LONG)):
+        if i == 2:
+            break
+    info = _wait_pool_full(system.client)
+    assert info.free_kv_blocks == info.num_kv_blocks
+
+
+def test_async_client_streams_and_honours_a_deadline(system: Cluster) -> None:
+    async def run() -> tuple[list[gen.GenerateResponse], grpc.StatusCode, str, list[int]]:
+        async with AsyncGenerationClient(system.address, NO_RETRY) as client:
+            assert await client.is_serving()
+            assert await client.is_serving(LIVENESS_SERVICE)
+            messages = [m async for m in client.stream("async", max_new_tokens=4, timeout=60)]
+            # Several streams on one loop at once.
+            results = await asyncio.gather(*(client.generate(f"p{i}", max_new_tokens=3, timeout=60)
+                                             for i in range(4)))
+            try:
+                async for _ in client.stream("async too long", timeout=0.5, **LONG):
+                    pass
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+            info = await client.model_info()
+            return messages, code, info.model_name, [len(r.token_ids) for r in results]
+
+    messages, code, model_name, lengths = asyncio.run(run())
+    assert len(messages) == 4 and messages[-1].finish_reason == gen.FINISH_REASON_LENGTH
+    assert lengths == [3, 3, 3, 3]
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert model_name == "model"
+    info = _wait_pool_full(system.client)
+    assert info.free_kv_blocks == info.num_kv_blocks
+
+
+def test_generate_command_streams_through_the_client(system: Cluster) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "generate", "Hello", "--addr", system.address,
+         "--max-new-tokens", "4", "--timeout", "60"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip().endswith("[finish: length]")
+
+
+# ---- retries (a scripted server: the real gRPC stack, failures on demand) ----------------
+
+
+class ScriptedGeneration(gen_grpc.GenerationServicer):
+    """Answers UNAVAILABLE on the first `fail_first` attempts; with `fail_after_first`, every
+    attempt sends one token and then fails with UNAVAILABLE."""
+
+    def __init__(self, fail_first: int = 0, fail_after_first: bool = False) -> None:
+        self.attempts = 0
+        self.fail_first = fail_first
+        self.fail_after_first = fail_after_first
+
+    def Generate(self, request: gen.GenerateRequest, context: grpc.ServicerContext) -> Iterator[gen.GenerateResponse]:
+        self.attempts += 1
+        if self.attempts <= self.fail_first:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "not serving: the pipeline is starting")
+        yield gen.GenerateResponse(token_ids=[7], text="a")
+        if self.fail_after_first:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "unavailable: a stage failed")
+        yield gen.GenerateResponse(token_ids=[8], text="b", finish_reason=gen.FINISH_REASON_LENGTH)
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[ScriptedGeneration], str]]:
+    """Starts a scripted server; returns its address."""
+    servers: list[grpc.Server] = []
+
+    def start(servicer: ScriptedGeneration) -> str:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        gen_grpc.add_GenerationServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(grace=None)
+
+
+FAST_RETRY = RetryPolicy(max_attempts=5, initial_backoff_s=0.05, max_backoff_s=0.2)
+
+
+def test_unavailable_before_the_first_token_is_retried(scripted: Callable[[ScriptedGeneration], str]) -> None:
+    servicer = ScriptedGeneration(fail_first=2)
+    with GenerationClient(scripted(servicer), FAST_RETRY) as client:
+        result = client.generate("x", timeout=30)
+    assert servicer.attempts == 3
+    assert result.token_ids == [7, 8] and result.finish_reason == "length"
+
+    servicer = ScriptedGeneration(fail_first=2)
+
+    async def run_async(address: str) -> list[int]:
+        async with AsyncGenerationClient(address, FAST_RETRY) as client:
+            return (await client.generate("x", timeout=30)).token_ids
+
+    assert asyncio.run(run_async(scripted(servicer))) == [7, 8]
+    assert servicer.attempts == 3
+
+
+def test_unavailable_after_the_first_token_is_not_retried(scripted: Callable[[ScriptedGeneration], str]) -> None:
+    servicer = ScriptedGeneration(fail_after_first=True)
+    received = []
+    with GenerationClient(scripted(servicer), FAST_RETRY) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            for msg in client.stream("x", timeout=30):
+                received.extend(msg.token_ids)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # Replaying would duplicate the token the client already has.
+    assert servicer.attempts == 1 and received == [7]
+
+
+def test_retries_stop_at_the_attempt_limit_and_at_the_deadline(scripted: Callable[[ScriptedGeneration], str]) -> None:
+    servicer = ScriptedGeneration(fail_first=100)
+    address = scripted(servicer)
+    with GenerationClient(address, FAST_RETRY) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("x", timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and servicer.attempts == 5
+    with GenerationClient(address, NO_RETRY) as client:
+        with pytest.raises(grpc.RpcError):
+            client.generate("x", timeout=30)
+    assert servicer.attempts == 6
+    # Long backoffs: the deadline, not the policy, ends the call.
+    slow = RetryPolicy(max_attempts=5, initial_backoff_s=30.0, max_backoff_s=30.0)
+    started = time.monotonic()
+    with GenerationClient(address, slow) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate("x", timeout=1.0)
+    assert err.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+    assert time.monotonic() - started < 10
+
+
+def test_retry_policy_rejects_what_grpc_cannot_do() -> None:
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(max_attempts=6)
+    with pytest.raises(ValueError, match="backoffs"):
+        RetryPolicy(initial_backoff_s=2.0, max_backoff_s=1.0)
+    assert "retryPolicy" not in NO_RETRY.service_config()
+    config = json.loads(FAST_RETRY.service_config())["methodConfig"][0]
+    assert config["name"] == [{"service": GENERATION}]
+    assert config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
