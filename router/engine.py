@@ -71,6 +71,7 @@ class Engine:
         max_inflight: int,
         max_pending: int,
         step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         if not step_timeout_s > 0:
             raise ValueError(f"step_timeout_s must be > 0 seconds, got {step_timeout_s}")
@@ -98,6 +99,9 @@ class Engine:
         self._pending = 0
         self._pending_lock = threading.Lock()
         self.failed: str | None = None
+        # Told once, from the engine thread, when the pipeline fails (not on stop): the
+        # router's recovery starts from here.
+        self._on_failure = on_failure
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._stop = False
 
@@ -337,8 +341,9 @@ class Engine:
 
     def _fail_all(self, message: str, expected: bool = False) -> None:
         """A stage stream broke (or the router stops): every request ends with an error and
-        the engine stays down."""
-        if self.failed is None:
+        this engine stays down (the router's recovery builds a new one)."""
+        newly_failed = self.failed is None
+        if newly_failed:
             if expected:
                 log.info("engine stopping: %s", message)
             else:
@@ -351,6 +356,8 @@ class Engine:
         for req in list(self._requests.values()):
             self.scheduler.abort(req.seq.seq_id)
             self._close(req, _final(gen.FINISH_REASON_ERROR, req.seq.request_id, f"unavailable: {message}"))
+        if newly_failed and not expected and self._on_failure is not None:
+            self._on_failure(message)
 
 
 def _final(reason: int, request_id: str, message: str) -> gen.GenerateResponse:

@@ -104,12 +104,18 @@ class RouterMetrics:
         # step id -> (send time, {stage index: arrival time of its result})
         self._steps: OrderedDict[int, tuple[float, dict[int, float]]] = OrderedDict()
         self._num_stages = 0
+        self._collector: _EngineCollector | None = None
 
     def attach(self, engine: Engine) -> None:
-        """Makes `engine` report here and exports its scheduler and pool state."""
+        """Makes `engine` report here and exports its scheduler and pool state. A recovered
+        pipeline's new engine replaces the old one (registering twice would clash)."""
         self._num_stages = len(engine.stages)
         engine.metrics = self
-        self.registry.register(_EngineCollector(engine, self))
+        if self._collector is None:
+            self._collector = _EngineCollector(engine, self)
+            self.registry.register(self._collector)
+        else:
+            self._collector.engine = engine
 
     @property
     def num_tracked_steps(self) -> int:

@@ -20,6 +20,7 @@ from router.control_plane import CachePlan, PipelineState, bring_up
 from router.engine import DEFAULT_STEP_TIMEOUT_S, Engine, EngineUnavailable
 from router.malformed_requests import RejectMalformedRequests
 from router.metrics import RouterMetrics
+from router.recovery import EPOCH_KEY, PipelineRecovery
 from router.request_validation import InvalidRequestError, RequestLimits, validate_request
 from router.scheduler import QueueFullError, Scheduler
 from router.stage_client import StageClient
@@ -29,6 +30,7 @@ from shared.grpc_options import channel_options
 from shared.metrics import new_registry, serve_metrics
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
+from shared.security import AsyncRequireToken, ServerTls, StageAccess, add_port, api_token_check
 
 log = logging.getLogger("stageserve.router")
 
@@ -55,6 +57,12 @@ class RouterConfig:
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     # Prometheus endpoint on host:metrics_port; None serves none.
     metrics_port: int | None = None
+    # TLS on the public API (None: plaintext).
+    tls: ServerTls | None = None
+    # Bearer tokens the public API requires (None: no auth); health and reflection stay open.
+    auth_token_file: str | None = None
+    # mTLS and the stage token the router presents to its stages.
+    stage_access: StageAccess = StageAccess()
 
 
 class GenerationService(gen_grpc.GenerationServicer):
@@ -65,6 +73,8 @@ class GenerationService(gen_grpc.GenerationServicer):
         self.limits = RequestLimits.from_model_config(model)
         self.engine: Engine | None = None
         self.pipeline: PipelineState | None = None
+        # Why the pipeline is being re-formed; None while it serves or first starts.
+        self.recovering: str | None = None
         self.metrics = RouterMetrics()  # the Router gives it its own
 
     def _encode(self, text: str) -> list[int]:
@@ -73,6 +83,9 @@ class GenerationService(gen_grpc.GenerationServicer):
     async def Generate(
         self, request: gen.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen.GenerateResponse]:
+        if self.recovering is not None:
+            self.metrics.on_rejected("unavailable")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"recovering: {self.recovering}")
         engine = self.engine
         if engine is None or engine.failed:
             reason = engine.failed if engine is not None else "the pipeline is starting"
@@ -179,8 +192,13 @@ class Router:
         self.service = GenerationService(config, self.model, tokenizer)
         self.metrics = self.service.metrics = RouterMetrics(new_registry())
         self.health = health.aio.HealthServicer()
-        self.stages = [StageClient(a) for a in config.stage_addresses]
+        self.stages = [StageClient(a, config.stage_access) for a in config.stage_addresses]
         self._store = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.recovery = PipelineRecovery(
+            self.stages, self._publish_epoch, self._stop_engine, self.start_engine,
+            self._set_serving_from_thread,
+        )
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -196,6 +214,7 @@ class Router:
         self._store = dist.TCPStore(
             "0.0.0.0", self.config.rendezvous_port, is_master=True, wait_for_workers=False
         )
+        self._publish_epoch(0)
         log.info("rendezvous store on port %d", self.config.rendezvous_port)
 
     def start_engine(self) -> None:
@@ -229,11 +248,33 @@ class Router:
             max_inflight=cfg.scheduler.max_inflight_steps or len(self.stages),
             max_pending=cfg.scheduler.max_queue_len,
             step_timeout_s=cfg.step_timeout_s,
+            on_failure=self._on_engine_failure,
         )
         self.metrics.attach(engine)
         engine.start()
         self.service.pipeline = state
         self.service.engine = engine
+        self.service.recovering = None
+
+    # ---- recovery (router/recovery.py) ----------------------------------------------------
+
+    def _publish_epoch(self, epoch: int) -> None:
+        assert self._store is not None, "host_rendezvous first"
+        self._store.set(EPOCH_KEY, str(epoch))
+
+    def _on_engine_failure(self, reason: str) -> None:
+        # From the engine thread, after it ended every request: refuse new ones at once.
+        self.service.recovering = reason
+        self.recovery.trigger(reason)
+
+    def _stop_engine(self) -> None:
+        engine, self.service.engine = self.service.engine, None
+        if engine is not None:
+            engine.stop()
+
+    def _set_serving_from_thread(self, serving: bool) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self.set_serving(serving), self._loop)
 
     async def watch_health(self, stop: asyncio.Event) -> None:
         """Router health is SERVING only while the engine runs and every stage serves."""
@@ -256,7 +297,11 @@ class Router:
 async def serve_async(config: RouterConfig) -> None:
     router = Router(config)
     router.host_rendezvous()
-    server = grpc.aio.server(options=channel_options(), interceptors=[RejectMalformedRequests(SERVICE_NAME)])
+    # The token check comes first: an unauthenticated caller's request is not even parsed.
+    auth = [AsyncRequireToken(api_token_check(config.auth_token_file))] if config.auth_token_file else []
+    server = grpc.aio.server(
+        options=channel_options(), interceptors=[*auth, RejectMalformedRequests(SERVICE_NAME)]
+    )
     gen_grpc.add_GenerationServicer_to_server(router.service, server)
     health_pb2_grpc.add_HealthServicer_to_server(router.health, server)
     # grpcurl and similar tools discover the API from the server, without the .proto files.
@@ -264,7 +309,7 @@ async def serve_async(config: RouterConfig) -> None:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"{config.host}:{config.port}"
-    if server.add_insecure_port(address) == 0:
+    if add_port(server, address, config.tls) == 0:
         raise SystemExit(f"cannot listen on {address}")
     await router.set_serving(False)
     # Liveness: SERVING while this process runs, whatever the pipeline's state (readiness).
@@ -273,11 +318,14 @@ async def serve_async(config: RouterConfig) -> None:
     if config.metrics_port is not None:
         metrics_endpoint = serve_metrics(router.metrics.registry, config.metrics_port, config.host)
     await server.start()
-    log.info("router listening on %s; waiting for %d stage(s)", address, len(config.stage_addresses))
+    log.info("router listening on %s (%s, %s); waiting for %d stage(s)", address,
+             "TLS" if config.tls else "plaintext", "bearer token required" if auth else "no auth",
+             len(config.stage_addresses))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    router._loop = loop
     startup: asyncio.Future[None] = loop.create_future()
 
     def bring_up_thread() -> None:
@@ -303,6 +351,7 @@ async def serve_async(config: RouterConfig) -> None:
         watcher = asyncio.ensure_future(router.watch_health(stop))
         await stop.wait()
     log.info("router stopping")
+    router.recovery.stop()
     await router.set_serving(False)
     if watcher is not None:
         await watcher

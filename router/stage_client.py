@@ -12,14 +12,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.grpc_options import channel_options
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
+from shared.security import StageAccess
 
 _END = object()
 
+# A stage restarted after a crash must be found within seconds, not after gRPC's default
+# reconnect backoff (which grows to 2 minutes while the stage is down).
+_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 2000)]
+
 
 class StageClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, access: StageAccess = StageAccess()) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+        # mTLS and/or the stage token, on every call of this channel (see shared/security.py).
+        self.access = access
+        self.channel = access.channel(address, channel_options() + _RECONNECT_OPTIONS)
         self.stub = pb_grpc.StageWorkerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self._requests: queue.Queue | None = None
@@ -34,6 +41,9 @@ class StageClient:
 
     def init_cache(self, request: pb.InitCacheRequest, timeout_s: float = 900.0) -> pb.InitCacheResponse:
         return self.stub.InitCache(request, timeout=timeout_s)
+
+    def rejoin(self, epoch: int, timeout_s: float = 30.0) -> pb.RejoinResponse:
+        return self.stub.Rejoin(pb.RejoinRequest(epoch=epoch), timeout=timeout_s)
 
     def is_serving(self, timeout_s: float = 2.0) -> bool:
         try:
@@ -79,9 +89,15 @@ class StageClient:
         assert self._requests is not None, "open_execute first"
         self._requests.put(step)
 
-    def close(self) -> None:
+    def close_execute(self) -> None:
+        """Ends the step stream (a failed pipeline); the channel stays for control calls."""
         if self._requests is not None:
             self._requests.put(_END)
+            self._requests = None
         if self._call is not None:
             self._call.cancel()
+            self._call = None
+
+    def close(self) -> None:
+        self.close_execute()
         self.channel.close()

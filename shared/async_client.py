@@ -14,15 +14,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.client import GenerationResult, RetryPolicy, build_request, client_channel_options
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
+from shared.security import ClientTls, bearer_metadata, open_aio_channel
 
 
 class AsyncGenerationClient:
     """Use as `async with AsyncGenerationClient(addr) as client:`; the channel must be
-    created and closed on the event loop that uses it."""
+    created and closed on the event loop that uses it. `tls` and `token` as in GenerationClient."""
 
-    def __init__(self, address: str, retry: RetryPolicy = RetryPolicy()) -> None:
+    def __init__(
+        self, address: str, retry: RetryPolicy = RetryPolicy(), *, tls: ClientTls | None = None,
+        token: str | None = None,
+    ) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=client_channel_options(retry))
+        self.channel = open_aio_channel(address, client_channel_options(retry), tls)
+        self.metadata = bearer_metadata(token)
         self.stub = gen_grpc.GenerationStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -43,7 +48,8 @@ class AsyncGenerationClient:
         `timeout` is the deadline of the whole call, retries included. Leaving the loop
         early (or cancelling the task) cancels the call, and the router frees the request."""
         call = self.stub.Generate(
-            build_request(prompt, request_id, **sampling), timeout=timeout, wait_for_ready=wait_for_ready
+            build_request(prompt, request_id, **sampling), timeout=timeout, wait_for_ready=wait_for_ready,
+            metadata=self.metadata,
         )
         try:
             async for msg in call:
@@ -63,11 +69,12 @@ class AsyncGenerationClient:
         return result
 
     async def model_info(self, timeout: float = 10.0) -> gen.ModelInfo:
-        return await self.stub.GetModelInfo(gen.GetModelInfoRequest(), timeout=timeout)
+        return await self.stub.GetModelInfo(gen.GetModelInfoRequest(), timeout=timeout, metadata=self.metadata)
 
     async def tokenize(self, text: str, add_special_tokens: bool = True, timeout: float = 10.0) -> list[int]:
         reply = await self.stub.Tokenize(
-            gen.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=timeout
+            gen.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=timeout,
+            metadata=self.metadata,
         )
         return list(reply.token_ids)
 

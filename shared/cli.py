@@ -14,6 +14,7 @@ import grpc
 
 if TYPE_CHECKING:
     from shared.memory_plan import MemorySettings
+    from shared.security import ClientTls, ServerTls
 
 DESCRIPTION = "stageserve: LLM serving with pipeline stages as separate gRPC services"
 
@@ -84,6 +85,36 @@ def _sampling_from(args: argparse.Namespace) -> dict:
     return sampling
 
 
+def _env_path(name: str) -> str | None:
+    # Compose passes "${VAR:-}": an empty value means "not set".
+    return os.environ.get(name) or None
+
+
+def _add_client_tls_flags(p: argparse.ArgumentParser, cert: bool = False) -> None:
+    p.add_argument("--tls-ca", default=None,
+                   help="connect over TLS, trusting this CA's certificates (PEM); default: plaintext")
+    p.add_argument("--tls-server-name", default=None,
+                   help="the name to check in the server's certificate, if --addr is not one it names")
+    if cert:
+        p.add_argument("--tls-cert", default=None, help="client certificate (PEM), for a port requiring mTLS")
+        p.add_argument("--tls-key", default=None, help="the client certificate's private key (PEM)")
+
+
+def _client_tls_from(args: argparse.Namespace) -> ClientTls | None:
+    from shared.security import client_tls
+
+    return client_tls(args.tls_ca, getattr(args, "tls_cert", None), getattr(args, "tls_key", None),
+                      args.tls_server_name)
+
+
+def _add_api_security_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", default=None, help="serve the public API over TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    p.add_argument("--auth-token-file", default=_env_path("STAGESERVE_AUTH_TOKEN_FILE"),
+                   help="require `authorization: Bearer <token>` on the API, a token per line of this file; "
+                        "health and reflection stay open (default: $STAGESERVE_AUTH_TOKEN_FILE, else no auth)")
+
+
 def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
@@ -117,6 +148,18 @@ def _router_flag_values(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _server_tls(args: argparse.Namespace, client_ca: str | None = None) -> ServerTls | None:
+    from shared.security import SecurityConfigError, ServerTls
+
+    if args.tls_cert is None and args.tls_key is None:
+        if client_ca is not None:
+            raise SecurityConfigError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS first)")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise SecurityConfigError("TLS needs both --tls-cert and --tls-key")
+    return ServerTls(args.tls_cert, args.tls_key, client_ca)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stageserve", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shard the residual stream by tokens inside each stage's TP group")
     up.add_argument("--startup-timeout", type=float, default=1800.0)
     up.add_argument("--prompt", default=None, help="once serving, stream an answer to this prompt")
+    _add_api_security_flags(up)
+    up.add_argument("--tls-ca", default=None,
+                    help="the CA `up` itself trusts when it checks the router (default: --tls-cert, "
+                         "right for a self-signed certificate)")
+    up.add_argument("--no-stage-token", action="store_true",
+                    help="do not give router and stages a fresh random stage token (default: one, in a 0600 file)")
     _add_router_flags(up)
     _add_sampling_flags(up)
     _add_ops_flags(up, "Prometheus /metrics: the router on this port, stage i on this port + 1 + i (default: none)")
@@ -145,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--port", type=int, default=50051)
     router.add_argument("--rendezvous-port", type=int, default=29500)
     router.add_argument("--startup-timeout", type=float, default=1800.0)
+    _add_api_security_flags(router)
+    router.add_argument("--stage-token-file", default=_env_path("STAGESERVE_STAGE_TOKEN_FILE"),
+                        help="send this file's first token to the stages on every call "
+                             "(default: $STAGESERVE_STAGE_TOKEN_FILE, else none)")
+    router.add_argument("--stage-tls-ca", default=None, help="reach the stages over TLS, trusting this CA")
+    router.add_argument("--stage-tls-cert", default=None, help="client certificate shown to mTLS stages")
+    router.add_argument("--stage-tls-key", default=None, help="its private key")
+    router.add_argument("--stage-tls-server-name", default=None,
+                        help="the name checked in the stages' certificates (default: each stage's host)")
     _add_router_flags(router)
     _add_ops_flags(router, "serve Prometheus /metrics on this port (default: none)")
 
@@ -161,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--dtype", default="auto")
     stage.add_argument("--sequence-parallel", action="store_true",
                        help="shard the residual stream by tokens inside the TP group (needs --tp > 1)")
+    stage.add_argument("--tls-cert", default=None, help="serve the control port over TLS with this certificate")
+    stage.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
+    stage.add_argument("--tls-client-ca", default=None,
+                       help="mTLS: accept only callers with a certificate signed by this CA (health included)")
+    stage.add_argument("--stage-token-file", default=_env_path("STAGESERVE_STAGE_TOKEN_FILE"),
+                       help="answer only callers sending a token of this file (the router); health stays open "
+                            "(default: $STAGESERVE_STAGE_TOKEN_FILE, else no check)")
     _add_ops_flags(stage, "serve Prometheus /metrics on this port (default: none)")
 
     generate = sub.add_parser("generate", help="stream an answer from a running router")
@@ -169,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--timeout", type=float, default=None, help="deadline of the whole call, in seconds")
     generate.add_argument("--retries", type=int, default=4,
                           help="retries of UNAVAILABLE before the first token (0-4; gRPC caps attempts at 5)")
+    _add_client_tls_flags(generate)
+    generate.add_argument("--auth-token-file", default=_env_path("STAGESERVE_AUTH_TOKEN_FILE"),
+                          help="send the first token of this file as `authorization: Bearer` "
+                               "(default: $STAGESERVE_AUTH_TOKEN_FILE)")
     _add_sampling_flags(generate)
 
     health = sub.add_parser("health", help="exit 0 only if the service reports SERVING")
@@ -177,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--liveness", action="store_true",
                         help="check liveness (the process runs) instead of readiness (it can serve)")
     health.add_argument("--timeout", type=float, default=3.0)
+    _add_client_tls_flags(health, cert=True)
 
     plan = sub.add_parser("plan", help="print the layer partition, each stage's weights and KV blocks, "
                                        "and the pool, from config.json alone (no weights are read)")
@@ -285,11 +355,12 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def stream_to_stdout(
-    address: str, prompt: str, sampling: dict, timeout: float | None = None, retries: int = 4
+    address: str, prompt: str, sampling: dict, timeout: float | None = None, retries: int = 4,
+    tls: ClientTls | None = None, token: str | None = None,
 ) -> int:
     from shared.client import FINISH_REASONS, GenerationClient, RetryPolicy
 
-    with GenerationClient(address, RetryPolicy(max_attempts=retries + 1)) as client:
+    with GenerationClient(address, RetryPolicy(max_attempts=retries + 1), tls=tls, token=token) as client:
         try:
             for msg in client.stream(prompt, timeout=timeout, **sampling):
                 sys.stdout.write(msg.text)
@@ -313,15 +384,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stageserve: --retries must be in [0, 4] (gRPC caps attempts at 5), got {args.retries}",
                   file=sys.stderr)
             return 2
-        return stream_to_stdout(args.addr, args.prompt, _sampling_from(args), args.timeout, args.retries)
+        from shared.security import SecurityConfigError, read_token
+
+        try:
+            token = read_token(args.auth_token_file, "auth token") if args.auth_token_file else None
+            return stream_to_stdout(args.addr, args.prompt, _sampling_from(args), args.timeout, args.retries,
+                                    _client_tls_from(args), token)
+        except SecurityConfigError as exc:
+            print(f"stageserve: {exc}", file=sys.stderr)
+            return 2
     if args.command == "health":
         from shared.client import LIVENESS_SERVICE, GenerationClient
+        from shared.security import SecurityConfigError
 
-        with GenerationClient(args.addr) as client:
+        try:
+            client = GenerationClient(args.addr, tls=_client_tls_from(args))
+        except SecurityConfigError as exc:
+            print(f"stageserve: {exc}", file=sys.stderr)
+            return 2
+        with client:
             ok = client.is_serving(LIVENESS_SERVICE if args.liveness else args.service, timeout=args.timeout)
         print("SERVING" if ok else "NOT_SERVING")
         return 0 if ok else 1
     from shared.config import CacheConfig, ConfigError, ParallelConfig, SchedulerConfig
+    from shared.security import SecurityConfigError, StageAccess, client_tls, read_token
 
     try:
         if args.command == "up":
@@ -345,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
                 layer_partition=format_partition(choice.partition), router_args=tuple(_router_flag_values(args)),
                 startup_timeout_s=args.startup_timeout, metrics_port=args.metrics_port,
                 log_format=args.log_format, sequence_parallel=args.sequence_parallel,
+                tls=_server_tls(args), tls_ca=args.tls_ca, auth_token_file=args.auth_token_file,
+                stage_token=not args.no_stage_token,
             )
             return run_up(config, args.prompt, _sampling_from(args))
         if args.command == "router":
@@ -366,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
                 startup_timeout_s=args.startup_timeout, shuffle_blocks_seed=args.shuffle_blocks_seed,
                 step_timeout_s=args.step_timeout,
                 metrics_port=args.metrics_port,
+                tls=_server_tls(args), auth_token_file=args.auth_token_file,
+                stage_access=StageAccess(
+                    tls=client_tls(args.stage_tls_ca, args.stage_tls_cert, args.stage_tls_key,
+                                   args.stage_tls_server_name),
+                    token=read_token(args.stage_token_file, "stage token") if args.stage_token_file else None,
+                ),
             ))
             return 0
         if args.command == "stage":
@@ -393,13 +487,14 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 stage_index=args.stage_index, host=args.host, port=args.port, rendezvous=args.rendezvous,
                 device_type=device, dtype=resolve_dtype(args.dtype, device), metrics_port=args.metrics_port,
+                tls=_server_tls(args, args.tls_client_ca), stage_token_file=args.stage_token_file,
             ))
             return 0
         if args.command == "plan":
             return _plan(args)
         if args.command == "save-sharded":
             return _save_sharded(args)
-    except ConfigError as exc:
+    except (ConfigError, SecurityConfigError) as exc:
         print(f"stageserve: {exc}", file=sys.stderr)
         return 2
     return 2

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.grpc_options import channel_options
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
+from shared.security import ClientTls, bearer_metadata, open_channel
 
 # The health service name every stageserve process reports SERVING while it runs (liveness);
 # "" and the API's own service name report whether it can serve requests (readiness).
@@ -107,9 +108,16 @@ def build_request(
 
 
 class GenerationClient:
-    def __init__(self, address: str, retry: RetryPolicy = RetryPolicy()) -> None:
+    """`tls`: connect over TLS (None: plaintext). `token`: sent as `authorization: Bearer`
+    on every API call, for a router started with --auth-token-file (health needs none)."""
+
+    def __init__(
+        self, address: str, retry: RetryPolicy = RetryPolicy(), *, tls: ClientTls | None = None,
+        token: str | None = None,
+    ) -> None:
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=client_channel_options(retry))
+        self.channel = open_channel(address, client_channel_options(retry), tls)
+        self.metadata = bearer_metadata(token)
         self.stub = gen_grpc.GenerationStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -133,7 +141,8 @@ class GenerationClient:
         waits (until the deadline) for an unreachable router instead of failing fast.
         Leaving the loop early cancels the call."""
         call = self.stub.Generate(
-            build_request(prompt, request_id, **sampling), timeout=timeout, wait_for_ready=wait_for_ready
+            build_request(prompt, request_id, **sampling), timeout=timeout, wait_for_ready=wait_for_ready,
+            metadata=self.metadata,
         )
         try:
             yield from call
@@ -152,10 +161,13 @@ class GenerationClient:
         return result
 
     def model_info(self, timeout: float = 10.0) -> gen.ModelInfo:
-        return self.stub.GetModelInfo(gen.GetModelInfoRequest(), timeout=timeout)
+        return self.stub.GetModelInfo(gen.GetModelInfoRequest(), timeout=timeout, metadata=self.metadata)
 
     def tokenize(self, text: str, add_special_tokens: bool = True, timeout: float = 10.0) -> list[int]:
-        reply = self.stub.Tokenize(gen.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=timeout)
+        reply = self.stub.Tokenize(
+            gen.TokenizeRequest(text=text, add_special_tokens=add_special_tokens), timeout=timeout,
+            metadata=self.metadata,
+        )
         return list(reply.token_ids)
 
     def is_serving(self, service: str = "", timeout: float = 2.0) -> bool:

@@ -17,6 +17,7 @@ from shared.client import GenerationClient
 from shared.config import ModelConfig, replace
 from shared.memory_plan import MemorySettings, PartitionChoice, default_partition
 from shared.partition import parse_layer_partition, resolve_layer_partition
+from shared.security import ServerTls, client_tls, read_token, write_secret_file
 from shared.sharded_state import read_sharded_state
 
 
@@ -37,6 +38,13 @@ class UpConfig:
     metrics_port: int | None = None
     log_format: str = "text"
     sequence_parallel: bool = False
+    # The public API's TLS and bearer tokens, passed to the router.
+    tls: ServerTls | None = None
+    # The CA `up` trusts when it checks its own router (None: tls.cert_file, for self-signed).
+    tls_ca: str | None = None
+    auth_token_file: str | None = None
+    # A fresh random stage token for router and stages: only the router may call a stage.
+    stage_token: bool = True
 
 
 def free_port() -> int:
@@ -97,6 +105,30 @@ class Launcher:
         self.config = config
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.router_address = f"127.0.0.1:{config.port}"
+        self.client_tls = (
+            client_tls(config.tls_ca or config.tls.cert_file) if config.tls is not None else None
+        )
+        self.client_token = read_token(config.auth_token_file, "auth token") if config.auth_token_file else None
+        self.stage_token_file: str | None = None
+
+    def client(self) -> GenerationClient:
+        return GenerationClient(self.router_address, tls=self.client_tls, token=self.client_token)
+
+    def _security_args(self) -> tuple[list[str], list[str]]:
+        """(router's, every stage's) security flags."""
+        cfg = self.config
+        router: list[str] = []
+        stage: list[str] = []
+        if cfg.tls is not None:
+            router += ["--tls-cert", cfg.tls.cert_file, "--tls-key", cfg.tls.key_file]
+        if cfg.auth_token_file:
+            router += ["--auth-token-file", cfg.auth_token_file]
+        if cfg.stage_token:
+            # mkstemp: readable by this user only; removed again by stop().
+            self.stage_token_file, _ = write_secret_file()
+            router += ["--stage-token-file", self.stage_token_file]
+            stage += ["--stage-token-file", self.stage_token_file]
+        return router, stage
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "shared.cli", *args]
@@ -111,12 +143,13 @@ class Launcher:
         rendezvous_port = free_port()
         stage_ports = [free_port() for _ in range(cfg.num_stages)]
         stage_addresses = [f"127.0.0.1:{p}" for p in stage_ports]
+        router_security, stage_security = self._security_args()
         self._spawn(
             "router",
             [
                 "router", "--model", cfg.model_path, "--stages", ",".join(stage_addresses),
                 "--host", cfg.host, "--port", str(cfg.port), "--rendezvous-port", str(rendezvous_port),
-                *cfg.router_args, *self._ops_args(0),
+                *cfg.router_args, *self._ops_args(0), *router_security,
             ],
         )
         for i, port in enumerate(stage_ports):
@@ -124,7 +157,7 @@ class Launcher:
                 "stage", "--model", cfg.model_path, "--stage-index", str(i),
                 "--num-stages", str(cfg.num_stages), "--tp", str(cfg.tp_size), "--port", str(port),
                 "--host", "127.0.0.1", "--rendezvous", f"127.0.0.1:{rendezvous_port}",
-                "--device", device, "--dtype", cfg.dtype, *self._ops_args(1 + i),
+                "--device", device, "--dtype", cfg.dtype, *self._ops_args(1 + i), *stage_security,
             ]
             if cfg.layer_partition:
                 args += ["--layer-partition", cfg.layer_partition]
@@ -154,7 +187,7 @@ class Launcher:
 
     def wait_until_serving(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
-        with GenerationClient(self.router_address) as client:
+        with self.client() as client:
             while not client.is_serving():
                 dead = self.dead_child()
                 if dead:
@@ -174,6 +207,9 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        if self.stage_token_file is not None:
+            os.unlink(self.stage_token_file)
+            self.stage_token_file = None
 
 
 def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
@@ -188,7 +224,9 @@ def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
         if prompt is not None:
             from shared.cli import stream_to_stdout
 
-            stream_to_stdout(launcher.router_address, prompt, prompt_args)
+            stream_to_stdout(
+                launcher.router_address, prompt, prompt_args, tls=launcher.client_tls, token=launcher.client_token
+            )
         while not stop.wait(0.5):
             dead = launcher.dead_child()
             if dead:

@@ -127,15 +127,21 @@ def init_distributed(
     rendezvous: str,
     device: torch.device,
     timeout_s: float = 600.0,
+    epoch: int = 0,
 ) -> None:
-    """Joins the global group through the router's TCPStore and builds every TP subgroup.
+    """Joins epoch `epoch`'s global group through the router's TCPStore and builds every
+    TP subgroup.
 
-    Blocks until every rank of every stage has joined.
+    Blocks until every rank of every stage has joined. Each epoch rendezvouses under its own
+    key prefix: the keys a broken group left behind (rank counters, barriers) would
+    otherwise confuse the next one.
     """
     host, _, port = rendezvous.rpartition(":")
     backend = backend_for(device)
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+    store = dist.PrefixStore(
+        f"epoch{epoch}/", dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+    )
     parallel = placement.parallel
     kwargs = {}
     if device.type == "cuda":
@@ -158,6 +164,18 @@ def init_distributed(
         if stage == placement.stage_index:
             own = group
     set_tp_group(TensorParallelGroup(own, placement.tp_rank, parallel.tp_size, backend))
+
+
+EPOCH_KEY = "epoch"
+
+
+def read_epoch(rendezvous: str, timeout_s: float) -> int:
+    """The current process-group epoch, as the router published it in its store; waits up
+    to `timeout_s` for the router to be up."""
+    host, _, port = rendezvous.rpartition(":")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+    return int(store.get(EPOCH_KEY).decode())
 
 
 def destroy_distributed() -> None:

@@ -64,8 +64,12 @@ class RankPool:
             raise RankFailure(self.failed)
         data = command.SerializeToString()
         with self._send_lock:
-            for conn in self._conns:
-                conn.send_bytes(data)
+            try:
+                for conn in self._conns:
+                    conn.send_bytes(data)
+            except OSError as exc:
+                # A rank died (or the pool was killed) before the reader thread noticed.
+                raise RankFailure(self.failed or f"a TP rank is gone: {exc}") from None
 
     def call(self, command: pb.RankCommand, timeout_s: float) -> list[pb.RankReply]:
         """Sends a control command and returns every rank's reply."""
@@ -106,11 +110,14 @@ class RankPool:
                 else:
                     rank = sentinels[ready]
                     waitables.remove(ready)
+                    self._procs[rank].join(1)  # reaped, so its exit code is known
                     code = self._procs[rank].exitcode
                     if not self._stopping:
                         self._fail(f"TP rank {rank} exited (exit code {code})")
 
     def _route(self, rank: int, reply: pb.RankReply) -> None:
+        if self._stopping:
+            return  # A pool being replaced must not move the stage's state any more.
         kind = reply.WhichOneof("reply")
         if kind == "step":
             sink = self._step_sink
@@ -124,6 +131,20 @@ class RankPool:
             self._fail(reply.fatal_error)
         else:
             self._control[rank].put(reply)
+
+    def kill(self, reason: str) -> None:
+        """Kills every rank at once (Rejoin): some may be blocked in a collective with a
+        dead peer and would never read a shutdown command."""
+        self._stopping = True
+        if self.failed is None:
+            self.failed = reason
+        for q in self._control:
+            q.put(pb.RankReply(fatal_error=reason))
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in self._procs:
+            proc.join(10)
 
     def shutdown(self, timeout_s: float = 10.0) -> None:
         self._stopping = True

@@ -30,6 +30,8 @@ class RankArgs:
     rendezvous: str
     join_timeout_s: float
     cpu_threads: int
+    # The process-group generation to join (see Rejoin in protos/stage_worker.proto).
+    epoch: int = 0
 
 
 def _reply(conn: Connection, reply: pb.RankReply) -> None:
@@ -83,7 +85,7 @@ def _run(args: RankArgs, conn: Connection) -> None:
         load_seconds=summary.load_seconds,
     )
     _reply(conn, pb.RankReply(loaded=report))
-    init_distributed(placement, args.rendezvous, device, timeout_s=args.join_timeout_s)
+    init_distributed(placement, args.rendezvous, device, timeout_s=args.join_timeout_s, epoch=args.epoch)
     runner.attach_hop()
     _reply(conn, pb.RankReply(ready=report))
     try:

@@ -6,6 +6,7 @@ to them in order, and answers health and info calls at once, even while a long s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -24,8 +25,10 @@ from shared.grpc_options import channel_options
 from shared.metrics import serve_metrics
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
+from shared.security import RequireToken, ServerTls, add_port, stage_token_check
 from shared.sharded_state import read_sharded_state
 from stage_worker.metrics import StageMetrics
+from stage_worker.distributed import read_epoch
 from stage_worker.rank_pool import RankFailure, RankPool
 from stage_worker.rank_process import RankArgs
 
@@ -48,6 +51,10 @@ class StageServerConfig:
     join_timeout_s: float = 1800.0
     # Prometheus endpoint on host:metrics_port; None serves none.
     metrics_port: int | None = None
+    # TLS on the control port; with a client CA, only callers holding a certificate it signed.
+    tls: ServerTls | None = None
+    # Only callers sending this file's token (the router) may call; health stays open.
+    stage_token_file: str | None = None
 
 
 class StageWorkerService(pb_grpc.StageWorkerServicer):
@@ -81,7 +88,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
         self.metrics.attach(self)
         tp = config.parallel.tp_size
         cpu_threads = max(1, (os.cpu_count() or 1) // (tp * config.parallel.num_stages))
-        args = [
+        self._rank_args = [
             RankArgs(
                 model_path=config.model_path,
                 parallel=config.parallel,
@@ -95,7 +102,45 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
             )
             for r in range(tp)
         ]
+        # The process-group generation the ranks are in; None until the ranks start.
+        self.epoch: int | None = None
+        self.pool: RankPool | None = None
+        # Serializes replacing the ranks (startup, Rejoin, shutdown).
+        self._ranks_lock = threading.Lock()
+        self._shut_down = False
+        # A stage restarted by the operator joins the group the router forms now: the epoch
+        # comes from the router's store, which may not be up yet, so off the gRPC threads.
+        threading.Thread(target=self._start_at_current_epoch, name="read-epoch", daemon=True).start()
+
+    def _start_at_current_epoch(self) -> None:
+        try:
+            epoch = read_epoch(self.config.rendezvous, self.config.join_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a timeout or refused connection, reported as FAILED
+            self._on_failure(f"cannot read the current epoch from the router's store at "
+                             f"{self.config.rendezvous}: {exc}")
+            return
+        with self._ranks_lock:
+            if self.epoch is None and not self._shut_down:  # else a Rejoin came first
+                self._start_ranks(epoch)
+
+    def _start_ranks(self, epoch: int) -> None:
+        """Replaces every rank with fresh ones that join `epoch`'s group. Under _ranks_lock."""
+        if self.pool is not None:
+            # All of them: a survivor may be blocked in a collective with a dead peer.
+            self.pool.kill(f"stage {self.config.stage_index} is rejoining in epoch {epoch}")
+        with self._lock:
+            self.epoch = epoch
+            self.state = pb.STAGE_STATE_LOADING
+            self.error = ""
+            self._loaded.clear()
+            self._ready.clear()
+            self.num_kv_blocks = self.block_size = self.kv_cache_bytes = 0
+            self.profile = None
+        self._set_health(False)
+        self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        args = [dataclasses.replace(a, epoch=epoch) for a in self._rank_args]
         self.pool = RankPool(args, self._on_loaded, self._on_ready, self._on_failure)
+        log.info("stage %d: starting %d rank(s) for epoch %d", self.config.stage_index, len(args), epoch)
 
     # ---- state -------------------------------------------------------------------------
 
@@ -111,14 +156,14 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
     def _on_loaded(self, report: pb.RankReady) -> None:
         with self._lock:
             self._loaded[report.tp_rank] = report
-            if len(self._loaded) == self.pool.size and self.state == pb.STAGE_STATE_LOADING:
+            if len(self._loaded) == len(self._rank_args) and self.state == pb.STAGE_STATE_LOADING:
                 self.state = pb.STAGE_STATE_JOINING
                 log.info("stage %d: weights loaded, joining the process group", self.config.stage_index)
 
     def _on_ready(self, report: pb.RankReady) -> None:
         with self._lock:
             self._ready[report.tp_rank] = report
-            if len(self._ready) == self.pool.size and self.state == pb.STAGE_STATE_JOINING:
+            if len(self._ready) == len(self._rank_args) and self.state == pb.STAGE_STATE_JOINING:
                 self.state = pb.STAGE_STATE_READY
                 log.info("stage %d: process group formed", self.config.stage_index)
 
@@ -128,7 +173,8 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
             self.state = pb.STAGE_STATE_FAILED
             self.error = message
         self._set_health(False)
-        # A failed stage cannot recover in place: an orchestrator's liveness probe restarts it.
+        # Not live until the router's Rejoin replaces the ranks (or an orchestrator's liveness
+        # probe restarts the process, which then joins the current epoch by itself).
         self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _require(self, context: grpc.ServicerContext, *states: int) -> None:
@@ -215,6 +261,22 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                  self.config.stage_index, request.num_blocks, request.block_size)
         return pb.InitCacheResponse(kv_cache_bytes=self.kv_cache_bytes)
 
+    def Rejoin(self, request: pb.RejoinRequest, context: grpc.ServicerContext) -> pb.RejoinResponse:
+        with self._ranks_lock:
+            if self._shut_down:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the stage is shutting down")
+            if self.epoch is not None and request.epoch < self.epoch:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the stage is in epoch {self.epoch}; it cannot rejoin the older epoch {request.epoch}",
+                )
+            if request.epoch == self.epoch and self.state != pb.STAGE_STATE_FAILED:
+                return pb.RejoinResponse(state=self.state, epoch=request.epoch)  # idempotent
+            log.warning("stage %d: rejoining in epoch %d (was %s, %s)", self.config.stage_index,
+                        request.epoch, self.epoch, pb.StageState.Name(self.state))
+            self._start_ranks(request.epoch)
+            return pb.RejoinResponse(state=self.state, epoch=request.epoch)
+
     def Execute(
         self, request_iterator: Iterator[pb.StepRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.StepResult]:
@@ -223,8 +285,11 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
             if self._execute_active:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, "another router already holds the Execute stream")
             self._execute_active = True
+        # Rejoin replaces self.pool and kills this one, which ends the stream below.
+        pool = self.pool
+        assert pool is not None, "SERVING without ranks"
         results: queue.Queue[pb.StepResult | str | None] = queue.Queue()
-        self.pool.set_step_sink(results.put)
+        pool.set_step_sink(results.put)
         sent = 0
         pump_done = threading.Event()
 
@@ -239,7 +304,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                     last_step = step.step_id
                     sent += 1
                     self.metrics.on_step_sent(step.step_id)
-                    self.pool.send(pb.RankCommand(step=step))
+                    pool.send(pb.RankCommand(step=step))
             except RankFailure as exc:
                 results.put(str(exc))
             except grpc.RpcError:
@@ -256,8 +321,8 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                     item = results.get(timeout=0.5)
                 except queue.Empty:
                     item = None
-                if self.pool.failed:
-                    context.abort(grpc.StatusCode.UNAVAILABLE, f"stage failed: {self.pool.failed}")
+                if pool.failed:
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"stage failed: {pool.failed}")
                 if isinstance(item, str):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
                 if item is not None:
@@ -265,33 +330,47 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                     self.metrics.on_step_done(item)
                     yield item
         finally:
-            self.pool.set_step_sink(None)
+            pool.set_step_sink(None)
             with self._lock:
                 self._execute_active = False
 
     def shutdown(self) -> None:
         self._set_health(False)
-        self.pool.shutdown()
+        with self._ranks_lock:
+            self._shut_down = True
+            if self.pool is not None:
+                self.pool.shutdown()
 
 
 def serve(config: StageServerConfig) -> None:
     """Runs the stage until SIGTERM / SIGINT."""
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=channel_options())
+    # Checked before the ranks spawn: a bad token file fails the stage at once.
+    interceptors = [RequireToken(stage_token_check(config.stage_token_file))] if config.stage_token_file else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16), options=channel_options(), interceptors=interceptors
+    )
     service = StageWorkerService(config, health_servicer)
     pb_grpc.add_StageWorkerServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
-    if server.add_insecure_port(address) == 0:
+    try:
+        port = add_port(server, address, config.tls)
+    except BaseException:
+        service.shutdown()
+        raise
+    if port == 0:
         service.shutdown()
         raise SystemExit(f"cannot listen on {address}")
     server.start()
     metrics_endpoint = None
     if config.metrics_port is not None:
         metrics_endpoint = serve_metrics(service.metrics.registry, config.metrics_port, config.host)
-    log.info("stage %d of %d listening on %s (layers [%d, %d), tp %d, %s %s)",
+    log.info("stage %d of %d listening on %s (layers [%d, %d), tp %d, %s %s; %s, %s)",
              config.stage_index, config.parallel.num_stages, address, service.layout.first_layer,
-             service.layout.last_layer, config.parallel.tp_size, config.device_type, config.dtype)
+             service.layout.last_layer, config.parallel.tp_size, config.device_type, config.dtype,
+             "mTLS" if config.tls and config.tls.client_ca_file else "TLS" if config.tls else "plaintext",
+             "stage token required" if config.stage_token_file else "no stage token")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -279,3 +279,17 @@ class RankReply(_message.Message):
     fatal_error: str
     loaded: RankReady
     def __init__(self, step: _Optional[_Union[StepResult, _Mapping]] = ..., profile: _Optional[_Union[ProfileResponse, _Mapping]] = ..., init_cache: _Optional[_Union[InitCacheResponse, _Mapping]] = ..., ready: _Optional[_Union[RankReady, _Mapping]] = ..., fatal_error: _Optional[str] = ..., loaded: _Optional[_Union[RankReady, _Mapping]] = ...) -> None: ...
+
+class RejoinRequest(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+
+class RejoinResponse(_message.Message):
+    __slots__ = ("state", "epoch")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    state: StageState
+    epoch: int
+    def __init__(self, state: _Optional[_Union[StageState, str]] = ..., epoch: _Optional[int] = ...) -> None: ...

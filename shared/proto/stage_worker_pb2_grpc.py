@@ -54,6 +54,11 @@ class StageWorkerStub:
                 request_serializer=shared_dot_proto_dot_stage__worker__pb2.StepRequest.SerializeToString,
                 response_deserializer=shared_dot_proto_dot_stage__worker__pb2.StepResult.FromString,
                 _registered_method=True)
+        self.Rejoin = channel.unary_unary(
+                '/stageserve.v1.StageWorker/Rejoin',
+                request_serializer=shared_dot_proto_dot_stage__worker__pb2.RejoinRequest.SerializeToString,
+                response_deserializer=shared_dot_proto_dot_stage__worker__pb2.RejoinResponse.FromString,
+                _registered_method=True)
 
 
 class StageWorkerServicer:
@@ -85,6 +90,15 @@ class StageWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rejoin(self, request, context):
+        """The router re-forms the process group after a failure: the stage ends its Execute
+        stream, replaces every rank process with fresh ones that join `epoch`'s group, and goes
+        LOADING -> JOINING -> READY as at startup. Idempotent for the epoch the stage is in.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +121,11 @@ def add_StageWorkerServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=shared_dot_proto_dot_stage__worker__pb2.StepRequest.FromString,
                     response_serializer=shared_dot_proto_dot_stage__worker__pb2.StepResult.SerializeToString,
+            ),
+            'Rejoin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rejoin,
+                    request_deserializer=shared_dot_proto_dot_stage__worker__pb2.RejoinRequest.FromString,
+                    response_serializer=shared_dot_proto_dot_stage__worker__pb2.RejoinResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +236,33 @@ class StageWorker:
             '/stageserve.v1.StageWorker/Execute',
             shared_dot_proto_dot_stage__worker__pb2.StepRequest.SerializeToString,
             shared_dot_proto_dot_stage__worker__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rejoin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stageserve.v1.StageWorker/Rejoin',
+            shared_dot_proto_dot_stage__worker__pb2.RejoinRequest.SerializeToString,
+            shared_dot_proto_dot_stage__worker__pb2.RejoinResponse.FromString,
             options,
             channel_credentials,
             insecure,

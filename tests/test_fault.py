@@ -1,0 +1,258 @@
+"""A stage dies mid-generation, end to end on CPU with real processes: the router and two
+tp=2 stages started one by one (as compose starts them), then
+
+1. one TP rank process of stage 1 is killed with SIGKILL: the client's stream ends with
+   UNAVAILABLE within 5 s, router health goes NOT_SERVING, new requests fail fast; the
+   router re-forms the process group through Rejoin (nothing restarted by hand) and serves
+   the same greedy tokens again;
+2. the stage 0 process itself is killed with SIGKILL (its ranks become orphans): same
+   expectations, and the router serves again once the same command is started again.
+
+The figures (time to fail the stream, to refuse a new request, to recover) are printed;
+docs/reliability.md reports them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from router.stage_client import StageClient
+from shared.client import GenerationClient, RetryPolicy
+from shared.demo_model import write_tiny_model
+from shared.proto import stage_worker_pb2 as pb
+from tests.e2e_harness import free_port
+from tests.test_ops import Process
+
+pytestmark = pytest.mark.timeout(240)
+
+NUM_STAGES, TP = 2, 2
+NO_RETRY = RetryPolicy(max_attempts=1)
+PROMPT = "the quick brown fox"
+GREEDY = dict(max_new_tokens=12, ignore_eos=True)
+# Long enough to be mid-stream for many seconds when the fault strikes.
+LONG = dict(max_new_tokens=480, ignore_eos=True)
+FAIL_WITHIN_S = 5.0
+RECOVER_WITHIN_S = 60.0
+
+
+class FaultCluster:
+    def __init__(self, model: Path, log_dir: Path) -> None:
+        self.model, self.log_dir = model, log_dir
+        self.port, self.rendezvous = free_port(), free_port()
+        self.stage_ports = [free_port() for _ in range(NUM_STAGES)]
+        self.address = f"127.0.0.1:{self.port}"
+        self.procs: dict[str, Process] = {}
+        self.procs["router"] = Process("router", [
+            "router", "--model", str(model), "--stages", ",".join(f"127.0.0.1:{p}" for p in self.stage_ports),
+            "--host", "127.0.0.1", "--port", str(self.port), "--rendezvous-port", str(self.rendezvous),
+            "--kv-cache-bytes", str(8 << 20), "--max-num-batched-tokens", "256",
+        ], log_dir)
+        for index in range(NUM_STAGES):
+            self.start_stage(index)
+        self.client = GenerationClient(self.address, NO_RETRY)
+
+    def start_stage(self, index: int, suffix: str = "") -> None:
+        self.procs[f"stage{index}"] = Process(f"stage{index}{suffix}", [
+            "stage", "--model", str(self.model), "--stage-index", str(index),
+            "--num-stages", str(NUM_STAGES), "--tp", str(TP), "--host", "127.0.0.1",
+            "--port", str(self.stage_ports[index]), "--rendezvous", f"127.0.0.1:{self.rendezvous}",
+            "--device", "cpu",
+        ], self.log_dir)
+
+    def wait_serving(self, timeout: float) -> float:
+        """Seconds until the router reports SERVING."""
+        start = time.monotonic()
+        while not self.client.is_serving():
+            dead = [f"{n} exited {p.proc.returncode}:\n{p.log()[-3000:]}"
+                    for n, p in self.procs.items() if p.proc.poll() is not None]
+            assert not dead, dead
+            assert time.monotonic() - start < timeout, (
+                f"router not SERVING within {timeout} s:\n{self.procs['router'].log()[-4000:]}"
+            )
+            time.sleep(0.1)
+        return time.monotonic() - start
+
+    def stop(self) -> None:
+        self.client.close()
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            proc.stop()
+            # Orphaned ranks of a killed stage share its process group (its own session).
+            try:
+                os.killpg(proc.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (the stage's rank processes)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: fields start after the last ')'.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def rank_pids(stage_pid: int) -> list[int]:
+    """The stage's TP rank processes: its children running multiprocessing's spawn entry."""
+    pids = []
+    for child in child_pids(stage_pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            pids.append(child)
+    return sorted(pids)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultCluster]:
+    root = tmp_path_factory.mktemp("fault")
+    model = write_tiny_model(root / "model", "LlamaForCausalLM", seed=11)
+    c = FaultCluster(model, root)
+    try:
+        c.wait_serving(timeout=180)
+        yield c
+    finally:
+        c.stop()
+
+
+def _wait_pool_full(client: GenerationClient, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = client.model_info()
+        if info.free_kv_blocks == info.num_kv_blocks:
+            return
+        assert time.monotonic() < deadline, f"{info.free_kv_blocks} of {info.num_kv_blocks} blocks free"
+        time.sleep(0.1)
+
+
+class LongStream:
+    """A long streamed generation on its own thread; records how and when it ended."""
+
+    def __init__(self, client: GenerationClient) -> None:
+        self.tokens = 0
+        self.error: grpc.RpcError | None = None
+        self.ended_at: float | None = None
+        self.first_token = threading.Event()
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(client,), daemon=True).start()
+
+    def _run(self, client: GenerationClient) -> None:
+        try:
+            for msg in client.stream(PROMPT, timeout=120, **LONG):
+                self.tokens += len(msg.token_ids)
+                if self.tokens >= 3:
+                    self.first_token.set()
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.ended_at = time.monotonic()
+            self.done.set()
+            self.first_token.set()
+
+
+def _fault_and_recover(
+    cluster: FaultCluster, kill: Callable[[], None], restart: Callable[[], object] | None = None
+) -> None:
+    client = cluster.client
+    expected = client.generate(PROMPT, timeout=60, **GREEDY).token_ids
+    assert len(expected) == GREEDY["max_new_tokens"]
+    stream = LongStream(client)
+    assert stream.first_token.wait(60), "the long generation never started"
+    assert not stream.done.is_set(), f"the long generation ended before the fault: {stream.error}"
+    killed_at = time.monotonic()
+    kill()
+    assert stream.done.wait(30), "the in-flight request hangs after the fault"
+    fail_s = stream.ended_at - killed_at
+    print(f"\nin-flight request ended {fail_s:.2f} s after the kill ({stream.tokens} tokens streamed)")
+    assert stream.error is not None, "the in-flight request ended without an error"
+    assert stream.error.code() == grpc.StatusCode.UNAVAILABLE, stream.error
+    assert fail_s < FAIL_WITHIN_S
+
+    # Health follows at once; a new request is refused, fast.
+    deadline = time.monotonic() + 2.0
+    while client.is_serving():
+        assert time.monotonic() < deadline, "router still SERVING 2 s after the failure"
+        time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        client.generate(PROMPT, timeout=30, **GREEDY)
+    refuse_s = time.monotonic() - started
+    print(f"a new request was refused in {refuse_s * 1000:.0f} ms: {err.value.details()}")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert refuse_s < 1.0
+
+    if restart is not None:
+        restart()
+    recover_s = cluster.wait_serving(timeout=RECOVER_WITHIN_S)
+    print(f"router SERVING again {time.monotonic() - killed_at:.1f} s after the kill "
+          f"({recover_s:.1f} s after the checks above)")
+    assert time.monotonic() - killed_at < RECOVER_WITHIN_S + FAIL_WITHIN_S + 2
+    assert client.generate(PROMPT, timeout=60, **GREEDY).token_ids == expected
+    _wait_pool_full(client)
+
+
+def test_a_killed_tp_rank_is_replaced_by_rejoin(cluster: FaultCluster) -> None:
+    stage = cluster.procs["stage1"].proc
+    ranks = rank_pids(stage.pid)
+    assert len(ranks) == TP, f"stage 1 has rank processes {ranks}, expected {TP}"
+    _fault_and_recover(cluster, kill=lambda: os.kill(ranks[1], signal.SIGKILL))
+    # Nothing was restarted by hand: the same stage process, with fresh ranks.
+    assert stage.poll() is None
+    new_ranks = rank_pids(stage.pid)
+    assert len(new_ranks) == TP and not set(new_ranks) & set(ranks), (ranks, new_ranks)
+
+
+def test_a_killed_stage_process_rejoins_when_restarted(cluster: FaultCluster) -> None:
+    victim = cluster.procs["stage0"]
+    survivor = cluster.procs["stage1"].proc
+    _fault_and_recover(
+        cluster,
+        kill=lambda: os.kill(victim.proc.pid, signal.SIGKILL),
+        restart=lambda: (victim.stop(), cluster.start_stage(0, suffix="-restarted")),
+    )
+    # The other stage and the router were not restarted.
+    assert survivor.poll() is None and cluster.procs["router"].proc.poll() is None
+    try:  # Orphaned ranks of the killed process, if any are left: its own process group.
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_rejoin_is_idempotent_and_never_goes_back(cluster: FaultCluster) -> None:
+    cluster.wait_serving(timeout=RECOVER_WITHIN_S)
+    stage = StageClient(f"127.0.0.1:{cluster.stage_ports[1]}")
+    try:
+        epoch = 0
+        try:
+            stage.rejoin(0)
+        except grpc.RpcError as exc:  # after the tests above, the stages are past epoch 0
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc
+            assert "cannot rejoin the older epoch 0" in exc.details()
+            epoch = int(exc.details().split("epoch ")[1].split(";")[0])
+        # The epoch the stage is in: a no-op that leaves it serving, and the router too.
+        reply = stage.rejoin(epoch)
+        assert reply.state == pb.STAGE_STATE_SERVING and reply.epoch == epoch
+        assert stage.is_serving() and cluster.client.is_serving()
+        assert cluster.client.generate(PROMPT, timeout=60, **GREEDY).finish_reason == "length"
+    finally:
+        stage.close()
