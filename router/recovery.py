@@ -23,8 +23,6 @@ from router.stage_client import StageClient
 
 log = logging.getLogger("stageserve.router")
 
-# The store key holding the current epoch; the stages read it (stage_worker/distributed.py).
-EPOCH_KEY = "epoch"
 # How often a stage that cannot be reached (killed, being restarted) is asked again.
 REJOIN_RETRY_S = 0.5
 # Rejoin kills and respawns rank processes; it answers once they are started, not loaded.

@@ -20,7 +20,7 @@ from router.control_plane import CachePlan, PipelineState, bring_up
 from router.engine import DEFAULT_STEP_TIMEOUT_S, Engine, EngineUnavailable
 from router.malformed_requests import RejectMalformedRequests
 from router.metrics import RouterMetrics
-from router.recovery import EPOCH_KEY, PipelineRecovery
+from router.recovery import PipelineRecovery
 from router.request_validation import InvalidRequestError, RequestLimits, validate_request
 from router.scheduler import QueueFullError, Scheduler
 from router.stage_client import StageClient
@@ -30,6 +30,7 @@ from shared.grpc_options import channel_options
 from shared.metrics import new_registry, serve_metrics
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
+from shared.rendezvous import EPOCH_KEY
 from shared.security import AsyncRequireToken, ServerTls, StageAccess, add_port, api_token_check
 
 log = logging.getLogger("stageserve.router")

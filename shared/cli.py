@@ -3,54 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import sys
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-import grpc
+from shared.logging_setup import setup_logging
 
 if TYPE_CHECKING:
     from shared.memory_plan import MemorySettings
     from shared.security import ClientTls, ServerTls
 
 DESCRIPTION = "stageserve: LLM serving with pipeline stages as separate gRPC services"
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line, for log shippers: the standard fields plus whatever a call
-    passed as `extra` (request_id, outcome, ... on the router's per-request lines)."""
-
-    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
-
-    def __init__(self, component: str) -> None:
-        super().__init__()
-        self.component = component
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "component": self.component,
-            "pid": record.process,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        out.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-def _setup_logging(name: str, log_format: str = "text") -> None:
-    handler = logging.StreamHandler()
-    if log_format == "json":
-        handler.setFormatter(JsonLogFormatter(name))
-    else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name}[%(process)d] %(message)s"))
-    logging.basicConfig(level=os.environ.get("STAGESERVE_LOG_LEVEL", "INFO"), handlers=[handler])
 
 
 def _add_ops_flags(p: argparse.ArgumentParser, metrics_help: str) -> None:
@@ -354,27 +317,6 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return "bfloat16" if device == "cuda" else "float32"
 
 
-def stream_to_stdout(
-    address: str, prompt: str, sampling: dict, timeout: float | None = None, retries: int = 4,
-    tls: ClientTls | None = None, token: str | None = None,
-) -> int:
-    from shared.client import FINISH_REASONS, GenerationClient, RetryPolicy
-
-    with GenerationClient(address, RetryPolicy(max_attempts=retries + 1), tls=tls, token=token) as client:
-        try:
-            for msg in client.stream(prompt, timeout=timeout, **sampling):
-                sys.stdout.write(msg.text)
-                sys.stdout.flush()
-                if msg.finish_reason:
-                    reason = FINISH_REASONS.get(msg.finish_reason, "?")
-                    extra = f": {msg.error_message}" if msg.error_message else ""
-                    print(f"\n[finish: {reason}{extra}]")
-        except grpc.RpcError as exc:
-            print(f"\nstageserve: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The client commands come first and never import torch (shared.config does): a health
@@ -388,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             token = read_token(args.auth_token_file, "auth token") if args.auth_token_file else None
+            from shared.client import stream_to_stdout
+
             return stream_to_stdout(args.addr, args.prompt, _sampling_from(args), args.timeout, args.retries,
                                     _client_tls_from(args), token)
         except SecurityConfigError as exc:
@@ -418,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             from shared.memory_plan import format_partition
 
             model = args.model or str(ensure_demo_model())
-            _setup_logging("up", args.log_format)
+            setup_logging("up", args.log_format)
             device = resolve_device(args.device, args.pp * args.tp)
             dtype = resolve_dtype(args.dtype, device)
             choice = choose_up_partition(
@@ -436,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return run_up(config, args.prompt, _sampling_from(args))
         if args.command == "router":
-            _setup_logging("router", args.log_format)
+            setup_logging("router", args.log_format)
             from router.server import RouterConfig, serve
 
             serve(RouterConfig(
@@ -463,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             ))
             return 0
         if args.command == "stage":
-            _setup_logging(f"stage{args.stage_index}", args.log_format)
+            setup_logging(f"stage{args.stage_index}", args.log_format)
             from shared.config import ModelConfig
             from shared.launcher import resolve_device
             from shared.partition import parse_layer_partition, resolve_layer_partition

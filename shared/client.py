@@ -4,6 +4,7 @@ asyncio one). Both stream, take deadlines, and retry UNAVAILABLE before the firs
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -184,3 +185,22 @@ class GenerationClient:
                 return True
             time.sleep(0.2)
         return False
+
+
+def stream_to_stdout(
+    address: str, prompt: str, sampling: dict, timeout: float | None = None, retries: int = 4,
+    tls: ClientTls | None = None, token: str | None = None,
+) -> int:
+    with GenerationClient(address, RetryPolicy(max_attempts=retries + 1), tls=tls, token=token) as client:
+        try:
+            for msg in client.stream(prompt, timeout=timeout, **sampling):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                if msg.finish_reason:
+                    reason = FINISH_REASONS.get(msg.finish_reason, "?")
+                    extra = f": {msg.error_message}" if msg.error_message else ""
+                    print(f"\n[finish: {reason}{extra}]")
+        except grpc.RpcError as exc:
+            print(f"\nstageserve: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0

@@ -222,7 +222,7 @@ def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
         launcher.wait_until_serving()
         print(f"stageserve is serving on {launcher.router_address}", flush=True)
         if prompt is not None:
-            from shared.cli import stream_to_stdout
+            from shared.client import stream_to_stdout
 
             stream_to_stdout(
                 launcher.router_address, prompt, prompt_args, tls=launcher.client_tls, token=launcher.client_token

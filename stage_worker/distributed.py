@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from shared.config import ParallelConfig
+from shared.rendezvous import EPOCH_KEY, epoch_prefix
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def init_distributed(
     backend = backend_for(device)
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.PrefixStore(
-        f"epoch{epoch}/", dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+        epoch_prefix(epoch), dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
     )
     parallel = placement.parallel
     kwargs = {}
@@ -164,9 +165,6 @@ def init_distributed(
         if stage == placement.stage_index:
             own = group
     set_tp_group(TensorParallelGroup(own, placement.tp_rank, parallel.tp_size, backend))
-
-
-EPOCH_KEY = "epoch"
 
 
 def read_epoch(rendezvous: str, timeout_s: float) -> int:
