@@ -10,6 +10,8 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from shared.token_ids import slice_prompt_and_output
+
 # FCFS order must survive preemption (a preempted sequence keeps its place), so arrival is
 # a process-wide counter taken at construction rather than a position in some queue.
 _arrival_counter = itertools.count()
@@ -87,10 +89,5 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
-        """Tokens [start, end) of prompt + output, without building the concatenation."""
-        prompt_len = len(self.prompt_token_ids)
-        if end <= prompt_len:
-            return self.prompt_token_ids[start:end]
-        if start >= prompt_len:
-            return self.output_token_ids[start - prompt_len : end - prompt_len]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
+        """Tokens [start, end) of prompt + output."""
+        return slice_prompt_and_output(self.prompt_token_ids, self.output_token_ids, start, end)

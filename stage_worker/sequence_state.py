@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.proto import stage_worker_pb2 as pb
+from shared.token_ids import slice_prompt_and_output
 from stage_worker.layers.sampler import sampling_param_problems
 
 
@@ -30,12 +31,7 @@ class StageSequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_slice(self, start: int, end: int) -> list[int]:
-        prompt_len = len(self.prompt_token_ids)
-        if end <= prompt_len:
-            return self.prompt_token_ids[start:end]
-        if start >= prompt_len:
-            return self.output_token_ids[start - prompt_len : end - prompt_len]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
+        return slice_prompt_and_output(self.prompt_token_ids, self.output_token_ids, start, end)
 
 
 @dataclass(frozen=True)
