@@ -34,12 +34,15 @@ log = logging.getLogger("stageserve.router")
 # is declared failed. Generous: a cold first step or a long CPU prefill must not trip it.
 DEFAULT_STEP_TIMEOUT_S = 120.0
 
-# A sink receives each response of one request, then None once the stream is over.
-ResponseSink = Callable[[gen.GenerateResponse | None], None]
-
 
 class EngineUnavailable(RuntimeError):
     """The pipeline is down (a stage failed); requests cannot be served now."""
+
+
+# A sink receives each response of one request, then the end of the stream: None, or an
+# EngineUnavailable when the request ended because the pipeline went down (the server
+# turns that into an UNAVAILABLE status, which clients may retry).
+ResponseSink = Callable[[gen.GenerateResponse | EngineUnavailable | None], None]
 
 
 @dataclass
@@ -181,7 +184,7 @@ class Engine:
             self._release_pending()
             self.metrics.on_rejected("unavailable")
             sink(_final(gen.FINISH_REASON_ERROR, request.request_id, f"unavailable: {self.failed}"))
-            sink(None)
+            sink(EngineUnavailable(self.failed))
             return
         seq = Sequence(
             seq_id=seq_id,
@@ -307,7 +310,9 @@ class Engine:
         self._builder.forget(req.seq.seq_id)
         self._close(req, _final(reason, req.seq.request_id, message))
 
-    def _close(self, req: _Request, last: gen.GenerateResponse) -> None:
+    def _close(
+        self, req: _Request, last: gen.GenerateResponse, end: EngineUnavailable | None = None
+    ) -> None:
         last.prompt_tokens = req.seq.num_prompt_tokens
         last.cached_prompt_tokens = req.seq.num_cached_prompt_tokens
         self._requests.pop(req.seq.seq_id, None)
@@ -315,7 +320,7 @@ class Engine:
         self.stats.requests_finished += 1
         self.metrics.on_finished(req.seq, req.submitted, last)
         req.sink(last)
-        req.sink(None)
+        req.sink(end)
 
     def _release_pending(self) -> None:
         with self._pending_lock:
@@ -355,7 +360,11 @@ class Engine:
         self._answered.clear()
         for req in list(self._requests.values()):
             self.scheduler.abort(req.seq.seq_id)
-            self._close(req, _final(gen.FINISH_REASON_ERROR, req.seq.request_id, f"unavailable: {message}"))
+            self._close(
+                req,
+                _final(gen.FINISH_REASON_ERROR, req.seq.request_id, f"unavailable: {message}"),
+                EngineUnavailable(message),
+            )
         if newly_failed and not expected and self._on_failure is not None:
             self._on_failure(message)
 

@@ -101,9 +101,9 @@ class GenerationService(gen_grpc.GenerationServicer):
         except InvalidRequestError as exc:
             self.metrics.on_rejected("invalid_argument")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        responses: asyncio.Queue[gen.GenerateResponse | None] = asyncio.Queue()
+        responses: asyncio.Queue[gen.GenerateResponse | EngineUnavailable | None] = asyncio.Queue()
 
-        def sink(item: gen.GenerateResponse | None) -> None:
+        def sink(item: gen.GenerateResponse | EngineUnavailable | None) -> None:
             loop.call_soon_threadsafe(responses.put_nowait, item)
 
         try:
@@ -115,15 +115,24 @@ class GenerationService(gen_grpc.GenerationServicer):
             self.metrics.on_rejected("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not serving: {exc}")
         finished = False
+        # The last message is held until the stream's end says how it ended: a request the
+        # pipeline failure ended gets UNAVAILABLE (retryable) instead of a final message.
+        last: gen.GenerateResponse | None = None
         try:
             while True:
                 item = await responses.get()
+                if isinstance(item, EngineUnavailable):
+                    finished = True
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"unavailable: {item}")
                 if item is None:
                     finished = True
+                    if last is not None:
+                        yield last
                     return
-                if item.finish_reason == gen.FINISH_REASON_ERROR and item.error_message.startswith("unavailable"):
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, item.error_message)
-                yield item
+                if item.finish_reason:
+                    last = item
+                else:
+                    yield item
         finally:
             # Cancelled, disconnected or past its deadline: free its blocks at the next step.
             if not finished:

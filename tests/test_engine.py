@@ -159,15 +159,18 @@ class Collector:
     def __init__(self) -> None:
         self.responses: list[gen.GenerateResponse] = []
         self.done = threading.Event()
+        self.end: EngineUnavailable | None = None
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
 
-    def __call__(self, item: gen.GenerateResponse | None) -> None:
+    def __call__(self, item: gen.GenerateResponse | EngineUnavailable | None) -> None:
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(WAIT_S), "the test never opened the gate"
             self.gate = None
-        if item is None:
+        if item is None or isinstance(item, EngineUnavailable):
+            # The stream's end: normal, or the pipeline went down (the server's UNAVAILABLE).
+            self.end = item
             self.done.set()
         else:
             self.responses.append(item)
@@ -454,6 +457,7 @@ def test_broken_stream_fails_everything_and_refuses_new_requests(make) -> None:
     for s in sinks:
         assert s.wait().finish == "error"
         assert s.last.error_message == "unavailable: stage 1 went away"
+        assert isinstance(s.end, EngineUnavailable)
     with pytest.raises(EngineUnavailable, match="stage 1 went away"):
         h.submit([0, 1], max_new_tokens=1)
     h.wait_idle()
@@ -467,6 +471,7 @@ def test_stuck_stage_is_detected_by_the_step_timeout(make) -> None:
     message = sink.wait().last.error_message
     assert time.monotonic() - start >= 0.5
     assert message.startswith("unavailable: step 1 got no answer within 0.5 s")
+    assert isinstance(sink.end, EngineUnavailable)
     # Stage 0 answered, stage 1 did not: the message names stage 1 only.
     assert "from stage 1 (fake-stage-1)" in message and "fake-stage-0" not in message
     assert h.engine.failed
@@ -517,5 +522,6 @@ def test_stop_ends_every_request(tokenizer) -> None:
     h.engine.stop()
     for s in sinks:
         assert s.wait().last.error_message == "unavailable: the router is shutting down"
+        assert isinstance(s.end, EngineUnavailable)
     assert h.engine.num_pending == 0
     assert h.engine.block_manager.num_free_blocks == h.engine.block_manager.num_total_blocks
