@@ -1,26 +1,39 @@
 """Load generator for a running router: N concurrent streaming clients over the public gRPC
 API, random-token prompts of fixed or sampled lengths, and a report of TTFT, time per output
-token and output tokens/s, each also as a ratio to the memory-bandwidth roofline of the
-layout and, optionally, to `transformers` `generate` at the same batch in the same run.
+token (TPOT) and output tokens/s, each also as a ratio to
 
-    stageserve up --model DIR --pp 2 &     # or any running router
-    python3 benchmarks/load_generator.py --addr 127.0.0.1:50051 --concurrency 64 \
-        --requests 256 --prompt-len 512 --output-len 256 [--hf-baseline DIR]
+* the memory-bandwidth roofline of the serving layout: a decode step reads every weight of
+  a stage once plus the KV cache of the batch at the mean context, per TP rank, at the
+  device copy rate (--hbm-bytes-per-s, or --measure-bandwidth); and
+* `transformers` `generate` at the same batch, prompt and output length, greedy, in the
+  same run (--hf-baseline DIR; random weights made on the device if DIR has none).
 
-Prints figures; asserts nothing.
+    stageserve up --model docs/model-configs/llama-3-8b --load-format dummy \\
+        --gpu-memory-utilization 0.6 &     # room left on the GPU for the transformers baseline
+    python3 benchmarks/load_generator.py --addr 127.0.0.1:50051 --concurrency 64 \\
+        --requests 256 --prompt-len 512 --output-len 256 \\
+        --measure-bandwidth --hf-baseline docs/model-configs/llama-3-8b --json report.json
+
+Every ratio reads "higher is better for stageserve": its speed over the reference's (for
+times, reference time / our time), so against the roofline it is the fraction of the
+bound reached. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
+import importlib.util
 import json
+import platform
 import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -29,6 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared.grpc_options import channel_options  # noqa: E402
 from shared.proto import generation_pb2 as gen  # noqa: E402
 from shared.proto import generation_pb2_grpc as gen_grpc  # noqa: E402
+
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
+ROOFLINE_NOTE = (
+    "one decode step of the layout: each stage reads its weights (bytes per TP rank, from the stages) and "
+    "the batch's KV at the mean context once, at the copy rate; pp stages run in series for one token, so "
+    "the roofline TPOT is the sum over stages, and roofline tok/s is concurrency / that TPOT"
+)
 
 
 @dataclass
@@ -53,7 +75,7 @@ class Report:
     ttft_p99_ms: float
     tpot_p50_ms: float
     tpot_p99_ms: float
-    extra: dict = field(default_factory=dict)
+    first_error: str = ""
 
 
 def _length(spec: str, rng: random.Random) -> int:
@@ -64,11 +86,21 @@ def _length(spec: str, rng: random.Random) -> int:
     return int(spec)
 
 
+def _mean_length(spec: str) -> float:
+    if "-" in spec:
+        low, high = (int(x) for x in spec.split("-"))
+        return (low + high) / 2
+    return float(spec)
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---- the load ----------------------------------------------------------------------------------
 
 
 async def _one(stub: gen_grpc.GenerationStub, prompt: list[int], output_len: int) -> RequestTiming:
@@ -98,15 +130,20 @@ async def _one(stub: gen_grpc.GenerationStub, prompt: list[int], output_len: int
 
 
 async def run_load(addr: str, concurrency: int, requests: int, prompt_len: str, output_len: str,
-                   seed: int) -> tuple[Report, gen.ModelInfo]:
+                   seed: int, warmup_requests: int = 0) -> tuple[Report, gen.ModelInfo]:
     async with grpc.aio.insecure_channel(addr, options=channel_options()) as channel:
         stub = gen_grpc.GenerationStub(channel)
         info = await stub.GetModelInfo(gen.GetModelInfoRequest())
         rng = random.Random(seed)
-        work = [
-            ([rng.randrange(3, info.vocab_size) for _ in range(_length(prompt_len, rng))], _length(output_len, rng))
-            for _ in range(requests)
-        ]
+
+        def prompt() -> list[int]:
+            return [rng.randrange(3, info.vocab_size) for _ in range(_length(prompt_len, rng))]
+
+        # Untimed: first-use costs (kernel compilation, CUDA graph capture, allocator growth)
+        # stay out of the figures.
+        if warmup_requests > 0:
+            await asyncio.gather(*(_one(stub, prompt(), 2) for _ in range(warmup_requests)))
+        work = [(prompt(), _length(output_len, rng)) for _ in range(requests)]
         queue: asyncio.Queue = asyncio.Queue()
         for item in work:
             queue.put_nowait(item)
@@ -114,12 +151,14 @@ async def run_load(addr: str, concurrency: int, requests: int, prompt_len: str, 
 
         async def client() -> None:
             while not queue.empty():
-                prompt, out = queue.get_nowait()
-                timings.append(await _one(stub, prompt, out))
+                p, out = queue.get_nowait()
+                timings.append(await _one(stub, p, out))
 
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - start
+        # The layout as it served (the pool and stages are filled in once it serves).
+        info = await stub.GetModelInfo(gen.GetModelInfoRequest())
     ok = [t for t in timings if not t.error]
     tokens = sum(t.output_tokens for t in ok)
     report = Report(
@@ -129,42 +168,205 @@ async def run_load(addr: str, concurrency: int, requests: int, prompt_len: str, 
         ttft_p99_ms=_percentile([t.ttft_s for t in ok], 0.99) * 1e3,
         tpot_p50_ms=_percentile([t.tpot_s for t in ok if t.tpot_s], 0.5) * 1e3,
         tpot_p99_ms=_percentile([t.tpot_s for t in ok if t.tpot_s], 0.99) * 1e3,
+        first_error=next((t.error for t in timings if t.error), ""),
     )
     return report, info
 
 
-def roofline_step_s(info: gen.ModelInfo, batch: int, context: int, kv_bytes_per_token: int,
-                    copy_rate_bytes_s: float) -> float:
-    """Fewest seconds one decode step can take: every weight byte of the slowest stage read
-    once (stages run in parallel on their own GPUs), plus the batch's KV bytes."""
-    weights = max((s.weight_bytes for s in info.stages), default=0)
-    per_stage_kv = kv_bytes_per_token * batch * context / max(1, info.pipeline_parallel_size)
-    return (weights + per_stage_kv) / copy_rate_bytes_s
+# ---- the roofline ------------------------------------------------------------------------------
 
 
-def hf_baseline(model_dir: str, batch: int, prompt_len: int, output_len: int) -> float:
-    """transformers `generate` output tokens/s at the same batch (greedy, no eos stop)."""
+def measure_copy_bandwidth(device: str, num_bytes: int, repeats: int = 10) -> float:
+    """Bytes/s of a device-to-device copy of `num_bytes` (read + write counted), median of
+    `repeats` timed with CUDA events (perf_counter on CPU) after a warm-up."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), device=device)
-    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
-                  attention_mask=torch.ones_like(ids), pad_token_id=0)
+    dev = torch.device(device)
+    src = torch.ones(num_bytes, dtype=torch.uint8, device=dev)  # touched, so no page faults on CPU
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    seconds = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            seconds.append(time.perf_counter() - t0)
+    del src, dst
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * num_bytes / statistics.median(seconds)
+
+
+def roofline(info: gen.ModelInfo, batch: int, mean_context: float, bytes_per_s: float) -> dict[str, Any]:
+    """The layout's decode-step bound; see ROOFLINE_NOTE."""
+    stages = []
+    for s in info.stages:
+        kv_per_token = s.kv_block_bytes / max(1, info.block_size)
+        kv = kv_per_token * batch * mean_context
+        stages.append({
+            "stage": s.stage_index, "layers": [s.first_layer, s.last_layer],
+            "weight_bytes_per_rank": s.weight_bytes, "kv_bytes_per_rank": kv,
+            "step_s": (s.weight_bytes + kv) / bytes_per_s,
+        })
+    tpot_s = sum(s["step_s"] for s in stages)
+    return {
+        "copy_bytes_per_s": bytes_per_s, "batch": batch, "mean_context": mean_context, "stages": stages,
+        "tpot_ms": tpot_s * 1e3, "tok_s": batch / tpot_s if tpot_s else None, "note": ROOFLINE_NOTE,
+    }
+
+
+# ---- the transformers baseline -----------------------------------------------------------------
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_generate(model: Any, prompt: Any, new_tokens: int, pad_token_id: int) -> tuple[float, Any]:
+    """Seconds of a greedy generate that makes exactly `new_tokens` per row, and its output."""
+    import torch
+
+    _sync(prompt.device)
+    t0 = time.perf_counter()
+    out = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens, pad_token_id=pad_token_id,
+    )
+    _sync(prompt.device)
+    return time.perf_counter() - t0, out
+
+
+def hf_baseline(model_dir: str, device: str, dtype_name: str, batch: int, prompt_len: int, output_len: int,
+                seed: int) -> dict[str, Any]:
+    """transformers `generate` at `batch` rows: greedy, every row makes all `output_len`
+    tokens. TTFT: a generate of one token (the batch's prefill); TPOT from the rest."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dev = torch.device(device)
+    dtype = getattr(torch, dtype_name)
+    has_weights = any((Path(model_dir) / f).is_file() for f in WEIGHT_FILES)
+    started = time.perf_counter()
+    if has_weights:
+        if importlib.util.find_spec("accelerate") is not None:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(dev))
+        else:  # transformers places weights on a device only through accelerate
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(dev)
+    else:
+        # Random weights made on the device itself: no CPU copy of 16 GB to move over.
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+    model.eval()
+    load_s = time.perf_counter() - started
+    gen_cpu = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt_len), generator=gen_cpu).to(dev)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
     with torch.no_grad():
-        model.generate(ids[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(ids, **kwargs)
-        if device == "cuda":
-            torch.cuda.synchronize()
-    return batch * output_len / (time.perf_counter() - start)
+        _timed_generate(model, ids[:, : min(8, prompt_len)], 2, pad)  # warm-up
+        ttft_s, _ = _timed_generate(model, ids, 1, pad)
+        wall_s, out = _timed_generate(model, ids, output_len, pad)
+    made = out.shape[1] - prompt_len
+    result = {
+        "model_dir": model_dir, "device": str(dev), "dtype": dtype_name, "batch": batch, "prompt_len": prompt_len,
+        "output_len": output_len, "weights": "checkpoint" if has_weights else "random (config.json only)",
+        "load_s": load_s, "wall_s": wall_s, "tokens_made": int(made) * batch,
+        "tok_s": batch * made / wall_s, "ttft_ms": ttft_s * 1e3,
+        "tpot_ms": (wall_s - ttft_s) / (made - 1) * 1e3 if made > 1 else None,
+    }
+    del model, out, ids
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
-def main() -> None:
+# ---- the report --------------------------------------------------------------------------------
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if not numerator or not denominator or numerator != numerator or denominator != denominator:
+        return None  # missing, zero or NaN
+    return numerator / denominator
+
+
+def ratios(report: Report, bound: dict | None, hf: dict | None) -> dict[str, float | None]:
+    """Higher is better for stageserve: its speed over the reference's."""
+    out: dict[str, float | None] = {}
+    if bound is not None:
+        out["tok_s_vs_roofline"] = _ratio(report.output_tok_s, bound["tok_s"])
+        out["tpot_p50_vs_roofline"] = _ratio(bound["tpot_ms"], report.tpot_p50_ms)
+        out["tpot_p99_vs_roofline"] = _ratio(bound["tpot_ms"], report.tpot_p99_ms)
+    if hf is not None and "tok_s" in hf:
+        out["tok_s_vs_transformers"] = _ratio(report.output_tok_s, hf["tok_s"])
+        out["tpot_p50_vs_transformers"] = _ratio(hf["tpot_ms"], report.tpot_p50_ms)
+        out["tpot_p99_vs_transformers"] = _ratio(hf["tpot_ms"], report.tpot_p99_ms)
+        out["ttft_p50_vs_transformers"] = _ratio(hf["ttft_ms"], report.ttft_p50_ms)
+        out["ttft_p99_vs_transformers"] = _ratio(hf["ttft_ms"], report.ttft_p99_ms)
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = [torch.cuda.get_device_name(i) for i in range(count)]
+    return {
+        "gpus": gpus, "gpu": gpus[0] if gpus else None, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "transformers": transformers.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "host": platform.node(),
+    }
+
+
+def layout(info: gen.ModelInfo) -> dict[str, Any]:
+    return {
+        "model_name": info.model_name, "architecture": info.architecture, "num_layers": info.num_layers,
+        "pp": info.pipeline_parallel_size, "tp": info.tensor_parallel_size, "dtype": info.dtype,
+        "block_size": info.block_size, "num_kv_blocks": info.num_kv_blocks,
+        "stages": [{"stage": s.stage_index, "layers": [s.first_layer, s.last_layer], "weight_bytes": s.weight_bytes,
+                    "kv_block_bytes": s.kv_block_bytes} for s in info.stages],
+    }
+
+
+def _print_table(report: Report, info: gen.ModelInfo, bound: dict | None, hf: dict | None,
+                 ratio: dict[str, float | None]) -> None:
+    print(f"layout pp={info.pipeline_parallel_size} tp={info.tensor_parallel_size} {info.dtype}, "
+          f"{report.requests} requests, concurrency {report.concurrency}, {report.failed} failed"
+          + (f" (first: {report.first_error})" if report.first_error else ""))
+    rows: dict[str, Any] = {k: v for k, v in asdict(report).items() if k != "first_error"}
+    if bound is not None:
+        rows["copy_rate_GB_s"] = bound["copy_bytes_per_s"] / 1e9
+        rows["roofline_tpot_ms (stages in series)"] = bound["tpot_ms"]
+        rows["roofline_tok_s"] = bound["tok_s"]
+    if hf is not None:
+        for key in ("tok_s", "ttft_ms", "tpot_ms", "error"):
+            if key in hf:
+                rows[f"transformers_{key}"] = hf[key]
+    rows.update(ratio)
+    print("| metric | value |")
+    print("| --- | --- |")
+    for key, value in rows.items():
+        print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--addr", default="127.0.0.1:50051")
     p.add_argument("--concurrency", type=int, default=8)
@@ -172,36 +374,56 @@ def main() -> None:
     p.add_argument("--prompt-len", default="128", help="N or LOW-HIGH")
     p.add_argument("--output-len", default="64", help="N or LOW-HIGH")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--copy-rate-gbs", type=float, default=4280.0,
-                   help="measured device copy rate, GB/s (H200: ~4280)")
-    p.add_argument("--kv-bytes-per-token", type=int, default=0,
-                   help="KV bytes one token costs over all layers (for the roofline; 0 ignores KV)")
-    p.add_argument("--hf-baseline", default=None, help="model folder: also time transformers generate")
-    p.add_argument("--json", default=None, help="also write the report here")
-    args = p.parse_args()
-    report, info = asyncio.run(
-        run_load(args.addr, args.concurrency, args.requests, args.prompt_len, args.output_len, args.seed)
-    )
-    mean_prompt = statistics.mean(_length(args.prompt_len, random.Random(i)) for i in range(50))
-    mean_out = statistics.mean(_length(args.output_len, random.Random(i)) for i in range(50))
-    floor = roofline_step_s(info, args.concurrency, int(mean_prompt + mean_out / 2),
-                            args.kv_bytes_per_token, args.copy_rate_gbs * 1e9)
-    report.extra["roofline_tpot_ms"] = floor * 1e3
-    report.extra["tpot_vs_roofline"] = floor * 1e3 / report.tpot_p50_ms if report.tpot_p50_ms else None
-    report.extra["tok_s_vs_roofline"] = report.output_tok_s / (args.concurrency / floor) if floor else None
+    p.add_argument("--warmup-requests", type=int, default=None,
+                   help="untimed 2-token requests sent at once before the load (default: --concurrency)")
+    p.add_argument("--hbm-bytes-per-s", type=float, default=None,
+                   help="device copy rate for the roofline, bytes/s (H200: ~4.28e12)")
+    p.add_argument("--measure-bandwidth", action="store_true",
+                   help="measure the copy rate on --hf-device instead (after the load)")
+    p.add_argument("--bandwidth-mib", type=int, default=1024, help="buffer copied by --measure-bandwidth")
+    p.add_argument("--hf-baseline", default=None, metavar="DIR",
+                   help="model folder: also time transformers generate (random weights if DIR has none)")
+    p.add_argument("--hf-device", default=None, help="device of the baseline (default: cuda:0 if any, else cpu)")
+    p.add_argument("--hf-dtype", default=None, help="dtype of the baseline (default: bfloat16 on GPU, else float32)")
+    p.add_argument("--json", default=None, help="write the whole report (figures, args, machine) here")
+    args = p.parse_args(argv)
+    warmup = args.concurrency if args.warmup_requests is None else args.warmup_requests
+    report, info = asyncio.run(run_load(
+        args.addr, args.concurrency, args.requests, args.prompt_len, args.output_len, args.seed, warmup
+    ))
+    device = args.hf_device or _default_device()
+    mean_prompt, mean_out = _mean_length(args.prompt_len), _mean_length(args.output_len)
+    copy_rate, copy_source = args.hbm_bytes_per_s, "given (--hbm-bytes-per-s)"
+    if args.measure_bandwidth:
+        copy_rate = measure_copy_bandwidth(device, args.bandwidth_mib * 2**20)
+        copy_source = f"measured on {device}: {args.bandwidth_mib} MiB copy, read + write, median of 10"
+    bound = None
+    if copy_rate:
+        # Decode steps see contexts from the prompt to prompt + output: the mean is halfway.
+        bound = roofline(info, args.concurrency, mean_prompt + mean_out / 2, copy_rate)
+        bound["copy_rate_source"] = copy_source
+    hf = None
     if args.hf_baseline:
-        hf = hf_baseline(args.hf_baseline, args.concurrency, int(mean_prompt), int(mean_out))
-        report.extra["transformers_tok_s"] = hf
-        report.extra["tok_s_vs_transformers"] = report.output_tok_s / hf
-    print(f"layout pp={info.pipeline_parallel_size} tp={info.tensor_parallel_size} {info.dtype}, "
-          f"{report.requests} requests, concurrency {report.concurrency}, {report.failed} failed")
-    print("| metric | value |")
-    print("| --- | --- |")
-    for key, value in {**asdict(report), **report.extra}.items():
-        if key != "extra":
-            print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
+        dtype = args.hf_dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        try:
+            hf = hf_baseline(args.hf_baseline, device, dtype, args.concurrency, round(mean_prompt), round(mean_out),
+                             args.seed)
+        except Exception as exc:  # noqa: BLE001 - reported, so the load's figures still come out
+            hint = ""
+            if "out of memory" in str(exc).lower():
+                hint = (" (the serving stages hold that GPU's memory: start them with a lower "
+                        "--gpu-memory-utilization or --kv-cache-bytes, or give --hf-device another GPU)")
+            hf = {"error": f"{type(exc).__name__}: {exc}{hint}", "device": device}
+    ratio = ratios(report, bound, hf)
+    _print_table(report, info, bound, hf, ratio)
     if args.json:
-        Path(args.json).write_text(json.dumps({**asdict(report)}, indent=2))
+        whole = {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": [sys.executable, *sys.argv],
+            "args": vars(args), "machine": machine(), "layout": layout(info),
+            "load": asdict(report), "roofline": bound, "transformers": hf, "ratios": ratio,
+        }
+        Path(args.json).write_text(json.dumps(whole, indent=2) + "\n")
 
 
 if __name__ == "__main__":

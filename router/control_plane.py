@@ -129,7 +129,9 @@ def bring_up(
             f"(budget {profiles[limiting].kv_budget_bytes} bytes); lower max_num_batched_tokens, "
             "raise the memory utilisation, or use more stages"
         )
-    init = pb.InitCacheRequest(num_blocks=num_blocks, block_size=plan.block_size)
+    init = pb.InitCacheRequest(
+        num_blocks=num_blocks, block_size=plan.block_size, max_num_seqs=plan.max_num_seqs
+    )
     with ThreadPoolExecutor(len(stages)) as pool:
         list(pool.map(lambda s: s.init_cache(init), stages))
     deadline = time.monotonic() + 60

@@ -8,8 +8,10 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,6 +38,36 @@ from shared.security import AsyncRequireToken, ServerTls, StageAccess, add_port,
 log = logging.getLogger("stageserve.router")
 
 SERVICE_NAME = "stageserve.v1.Generation"
+
+# Files any Hugging Face tokenizer is read from; a folder with none of them has no tokenizer
+# (a config.json-only folder served with --load-format dummy). Checked before AutoTokenizer
+# runs, because transformers may build an empty tokenizer from config.json alone.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "vocab.txt", "spiece.model",
+)
+
+
+def tokenizer_files(model_path: str | Path) -> list[str]:
+    """The tokenizer files in the model folder (empty: the router serves token ids only)."""
+    return [name for name in TOKENIZER_FILES if (Path(model_path) / name).is_file()]
+
+
+def load_tokenizer(model_path: str) -> Any | None:
+    """The folder's tokenizer, or None if it has no tokenizer files (a broken one still fails)."""
+    if not tokenizer_files(model_path):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+class TokenIdsOnly:
+    """Stands in for the tokenizer in the detokenizer of a router without one: every decode
+    is "", so responses carry token ids and empty text."""
+
+    def decode(self, token_ids: Sequence[int], **kwargs: Any) -> str:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -67,9 +99,10 @@ class RouterConfig:
 
 
 class GenerationService(gen_grpc.GenerationServicer):
-    def __init__(self, config: RouterConfig, model: ModelConfig, tokenizer) -> None:
+    def __init__(self, config: RouterConfig, model: ModelConfig, tokenizer: Any | None) -> None:
         self.config = config
         self.model = model
+        # None: the folder has no tokenizer; only prompt_token_ids requests without stop strings.
         self.tokenizer = tokenizer
         self.limits = RequestLimits.from_model_config(model)
         self.engine: Engine | None = None
@@ -81,9 +114,30 @@ class GenerationService(gen_grpc.GenerationServicer):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
 
+    def _no_tokenizer(self, needs: str) -> str:
+        return (
+            f"model folder {self.model.model_path} has no tokenizer, so this router cannot {needs}; "
+            "send prompt_token_ids (and no stop strings): responses then carry token ids with empty text"
+        )
+
+    def _needs_tokenizer(self, request: gen.GenerateRequest) -> str | None:
+        """Why a router without a tokenizer cannot serve `request`; None if it can."""
+        if self.tokenizer is not None:
+            return None
+        if request.WhichOneof("input") == "prompt":
+            return self._no_tokenizer("tokenize a text prompt")
+        if request.sampling.stop:
+            return self._no_tokenizer("match stop strings")
+        return None
+
     async def Generate(
         self, request: gen.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen.GenerateResponse]:
+        # FAILED_PRECONDITION, not INVALID_ARGUMENT: the request is fine, this deployment lacks
+        # the tokenizer it needs (not counted by the rejection metric, which has no such label).
+        missing = self._needs_tokenizer(request)
+        if missing is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, missing)
         if self.recovering is not None:
             self.metrics.on_rejected("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"recovering: {self.recovering}")
@@ -175,6 +229,8 @@ class GenerationService(gen_grpc.GenerationServicer):
         return info
 
     async def Tokenize(self, request: gen.TokenizeRequest, context) -> gen.TokenizeResponse:
+        if self.tokenizer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._no_tokenizer("tokenize text"))
         if len(request.text) > self.limits.max_prompt_chars:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -194,11 +250,13 @@ class Router:
     """Owns the rendezvous store, the stage clients, the engine and the health status."""
 
     def __init__(self, config: RouterConfig) -> None:
-        from transformers import AutoTokenizer
-
         self.config = config
         self.model = ModelConfig.from_pretrained(config.model_path)
-        tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+        tokenizer = load_tokenizer(config.model_path)
+        if tokenizer is None:
+            log.warning("model folder %s has no tokenizer (none of %s): serving prompt_token_ids only; "
+                        "text prompts, stop strings and Tokenize get FAILED_PRECONDITION, and responses "
+                        "carry token ids with empty text", config.model_path, ", ".join(TOKENIZER_FILES))
         self.service = GenerationService(config, self.model, tokenizer)
         self.metrics = self.service.metrics = RouterMetrics(new_registry())
         self.health = health.aio.HealthServicer()
@@ -252,7 +310,7 @@ class Router:
         engine = Engine(
             self.stages,
             scheduler,
-            self.service.tokenizer,
+            self.service.tokenizer if self.service.tokenizer is not None else TokenIdsOnly(),
             self.model.eos_token_ids,
             self.model.max_context,
             max_inflight=cfg.scheduler.max_inflight_steps or len(self.stages),

@@ -53,6 +53,23 @@ def _env_path(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def _add_load_format_flag(p: argparse.ArgumentParser) -> None:
+    # The choices are stage_worker.loader.LOAD_FORMATS, spelled out so that parsing stays
+    # free of torch (the stage validates them again).
+    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="auto: the folder's checkpoint; dummy: random weights made on each rank's device, "
+                        "no file read, so the folder needs only config.json (benchmarks; the router serves "
+                        "prompt_token_ids only if the folder has no tokenizer)")
+
+
+def _add_execution_flags(p: argparse.ArgumentParser) -> None:
+    # Spelled out like --load-format, so that parsing stays free of torch.
+    p.add_argument("--attention-backend", choices=["auto", "reference", "triton"], default="auto",
+                   help="auto: the Triton paged-attention kernel on CUDA, the plain-torch reference elsewhere")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs for decode steps (they are captured at startup by default on CUDA)")
+
+
 def _add_client_tls_flags(p: argparse.ArgumentParser, cert: bool = False) -> None:
     p.add_argument("--tls-ca", default=None,
                    help="connect over TLS, trusting this CA's certificates (PEM); default: plaintext")
@@ -139,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--sequence-parallel", action="store_true",
                     help="shard the residual stream by tokens inside each stage's TP group")
     up.add_argument("--startup-timeout", type=float, default=1800.0)
-    up.add_argument("--prompt", default=None, help="once serving, stream an answer to this prompt")
+    _add_load_format_flag(up)
+    _add_execution_flags(up)
+    up.add_argument("--prompt", default=None,
+                    help="once serving, stream an answer to this prompt (needs the model folder's tokenizer)")
     _add_api_security_flags(up)
     up.add_argument("--tls-ca", default=None,
                     help="the CA `up` itself trusts when it checks the router (default: --tls-cert, "
@@ -182,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--dtype", default="auto")
     stage.add_argument("--sequence-parallel", action="store_true",
                        help="shard the residual stream by tokens inside the TP group (needs --tp > 1)")
+    _add_load_format_flag(stage)
+    _add_execution_flags(stage)
     stage.add_argument("--tls-cert", default=None, help="serve the control port over TLS with this certificate")
     stage.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
     stage.add_argument("--tls-client-ca", default=None,
@@ -363,10 +385,19 @@ def main(argv: list[str] | None = None) -> int:
 
             model = args.model or str(ensure_demo_model())
             setup_logging("up", args.log_format)
+            if args.prompt is not None:
+                from router.server import tokenizer_files
+
+                if not tokenizer_files(model):
+                    raise ConfigError(
+                        f"--prompt needs a tokenizer, and model folder {model} has none; serve without "
+                        "--prompt and send prompt_token_ids (e.g. benchmarks/load_generator.py)"
+                    )
             device = resolve_device(args.device, args.pp * args.tp)
             dtype = resolve_dtype(args.dtype, device)
             choice = choose_up_partition(
-                model, args.pp, args.tp, device, args.layer_partition, _memory_settings(args, dtype, None)
+                model, args.pp, args.tp, device, args.layer_partition, _memory_settings(args, dtype, None),
+                load_format=args.load_format,
             )
             print(f"stageserve: layer partition {format_partition(choice.partition)} ({choice.reason})", flush=True)
             config = UpConfig(
@@ -376,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                 startup_timeout_s=args.startup_timeout, metrics_port=args.metrics_port,
                 log_format=args.log_format, sequence_parallel=args.sequence_parallel,
                 tls=_server_tls(args), tls_ca=args.tls_ca, auth_token_file=args.auth_token_file,
-                stage_token=not args.no_stage_token,
+                stage_token=not args.no_stage_token, load_format=args.load_format,
+                attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
             )
             return run_up(config, args.prompt, _sampling_from(args))
         if args.command == "router":
@@ -417,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
 
             model = ModelConfig.from_pretrained(args.model)
             explicit = parse_layer_partition(args.layer_partition) if args.layer_partition else None
-            sharded = read_sharded_state(args.model)
+            # Dummy weights read no file, so a sharded folder's layout does not bind them.
+            sharded = read_sharded_state(args.model) if args.load_format == "auto" else None
             if sharded is not None:
                 # The folder fixes the layout: another one stops the stage here, saying which.
                 explicit = sharded.resolve_layout(args.num_stages, args.tp, explicit)
@@ -432,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                 stage_index=args.stage_index, host=args.host, port=args.port, rendezvous=args.rendezvous,
                 device_type=device, dtype=resolve_dtype(args.dtype, device), metrics_port=args.metrics_port,
                 tls=_server_tls(args, args.tls_client_ca), stage_token_file=args.stage_token_file,
+                load_format=args.load_format, attention_backend=args.attention_backend,
+                enforce_eager=args.enforce_eager,
             ))
             return 0
         if args.command == "plan":

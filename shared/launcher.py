@@ -45,6 +45,11 @@ class UpConfig:
     auth_token_file: str | None = None
     # A fresh random stage token for router and stages: only the router may call a stage.
     stage_token: bool = True
+    # Every stage's --load-format: "auto" (the checkpoint) or "dummy" (random weights).
+    load_format: str = "auto"
+    # Every stage's --attention-backend and --enforce-eager.
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
 
 
 def free_port() -> int:
@@ -81,14 +86,16 @@ def local_gpu_memory(num_gpus: int) -> int:
 
 
 def choose_up_partition(
-    model_path: str, num_stages: int, tp_size: int, device: str, explicit: str | None, settings: MemorySettings
+    model_path: str, num_stages: int, tp_size: int, device: str, explicit: str | None, settings: MemorySettings,
+    load_format: str = "auto",
 ) -> PartitionChoice:
     """The partition `up` passes to every stage, decided once here so that they agree: a
-    sharded folder's own, else --layer-partition, else the memory-balanced default on GPU
-    (each rank's memory is known) and the even split on CPU."""
+    sharded folder's own (unless the weights are dummy ones, which read no file), else
+    --layer-partition, else the memory-balanced default on GPU (each rank's memory is known)
+    and the even split on CPU."""
     model = ModelConfig.from_pretrained(model_path)
     given = parse_layer_partition(explicit) if explicit else None
-    sharded = read_sharded_state(model_path)
+    sharded = read_sharded_state(model_path) if load_format == "auto" else None
     if sharded is not None:
         return PartitionChoice(sharded.resolve_layout(num_stages, tp_size, given), "the sharded folder's")
     if given is not None:
@@ -157,12 +164,16 @@ class Launcher:
                 "stage", "--model", cfg.model_path, "--stage-index", str(i),
                 "--num-stages", str(cfg.num_stages), "--tp", str(cfg.tp_size), "--port", str(port),
                 "--host", "127.0.0.1", "--rendezvous", f"127.0.0.1:{rendezvous_port}",
-                "--device", device, "--dtype", cfg.dtype, *self._ops_args(1 + i), *stage_security,
+                "--device", device, "--dtype", cfg.dtype, "--load-format", cfg.load_format,
+                *self._ops_args(1 + i), *stage_security,
             ]
             if cfg.layer_partition:
                 args += ["--layer-partition", cfg.layer_partition]
             if cfg.sequence_parallel:
                 args.append("--sequence-parallel")
+            args += ["--attention-backend", cfg.attention_backend]
+            if cfg.enforce_eager:
+                args.append("--enforce-eager")
             env = None
             if device == "cuda":
                 # Stage i owns GPUs [i*tp, (i+1)*tp); inside the stage they are cuda:0..tp-1.

@@ -28,6 +28,15 @@ class AttentionMetadata:
     block_size: int
     # False for the profiling forward: no cache, attention among the new tokens only.
     use_cache: bool = True
+    # The same description as device tensors, for the Triton path (None on the reference
+    # path): int32 [num_seqs + 1], int32 [num_seqs], int32 [num_seqs, max_blocks] with rows
+    # padded past each sequence's blocks. Kernels read these, so a CUDA graph can replay
+    # with new contents in the same buffers.
+    query_start_loc_tensor: torch.Tensor | None = None
+    context_lens_tensor: torch.Tensor | None = None
+    block_tables_tensor: torch.Tensor | None = None
+    # Longest query of the step: sizes the Triton grid (1 for decode-only steps).
+    max_query_len: int = 0
 
     @property
     def num_seqs(self) -> int:

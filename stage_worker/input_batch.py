@@ -33,7 +33,9 @@ def build_input_batch(
     block_size: int,
     device: torch.device,
     need_token_ids: bool,
+    device_metadata: bool = False,
 ) -> InputBatch:
+    """`device_metadata` adds the tensor form of the attention metadata the Triton kernels read."""
     token_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -67,9 +69,17 @@ def build_input_batch(
         query_start_loc=query_start_loc,
         start_positions=start_positions,
         context_lens=context_lens,
-        block_tables=[tensor(t) for t in block_tables],
+        block_tables=[] if device_metadata else [tensor(t) for t in block_tables],
         block_size=block_size,
+        max_query_len=max((e - s for s, e in zip(query_start_loc, query_start_loc[1:])), default=0),
     )
+    if device_metadata:
+        width = max((len(t) for t in block_tables), default=0)
+        # [num_seqs, width]: each row its blocks, then zeros the kernel never reads.
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        metadata.query_start_loc_tensor = _int32(query_start_loc, device)
+        metadata.context_lens_tensor = _int32(context_lens, device)
+        metadata.block_tables_tensor = _int32(padded, device).view(len(block_tables), width)
     return InputBatch(
         input_ids=tensor(token_ids) if need_token_ids else None,
         positions=tensor(positions),
@@ -77,3 +87,7 @@ def build_input_batch(
         logits_indices=tensor(logits_indices),
         sampled_seqs=sampled,
     )
+
+
+def _int32(values: list, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)

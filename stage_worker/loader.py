@@ -7,10 +7,16 @@ so the bytes of other ranks' shards and of other stages' layers never leave the 
 A folder written by `stageserve save-sharded` (it has the sharded-state metadata file) is
 read differently: the rank reads its own files whole and copies each tensor into the
 parameter of the same name, with no slicing.
+
+`load_format="dummy"` opens no file at all (the folder needs only config.json): each
+checkpoint tensor is replaced by a deterministic pseudo-random one (see DummyTensor) that
+the same weight loaders slice, so benchmarks can run an 8B- or 70B-shaped model without
+its checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -24,11 +30,23 @@ from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 
-from shared.config import ConfigError
+from shared.config import ConfigError, ModelConfig
 from shared.sharded_state import ShardedState, read_rank_files, read_sharded_state
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# "auto": the folder's checkpoint (HF safetensors or the sharded state); "dummy": random weights.
+LOAD_FORMATS = ("auto", "dummy")
+
+# Dummy weights are uniform in [-DUMMY_RANGE, DUMMY_RANGE] (vLLM's dummy loader uses the same
+# range): small enough that activations stay finite in bf16 through 80 layers. Norm weights
+# get 1 + the same noise, so each norm keeps the scale it was made to restore.
+DUMMY_RANGE = 1e-3
+# Elements hashed at once: bounds the int64 temporaries of the hash (8 bytes each, a few alive).
+_DUMMY_CHUNK_ELEMENTS = 1 << 24
+_MASK32 = 0xFFFFFFFF
+# Below 2**31, so a 32-bit value times it stays below 2**63: no int64 overflow anywhere.
+_HASH_MULTIPLIER = 0x45D9F3B
 
 
 @dataclass(frozen=True)
@@ -69,13 +87,21 @@ def checkpoint_weight_map(model_dir: Path) -> dict[str, str]:
         with safe_open(str(single), framework="pt", device="cpu") as f:
             return {key: SINGLE_FILE for key in f.keys()}
     raise ConfigError(
-        f"no safetensors weights in {model_dir}: expected {INDEX_FILE} or {SINGLE_FILE}"
+        f"no safetensors weights in {model_dir}: expected {INDEX_FILE} or {SINGLE_FILE} "
+        "(to serve random weights from config.json alone: stageserve up/stage --load-format dummy)"
     )
 
 
-def load_weights(model: nn.Module, model_dir: str | Path) -> LoadReport:
-    """Loads every parameter `model` owns (see model.checkpoint_targets) from `model_dir`."""
+def load_weights(
+    model: nn.Module, model_dir: str | Path, load_format: str = "auto", seed: int = 0
+) -> LoadReport:
+    """Loads every parameter `model` owns (see model.checkpoint_targets) from `model_dir`,
+    or with load_format="dummy" fills them with the dummy weights of `seed` (no file read)."""
     started = time.perf_counter()
+    if load_format == "dummy":
+        return _load_dummy(model, seed, started)
+    if load_format != "auto":
+        raise ConfigError(f"unknown load format {load_format!r}; choose one of {', '.join(LOAD_FORMATS)}")
     model_dir = Path(model_dir)
     sharded = read_sharded_state(model_dir)
     if sharded is not None:
@@ -153,3 +179,158 @@ def _load_sharded(model: nn.Module, state: ShardedState, started: float) -> Load
             f"TP rank {rank}, e.g. " + ", ".join(missing[:5])
         )
     return LoadReport(bytes_read=bytes_read, seconds=time.perf_counter() - started, tensors=len(seen))
+
+
+# ---- dummy weights ---------------------------------------------------------------------------
+
+
+def reference_checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> full (unsharded) shape, as transformers saves this model.
+
+    Built on the meta device, so no memory is allocated: transformers, not this project,
+    says which tensors the checkpoint of a config would hold.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = config.hf_config or AutoConfig.from_pretrained(config.model_path)
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(hf_config)
+    return {key: tuple(tensor.shape) for key, tensor in reference.state_dict().items()}
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) of every element of x (int64 in [0, 2**32))."""
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MULTIPLIER) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MULTIPLIER) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _index_ranges(index: Any, shape: tuple[int, ...]) -> tuple[list[range], list[bool]]:
+    """A basic index (ints, slices, one Ellipsis) -> the range it selects in each dimension,
+    and whether that dimension stays (False for an int index, which drops it)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if any(item is Ellipsis for item in items):
+        at = items.index(Ellipsis)
+        items = items[:at] + (slice(None),) * (len(shape) - len(items) + 1) + items[at + 1 :]
+    if len(items) > len(shape):
+        raise IndexError(f"too many indices ({len(items)}) for a tensor of shape {list(shape)}")
+    items = items + (slice(None),) * (len(shape) - len(items))
+    ranges: list[range] = []
+    keep: list[bool] = []
+    for item, size in zip(items, shape):
+        if isinstance(item, slice):
+            ranges.append(range(*item.indices(size)))
+            keep.append(True)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            i = item + size if item < 0 else item
+            if not 0 <= i < size:
+                raise IndexError(f"index {item} is out of range for a dimension of size {size}")
+            ranges.append(range(i, i + 1))
+            keep.append(False)
+        else:
+            raise TypeError(f"dummy weights support int and slice indices, got {item!r}")
+    return ranges, keep
+
+
+def _arange(r: range, device: torch.device) -> torch.Tensor:
+    return torch.arange(r.start, r.stop, r.step, dtype=torch.int64, device=device)
+
+
+class DummyTensor:
+    """A checkpoint tensor that exists nowhere: indexing it makes exactly the indexed
+    elements, on `device`, in `dtype`, like a safetensors slice reads them from disk.
+
+    Element i (row-major index into the full tensor) is a hash of (i, key, seed) mapped to
+    [center - DUMMY_RANGE, center + DUMMY_RANGE]. Every element depends only on its place in
+    the full tensor, so each TP rank makes just its own shard, ranks holding replicated
+    parameters (norms, shared kv heads) make equal values, any layout computes the same
+    model, and reruns agree. Integer hashing and one float32 multiply-add give the same
+    values on CPU and GPU.
+    """
+
+    def __init__(
+        self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+        seed: int = 0, center: float = 0.0,
+    ) -> None:
+        self.key = key
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.center = center
+        # hashlib, not hash(): Python's string hash changes from process to process.
+        digest = int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "little")
+        self._key_lo, self._key_hi = digest & _MASK32, digest >> 32
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def get_dtype(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def _values(self, flat_index: torch.Tensor) -> torch.Tensor:
+        """Row-major indices into the full tensor (int64) -> their values, same shape."""
+        h = _mix32((flat_index & _MASK32) ^ self._key_lo)
+        # The high word keeps elements 2**32 apart distinct (tensors past 4G elements).
+        h = _mix32(h ^ (((flat_index >> 32) + self._key_hi) & _MASK32))
+        unit = h.to(torch.float32) * (1.0 / 2**32)  # [0, 1]
+        return (unit * (2 * DUMMY_RANGE) + (self.center - DUMMY_RANGE)).to(self.dtype)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        if not self.shape:
+            return self._values(torch.zeros((), dtype=torch.int64, device=self.device))
+        ranges, keep = _index_ranges(index, self.shape)
+        strides = [1] * len(self.shape)
+        for d in range(len(self.shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * self.shape[d + 1]
+        out = torch.empty([len(r) for r in ranges], dtype=self.dtype, device=self.device)
+        if out.numel() > 0:
+            # Offsets of the selected elements within one index of dim 0: [len(r1), len(r2), ...].
+            inner = torch.zeros((), dtype=torch.int64, device=self.device)
+            for r, stride in zip(ranges[1:], strides[1:]):
+                inner = inner.unsqueeze(-1) + _arange(r, self.device) * stride
+            rows_per_chunk = max(1, _DUMMY_CHUNK_ELEMENTS // max(1, inner.numel()))
+            first = ranges[0]
+            for start in range(0, len(first), rows_per_chunk):
+                rows = _arange(first[start : start + rows_per_chunk], self.device)
+                # [rows, 1, ...] + [len(r1), ...] -> [rows, len(r1), ...]
+                flat = rows.view(-1, *([1] * inner.dim())) * strides[0] + inner
+                out[start : start + rows.numel()] = self._values(flat)
+        return out[tuple(slice(None) if k else 0 for k in keep)]
+
+
+def _norm_parameter_names(model: nn.Module) -> set[str]:
+    """Parameters of normalization modules (RMSNorm, LayerNorm, ...): their dummy centre is 1."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if "Norm" in type(module).__name__:
+            for name, _ in module.named_parameters(recurse=False):
+                names.add(f"{module_name}.{name}" if module_name else name)
+    return names
+
+
+def _load_dummy(model: nn.Module, seed: int, started: float) -> LoadReport:
+    """Fills every parameter through its weight_loader from DummyTensors of the checkpoint
+    the model's config describes: the same slicing as a real load, on the parameter's device."""
+    targets = model.checkpoint_targets()
+    shapes = reference_checkpoint_shapes(model.config)
+    missing = [key for key in targets if key not in shapes]
+    if missing:
+        raise ConfigError(
+            f"dummy weights: transformers' {model.config.architecture} has no tensor named "
+            + ", ".join(missing[:5])
+        )
+    params = dict(model.named_parameters())
+    norms = _norm_parameter_names(model)
+    with torch.no_grad():
+        for key, (param_name, shard_id) in targets.items():
+            param = params[param_name]
+            fake = DummyTensor(
+                key, shapes[key], param.dtype, param.device, seed, center=1.0 if param_name in norms else 0.0
+            )
+            if shard_id is None:
+                param.weight_loader(param, fake)
+            else:
+                param.weight_loader(param, fake, shard_id)
+    return LoadReport(bytes_read=0, seconds=time.perf_counter() - started, tensors=len(targets))

@@ -14,9 +14,11 @@ import torch
 from shared.config import ModelConfig, StageLayout
 from shared.proto import stage_worker_pb2 as pb
 from stage_worker.attention_metadata import AttentionMetadata
+from stage_worker.cuda_graphs import DecodeGraphs
 from stage_worker.distributed import RankPlacement, StageHop, get_tp_group
 from stage_worker.input_batch import InputBatch, build_input_batch
 from stage_worker.kv_cache import KVCache, bytes_per_block
+from stage_worker.layers.attention import resolve_attention_backend, set_attention_backend
 from stage_worker.layers.sampler import Sampler, SamplerOutput
 from stage_worker.layers.sequence_parallel import padded_num_tokens, shard_rows
 from stage_worker.loader import load_weights
@@ -43,8 +45,13 @@ class ModelRunner:
         placement: RankPlacement,
         dtype: torch.dtype,
         device: torch.device,
+        load_format: str = "auto",
+        attention_backend: str = "auto",
+        enforce_eager: bool = False,
     ) -> None:
         self.config = config
+        # "auto": the checkpoint in config.model_path; "dummy": random weights, no files read.
+        self.load_format = load_format
         self.layout = layout
         self.placement = placement
         self.dtype = dtype
@@ -54,6 +61,17 @@ class ModelRunner:
         )
         # The residual stream stays token-sharded between the TP matmuls, and across the hop.
         self.sequence_parallel: bool = self.model.sequence_parallel
+        self.attention_backend = resolve_attention_backend(attention_backend, device)
+        set_attention_backend(self.model, self.attention_backend)
+        # Graphs replay the Triton path only (the reference loops over sequences on the
+        # host), and a sequence-parallel stage's decode rows are too few to be worth it.
+        self.use_cuda_graphs = (
+            device.type == "cuda"
+            and self.attention_backend == "triton"
+            and not self.sequence_parallel
+            and not enforce_eager
+        )
+        self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler() if layout.is_last else None
         self.sequences = SequenceTable()
         self.kv_cache: KVCache | None = None
@@ -63,7 +81,7 @@ class ModelRunner:
     # ---- setup -------------------------------------------------------------------------
 
     def load(self) -> LoadSummary:
-        report = load_weights(self.model, self.config.model_path)
+        report = load_weights(self.model, self.config.model_path, load_format=self.load_format)
         return LoadSummary(
             parameter_names=self.model.checkpoint_parameter_names(),
             parameter_bytes=self.model.parameter_bytes(),
@@ -137,12 +155,28 @@ class ModelRunner:
 
     def init_cache(self, request: pb.InitCacheRequest) -> pb.InitCacheResponse:
         self.kv_cache = None
+        self.graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.kv_cache = KVCache.for_model(self.model, request.num_blocks, request.block_size)
         self.kv_cache.bind(self.model)
         self.block_size = request.block_size
-        return pb.InitCacheResponse(kv_cache_bytes=self.kv_cache.nbytes)
+        response = pb.InitCacheResponse(kv_cache_bytes=self.kv_cache.nbytes)
+        if self.use_cuda_graphs and request.max_num_seqs > 0:
+            # The graphs read the cache's addresses: captured after it exists, again if it changes.
+            self.graphs = DecodeGraphs(
+                self.model,
+                max_num_seqs=request.max_num_seqs,
+                max_blocks_per_seq=-(-self.config.max_position_embeddings // request.block_size),
+                block_size=request.block_size,
+                hidden_size=self.config.hidden_size,
+                takes_input_ids=self.layout.is_first,
+                dtype=self.dtype,
+                device=self.device,
+            )
+            response.graph_capture_seconds = self.graphs.capture()
+            response.cuda_graph_sizes.extend(self.graphs.sizes)
+        return response
 
     # ---- steps -------------------------------------------------------------------------
 
@@ -165,7 +199,12 @@ class ModelRunner:
             result.error = str(exc)
             return result
         batch = build_input_batch(
-            list(step.seqs), batch_seqs, self.block_size, self.device, self.layout.is_first
+            list(step.seqs),
+            batch_seqs,
+            self.block_size,
+            self.device,
+            self.layout.is_first,
+            device_metadata=self.attention_backend == "triton",
         )
         hidden = self._forward(batch)
         if self.layout.is_last and batch.sampled_seqs:
@@ -182,14 +221,14 @@ class ModelRunner:
         padded = padded_num_tokens(num_tokens, tp.size)
         rows = padded // tp.size
         if self.layout.is_first:
-            hidden = self.model(batch.input_ids, batch.positions, None, batch.attn_metadata)
+            hidden = self._run_model(batch, None)
         else:
             assert self.hop is not None
             part = self.hop.recv((rows, self.config.hidden_size), self.dtype, self.device)
             if not self.sequence_parallel:
                 # [padded, hidden] once every rank's slice is gathered, then the padding dropped.
                 part = tp.all_gather(part, dim=0)[:num_tokens]
-            hidden = self.model(None, batch.positions, part, batch.attn_metadata)
+            hidden = self._run_model(batch, part)
         if not self.layout.is_last:
             assert self.hop is not None
             if self.sequence_parallel:
@@ -200,6 +239,15 @@ class ModelRunner:
                     hidden = torch.nn.functional.pad(hidden, (0, 0, 0, padded - num_tokens))
                 self.hop.send(hidden[tp.rank * rows : (tp.rank + 1) * rows])
         return hidden
+
+    def _run_model(self, batch: InputBatch, hidden_in: torch.Tensor | None) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.covers(batch):
+            hidden = self.graphs.run(batch, hidden_in)
+            # The next replay overwrites the graph's output buffer, maybe while the hop's
+            # asynchronous send still reads it: what leaves the stage is a copy. The last
+            # stage samples from it before the next step starts.
+            return hidden if self.layout.is_last else hidden.clone()
+        return self.model(batch.input_ids, batch.positions, hidden_in, batch.attn_metadata)
 
     def _sample(self, hidden: torch.Tensor, batch: InputBatch) -> SamplerOutput:
         assert self.sampler is not None
@@ -214,13 +262,19 @@ class ModelRunner:
 
 
 def _fill_tokens(result: pb.StepResult, batch: InputBatch, output: SamplerOutput) -> None:
-    # One device-to-host copy per tensor for the whole batch.
-    token_ids = output.token_ids.tolist()
-    logprobs = output.logprobs.tolist()
-    top_ids = output.top_token_ids.tolist()
-    top_lps = output.top_logprobs.tolist()
+    # One device-to-host copy (one sync) for the whole batch: everything as float64, which
+    # holds token ids exactly. [n + n + n*k + n*k]
+    n, k_max = output.token_ids.shape[0], output.top_token_ids.shape[1]
+    packed = torch.cat((
+        output.token_ids.double(),
+        output.logprobs.double(),
+        output.top_token_ids.double().flatten(),
+        output.top_logprobs.double().flatten(),
+    )).tolist()
+    token_ids, logprobs = packed[:n], packed[n : 2 * n]
+    top_ids, top_lps = packed[2 * n : 2 * n + n * k_max], packed[2 * n + n * k_max :]
     for i, seq in enumerate(batch.sampled_seqs):
-        token = result.tokens.add(seq_id=seq.seq_id, token_id=token_ids[i], logprob=logprobs[i])
+        token = result.tokens.add(seq_id=seq.seq_id, token_id=int(token_ids[i]), logprob=logprobs[i])
         k = seq.sampling.top_logprobs
-        for tid, lp in zip(top_ids[i][:k], top_lps[i][:k]):
-            token.top.add(token_id=tid, logprob=lp)
+        for j in range(i * k_max, i * k_max + min(k, k_max)):
+            token.top.add(token_id=int(top_ids[j]), logprob=top_lps[j])

@@ -32,6 +32,10 @@ class RankArgs:
     cpu_threads: int
     # The process-group generation to join (see Rejoin in protos/stage_worker.proto).
     epoch: int = 0
+    # stage_worker.loader.LOAD_FORMATS: "auto" reads the checkpoint, "dummy" makes random weights.
+    load_format: str = "auto"
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
 
 
 def _reply(conn: Connection, reply: pb.RankReply) -> None:
@@ -75,7 +79,10 @@ def _run(args: RankArgs, conn: Connection) -> None:
     layout = args.parallel.stage_layout(args.stage_index)
     placement = RankPlacement(args.parallel, args.stage_index, args.tp_rank)
     declare_tp_placement(placement, device)
-    runner = ModelRunner(config, layout, placement, dtype_from_name(args.dtype), device)
+    runner = ModelRunner(
+        config, layout, placement, dtype_from_name(args.dtype), device, load_format=args.load_format,
+        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+    )
     summary = runner.load()
     report = pb.RankReady(
         tp_rank=args.tp_rank,

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shared.client import LIVENESS_SERVICE
-from shared.config import ModelConfig, ParallelConfig
+from shared.config import ConfigError, ModelConfig, ParallelConfig
 from shared.grpc_options import channel_options
 from shared.metrics import serve_metrics
 from shared.proto import stage_worker_pb2 as pb
@@ -29,6 +29,8 @@ from shared.security import RequireToken, ServerTls, add_port, stage_token_check
 from shared.sharded_state import read_sharded_state
 from stage_worker.metrics import StageMetrics
 from stage_worker.distributed import read_epoch
+from stage_worker.layers.attention import ATTENTION_BACKENDS
+from stage_worker.loader import LOAD_FORMATS
 from stage_worker.rank_pool import RankFailure, RankPool
 from stage_worker.rank_process import RankArgs
 
@@ -55,6 +57,23 @@ class StageServerConfig:
     tls: ServerTls | None = None
     # Only callers sending this file's token (the router) may call; health stays open.
     stage_token_file: str | None = None
+    # "auto": the folder's checkpoint; "dummy": random weights, and the folder needs only config.json.
+    load_format: str = "auto"
+    # "auto" (Triton on CUDA), "reference" or "triton"; see stage_worker/layers/attention.py.
+    attention_backend: str = "auto"
+    # No CUDA graphs for decode steps.
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"unknown attention backend {self.attention_backend!r}; "
+                f"choose one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(
+                f"unknown load format {self.load_format!r}; choose one of {', '.join(LOAD_FORMATS)}"
+            )
 
 
 class StageWorkerService(pb_grpc.StageWorkerServicer):
@@ -79,7 +98,10 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
         # The memory report in GetInfo: the last Profile answer and the allocated cache.
         self.profile: pb.ProfileResponse | None = None
         self.kv_cache_bytes = 0
-        self.sharded_state = read_sharded_state(config.model_path) is not None
+        # Dummy weights ignore whatever files the folder holds.
+        self.sharded_state = (
+            config.load_format == "auto" and read_sharded_state(config.model_path) is not None
+        )
         self._execute_active = False
         self._set_health(False)
         # Liveness: SERVING while the process runs and its ranks are alive (readiness is "").
@@ -99,6 +121,9 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                 rendezvous=config.rendezvous,
                 join_timeout_s=config.join_timeout_s,
                 cpu_threads=cpu_threads,
+                load_format=config.load_format,
+                attention_backend=config.attention_backend,
+                enforce_eager=config.enforce_eager,
             )
             for r in range(tp)
         ]
@@ -257,9 +282,17 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
             self.state = pb.STAGE_STATE_SERVING
         self.kv_cache_bytes = sum(r.init_cache.kv_cache_bytes for r in replies)
         self._set_health(True)
+        first = replies[0].init_cache
+        if first.cuda_graph_sizes:
+            log.info("stage %d: decode CUDA graphs for batch sizes %s captured in %.1f s",
+                     self.config.stage_index, list(first.cuda_graph_sizes), first.graph_capture_seconds)
         log.info("stage %d: %d KV blocks of %d tokens allocated; serving",
                  self.config.stage_index, request.num_blocks, request.block_size)
-        return pb.InitCacheResponse(kv_cache_bytes=self.kv_cache_bytes)
+        return pb.InitCacheResponse(
+            kv_cache_bytes=self.kv_cache_bytes,
+            cuda_graph_sizes=first.cuda_graph_sizes,
+            graph_capture_seconds=max(r.init_cache.graph_capture_seconds for r in replies),
+        )
 
     def Rejoin(self, request: pb.RejoinRequest, context: grpc.ServicerContext) -> pb.RejoinResponse:
         with self._ranks_lock:
@@ -366,9 +399,10 @@ def serve(config: StageServerConfig) -> None:
     metrics_endpoint = None
     if config.metrics_port is not None:
         metrics_endpoint = serve_metrics(service.metrics.registry, config.metrics_port, config.host)
-    log.info("stage %d of %d listening on %s (layers [%d, %d), tp %d, %s %s; %s, %s)",
+    log.info("stage %d of %d listening on %s (layers [%d, %d), tp %d, %s %s, %s weights; %s, %s)",
              config.stage_index, config.parallel.num_stages, address, service.layout.first_layer,
              service.layout.last_layer, config.parallel.tp_size, config.device_type, config.dtype,
+             "random (dummy)" if config.load_format == "dummy" else "checkpoint",
              "mTLS" if config.tls and config.tls.client_ca_file else "TLS" if config.tls else "plaintext",
              "stage token required" if config.stage_token_file else "no stage token")
     stop = threading.Event()

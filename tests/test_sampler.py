@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from shared.proto.stage_worker_pb2 import StageSamplingParams
-from stage_worker.layers.sampler import Sampler, apply_penalties, uniform_noise
+from stage_worker.layers.sampler import Sampler, apply_penalties, sampling_param_problems, uniform_noise
 
 VOCAB = 64
 
@@ -403,3 +404,118 @@ def test_cuda_sampling_makes_no_host_sync() -> None:
     cpu = sampler(logits.cpu(), params, prompts, outputs)
     # Greedy rows agree across devices; sampled rows may differ only through float rounding.
     assert out.token_ids.cpu()[[0, 4]].tolist() == cpu.token_ids[[0, 4]].tolist()
+
+
+# ---- the vectorised host packing against straightforward per-row references ----
+
+
+def _reference_penalties(
+    logits: torch.Tensor,
+    params: Sequence[StageSamplingParams],
+    prompts: Sequence[Sequence[int]],
+    outputs: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """The penalty semantics one row and one token at a time, in the same float32 ops."""
+    out = logits.clone()
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    for i, p in enumerate(params):
+        row = out[i]
+        if p.repetition_penalty not in (0.0, 1.0):
+            penalty = f32(p.repetition_penalty)
+            for t in set(prompts[i]) | set(outputs[i]):
+                row[t] = row[t] / penalty if row[t] > 0 else row[t] * penalty
+        if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+            for t in set(outputs[i]):
+                count = f32(float(list(outputs[i]).count(t)))
+                row[t] = row[t] - (f32(p.presence_penalty) * f32(1.0) + f32(p.frequency_penalty) * count)
+    return out
+
+
+def _random_penalty_batch(seed: int, batch: int, vocab: int):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=g) * 3.0
+
+    def pick(options: list[float]) -> float:
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    params, prompts, outputs = [], [], []
+    for _ in range(batch):
+        params.append(
+            StageSamplingParams(
+                temperature=pick([0.0, 0.0, 0.7, 1.3]),
+                top_k=int(pick([0, 0, 5])),
+                top_p=pick([0.0, 0.9]),
+                seed=int(torch.randint(2**62, (1,), generator=g)) * 3,
+                repetition_penalty=pick([0.0, 1.0, 0.8, 1.3, 2.0]),
+                presence_penalty=pick([0.0, 0.5, -0.4]),
+                frequency_penalty=pick([0.0, 0.25, -0.1]),
+            )
+        )
+        # A small id range forces repeats; the edges 0 and vocab - 1 are allowed in.
+        hi = int(pick([3.0, 20.0, float(vocab)]))
+        prompt_len = int(torch.randint(1, 40, (1,), generator=g))
+        output_len = int(torch.randint(0, 30, (1,), generator=g))
+        prompts.append(torch.randint(vocab - hi, vocab, (prompt_len,), generator=g).tolist())
+        outputs.append(torch.randint(0, hi, (output_len,), generator=g).tolist())
+    return logits, params, prompts, outputs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_penalties_match_per_row_reference_on_random_inputs(seed: int) -> None:
+    logits, params, prompts, outputs = _random_penalty_batch(seed, batch=24, vocab=97)
+    expected = _reference_penalties(logits, params, prompts, outputs)
+    ours = apply_penalties(logits, params, prompts, outputs)
+    assert torch.equal(ours, expected)
+    # 64-bit arrays (the fast path), tuples (the generic one) and lists all agree.
+    as_arrays = [array("q", p) for p in prompts], [array("l", o) for o in outputs]
+    assert torch.equal(apply_penalties(logits, params, *as_arrays), expected)
+    as_tuples = [tuple(p) for p in prompts], [tuple(o) for o in outputs]
+    assert torch.equal(apply_penalties(logits, params, *as_tuples), expected)
+
+    # In the sampler, penalising equals sampling the reference-penalised logits with the
+    # penalties off (same seeds and positions): greedy and seeded rows alike.
+    unpenalised = [
+        StageSamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
+        for p in params
+    ]
+    sampler = Sampler()
+    got = sampler(logits, params, prompts, outputs).token_ids
+    want = sampler(expected, unpenalised, prompts, outputs).token_ids
+    assert torch.equal(got, want)
+    assert torch.equal(sampler(logits, params, *as_arrays).token_ids, want)
+
+
+def test_sampled_token_follows_the_documented_noise() -> None:
+    """argmax(probs / -log(u)) with u from the python-int hash, for seeds that need all 64
+    bits: the packed per-row table must carry the row keys exactly."""
+    logits = make_logits(5, scale=0.3)
+    seeds = [2**64 - 1, 2**63 + 12345, 0, 987654321, 2**40 + 3]
+    prompts = [[1] * n for n in (1, 7, 300, 2, 33)]
+    params = [StageSamplingParams(temperature=0.9, seed=s) for s in seeds]
+    # A greedy row in the middle: the sampled rows go through the row subset path too.
+    params[2] = StageSamplingParams(temperature=0.0)
+    got = run(Sampler(), logits, params, prompts).token_ids
+    for i, s in enumerate(seeds):
+        if i == 2:
+            assert got[i] == logits[i].argmax()
+            continue
+        u = torch.tensor([_py_uniform(s, len(prompts[i]), v) for v in range(VOCAB)], dtype=torch.float32)
+        probs = (logits[i] / torch.tensor(0.9, dtype=torch.float32)).softmax(dim=-1)
+        assert got[i] == int((probs / -torch.log(u)).argmax()), f"row {i}"
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"],
+)
+def test_batch_validation_agrees_with_sampling_param_problems(field: str) -> None:
+    """The sampler checks the whole batch at once; it must reject exactly what the per-row
+    check rejects, and name the first bad row."""
+    for value in [-1.0, -0.0, 0.0, 0.5, 1.0, 1.5, 1e30, math.inf, -math.inf, math.nan]:
+        bad = StageSamplingParams(**{field: value})
+        params = [StageSamplingParams(), bad, StageSamplingParams(), bad]
+        if sampling_param_problems(bad):
+            with pytest.raises(ValueError, match="batch row 1"):
+                run(Sampler(), make_logits(4), params)
+        else:
+            run(Sampler(), make_logits(4), params)

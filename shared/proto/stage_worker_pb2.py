@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fshared/proto/stage_worker.proto\x12\rstageserve.v1\"1\n\x0eGetInfoRequest\x12\x1f\n\x17include_parameter_names\x18\x01 \x01(\x08\"d\n\x0eRankLoadReport\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\x12\x17\n\x0fparameter_bytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_read\x18\x03 \x01(\x04\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\"\xd0\x04\n\tStageInfo\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x12\n\nnum_stages\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nlast_layer\x18\x04 \x01(\r\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12(\n\x05state\x18\x08 \x01(\x0e\x32\x19.stageserve.v1.StageState\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\n \x01(\t\x12\x15\n\rhas_embedding\x18\x0b \x01(\x08\x12\x13\n\x0bhas_lm_head\x18\x0c \x01(\x08\x12\x17\n\x0fparameter_bytes\x18\r \x01(\x04\x12\x17\n\x0fparameter_names\x18\x0e \x03(\t\x12,\n\x05ranks\x18\x0f \x03(\x0b\x32\x1d.stageserve.v1.RankLoadReport\x12\x15\n\rnum_kv_blocks\x18\x10 \x01(\r\x12\x12\n\nblock_size\x18\x11 \x01(\r\x12\x12\n\nvocab_size\x18\x12 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x13 \x01(\r\x12\x12\n\nnum_layers\x18\x14 \x01(\r\x12\x12\n\nmodel_path\x18\x15 \x01(\t\x12/\n\x07profile\x18\x16 \x01(\x0b\x32\x1e.stageserve.v1.ProfileResponse\x12\x16\n\x0ekv_cache_bytes\x18\x17 \x01(\x04\x12\x15\n\rsharded_state\x18\x18 \x01(\x08\"\x92\x01\n\x0eProfileRequest\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x03 \x01(\r\x12\x1e\n\x16gpu_memory_utilization\x18\x04 \x01(\x02\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\"\x88\x01\n\x0fProfileResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x04\x12\x1d\n\x15peak_activation_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fkv_budget_bytes\x18\x05 \x01(\x04\":\n\x10InitCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\"+\n\x11InitCacheResponse\x12\x16\n\x0ekv_cache_bytes\x18\x01 \x01(\x04\"\xe4\x01\n\x13StageSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x14\n\x0ctop_logprobs\x18\t \x01(\r\x12\x16\n\x0ereturn_logprob\x18\n \x01(\x08\"\x87\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x18\n\x10output_token_ids\x18\x03 \x03(\r\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".stageserve.v1.StageSamplingParams\"\xa8\x01\n\x11ScheduledSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x15\n\rnew_block_ids\x18\x04 \x03(\r\x12\x1c\n\x0f\x61ppend_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x42\x12\n\x10_append_token_id\"\xa1\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x64rop_seq_ids\x18\x02 \x03(\x04\x12,\n\x08new_seqs\x18\x03 \x03(\x0b\x32\x1a.stageserve.v1.NewSequence\x12.\n\x04seqs\x18\x04 \x03(\x0b\x32 .stageserve.v1.ScheduledSequence\x12\r\n\x05reset\x18\x05 \x01(\x08\"5\n\x10TokenAlternative\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"o\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12,\n\x03top\x18\x04 \x03(\x0b\x32\x1f.stageserve.v1.TokenAlternative\"\x87\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12+\n\x06tokens\x18\x03 \x03(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\"\n\n\x08Shutdown\"\xda\x01\n\x0bRankCommand\x12*\n\x04step\x18\x01 \x01(\x0b\x32\x1a.stageserve.v1.StepRequestH\x00\x12\x30\n\x07profile\x18\x02 \x01(\x0b\x32\x1d.stageserve.v1.ProfileRequestH\x00\x12\x35\n\ninit_cache\x18\x03 \x01(\x0b\x32\x1f.stageserve.v1.InitCacheRequestH\x00\x12+\n\x08shutdown\x18\x04 \x01(\x0b\x32\x17.stageserve.v1.ShutdownH\x00\x42\t\n\x07\x63ommand\"x\n\tRankReady\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\x12\x17\n\x0fparameter_names\x18\x02 \x03(\t\x12\x17\n\x0fparameter_bytes\x18\x03 \x01(\x04\x12\x12\n\nbytes_read\x18\x04 \x01(\x04\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\"\x98\x02\n\tRankReply\x12)\n\x04step\x18\x01 \x01(\x0b\x32\x19.stageserve.v1.StepResultH\x00\x12\x31\n\x07profile\x18\x02 \x01(\x0b\x32\x1e.stageserve.v1.ProfileResponseH\x00\x12\x36\n\ninit_cache\x18\x03 \x01(\x0b\x32 .stageserve.v1.InitCacheResponseH\x00\x12)\n\x05ready\x18\x04 \x01(\x0b\x32\x18.stageserve.v1.RankReadyH\x00\x12\x15\n\x0b\x66\x61tal_error\x18\x05 \x01(\tH\x00\x12*\n\x06loaded\x18\x06 \x01(\x0b\x32\x18.stageserve.v1.RankReadyH\x00\x42\x07\n\x05reply\"\x1e\n\rRejoinRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"I\n\x0eRejoinResponse\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.stageserve.v1.StageState\x12\r\n\x05\x65poch\x18\x02 \x01(\x04*\xa3\x01\n\nStageState\x12\x1b\n\x17STAGE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13STAGE_STATE_LOADING\x10\x01\x12\x17\n\x13STAGE_STATE_JOINING\x10\x02\x12\x15\n\x11STAGE_STATE_READY\x10\x03\x12\x17\n\x13STAGE_STATE_SERVING\x10\x04\x12\x16\n\x12STAGE_STATE_FAILED\x10\x05\x32\xf8\x02\n\x0bStageWorker\x12\x42\n\x07GetInfo\x12\x1d.stageserve.v1.GetInfoRequest\x1a\x18.stageserve.v1.StageInfo\x12H\n\x07Profile\x12\x1d.stageserve.v1.ProfileRequest\x1a\x1e.stageserve.v1.ProfileResponse\x12N\n\tInitCache\x12\x1f.stageserve.v1.InitCacheRequest\x1a .stageserve.v1.InitCacheResponse\x12\x44\n\x07\x45xecute\x12\x1a.stageserve.v1.StepRequest\x1a\x19.stageserve.v1.StepResult(\x01\x30\x01\x12\x45\n\x06Rejoin\x12\x1c.stageserve.v1.RejoinRequest\x1a\x1d.stageserve.v1.RejoinResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fshared/proto/stage_worker.proto\x12\rstageserve.v1\"1\n\x0eGetInfoRequest\x12\x1f\n\x17include_parameter_names\x18\x01 \x01(\x08\"d\n\x0eRankLoadReport\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\x12\x17\n\x0fparameter_bytes\x18\x02 \x01(\x04\x12\x12\n\nbytes_read\x18\x03 \x01(\x04\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\"\xd0\x04\n\tStageInfo\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x12\n\nnum_stages\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nlast_layer\x18\x04 \x01(\r\x12\x0f\n\x07tp_size\x18\x05 \x01(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12(\n\x05state\x18\x08 \x01(\x0e\x32\x19.stageserve.v1.StageState\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\n \x01(\t\x12\x15\n\rhas_embedding\x18\x0b \x01(\x08\x12\x13\n\x0bhas_lm_head\x18\x0c \x01(\x08\x12\x17\n\x0fparameter_bytes\x18\r \x01(\x04\x12\x17\n\x0fparameter_names\x18\x0e \x03(\t\x12,\n\x05ranks\x18\x0f \x03(\x0b\x32\x1d.stageserve.v1.RankLoadReport\x12\x15\n\rnum_kv_blocks\x18\x10 \x01(\r\x12\x12\n\nblock_size\x18\x11 \x01(\r\x12\x12\n\nvocab_size\x18\x12 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x13 \x01(\r\x12\x12\n\nnum_layers\x18\x14 \x01(\r\x12\x12\n\nmodel_path\x18\x15 \x01(\t\x12/\n\x07profile\x18\x16 \x01(\x0b\x32\x1e.stageserve.v1.ProfileResponse\x12\x16\n\x0ekv_cache_bytes\x18\x17 \x01(\x04\x12\x15\n\rsharded_state\x18\x18 \x01(\x08\"\x92\x01\n\x0eProfileRequest\x12\x12\n\nblock_size\x18\x01 \x01(\r\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x03 \x01(\r\x12\x1e\n\x16gpu_memory_utilization\x18\x04 \x01(\x02\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\"\x88\x01\n\x0fProfileResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x04\x12\x1d\n\x15peak_activation_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fkv_budget_bytes\x18\x05 \x01(\x04\"P\n\x10InitCacheRequest\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x03 \x01(\r\"d\n\x11InitCacheResponse\x12\x16\n\x0ekv_cache_bytes\x18\x01 \x01(\x04\x12\x18\n\x10\x63uda_graph_sizes\x18\x02 \x03(\r\x12\x1d\n\x15graph_capture_seconds\x18\x03 \x01(\x01\"\xe4\x01\n\x13StageSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x14\n\x0ctop_logprobs\x18\t \x01(\r\x12\x16\n\x0ereturn_logprob\x18\n \x01(\x08\"\x87\x01\n\x0bNewSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x18\n\x10output_token_ids\x18\x03 \x03(\r\x12\x34\n\x08sampling\x18\x04 \x01(\x0b\x32\".stageserve.v1.StageSamplingParams\"\xa8\x01\n\x11ScheduledSequence\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x12\n\nnum_tokens\x18\x03 \x01(\r\x12\x15\n\rnew_block_ids\x18\x04 \x03(\r\x12\x1c\n\x0f\x61ppend_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x0e\n\x06sample\x18\x06 \x01(\x08\x42\x12\n\x10_append_token_id\"\xa1\x01\n\x0bStepRequest\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x14\n\x0c\x64rop_seq_ids\x18\x02 \x03(\x04\x12,\n\x08new_seqs\x18\x03 \x03(\x0b\x32\x1a.stageserve.v1.NewSequence\x12.\n\x04seqs\x18\x04 \x03(\x0b\x32 .stageserve.v1.ScheduledSequence\x12\r\n\x05reset\x18\x05 \x01(\x08\"5\n\x10TokenAlternative\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"o\n\x0cSampledToken\x12\x0e\n\x06seq_id\x18\x01 \x01(\x04\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12,\n\x03top\x18\x04 \x03(\x0b\x32\x1f.stageserve.v1.TokenAlternative\"\x87\x01\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12+\n\x06tokens\x18\x03 \x03(\x0b\x32\x1b.stageserve.v1.SampledToken\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\"\n\n\x08Shutdown\"\xda\x01\n\x0bRankCommand\x12*\n\x04step\x18\x01 \x01(\x0b\x32\x1a.stageserve.v1.StepRequestH\x00\x12\x30\n\x07profile\x18\x02 \x01(\x0b\x32\x1d.stageserve.v1.ProfileRequestH\x00\x12\x35\n\ninit_cache\x18\x03 \x01(\x0b\x32\x1f.stageserve.v1.InitCacheRequestH\x00\x12+\n\x08shutdown\x18\x04 \x01(\x0b\x32\x17.stageserve.v1.ShutdownH\x00\x42\t\n\x07\x63ommand\"x\n\tRankReady\x12\x0f\n\x07tp_rank\x18\x01 \x01(\r\x12\x17\n\x0fparameter_names\x18\x02 \x03(\t\x12\x17\n\x0fparameter_bytes\x18\x03 \x01(\x04\x12\x12\n\nbytes_read\x18\x04 \x01(\x04\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\"\x98\x02\n\tRankReply\x12)\n\x04step\x18\x01 \x01(\x0b\x32\x19.stageserve.v1.StepResultH\x00\x12\x31\n\x07profile\x18\x02 \x01(\x0b\x32\x1e.stageserve.v1.ProfileResponseH\x00\x12\x36\n\ninit_cache\x18\x03 \x01(\x0b\x32 .stageserve.v1.InitCacheResponseH\x00\x12)\n\x05ready\x18\x04 \x01(\x0b\x32\x18.stageserve.v1.RankReadyH\x00\x12\x15\n\x0b\x66\x61tal_error\x18\x05 \x01(\tH\x00\x12*\n\x06loaded\x18\x06 \x01(\x0b\x32\x18.stageserve.v1.RankReadyH\x00\x42\x07\n\x05reply\"\x1e\n\rRejoinRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"I\n\x0eRejoinResponse\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.stageserve.v1.StageState\x12\r\n\x05\x65poch\x18\x02 \x01(\x04*\xa3\x01\n\nStageState\x12\x1b\n\x17STAGE_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13STAGE_STATE_LOADING\x10\x01\x12\x17\n\x13STAGE_STATE_JOINING\x10\x02\x12\x15\n\x11STAGE_STATE_READY\x10\x03\x12\x17\n\x13STAGE_STATE_SERVING\x10\x04\x12\x16\n\x12STAGE_STATE_FAILED\x10\x05\x32\xf8\x02\n\x0bStageWorker\x12\x42\n\x07GetInfo\x12\x1d.stageserve.v1.GetInfoRequest\x1a\x18.stageserve.v1.StageInfo\x12H\n\x07Profile\x12\x1d.stageserve.v1.ProfileRequest\x1a\x1e.stageserve.v1.ProfileResponse\x12N\n\tInitCache\x12\x1f.stageserve.v1.InitCacheRequest\x1a .stageserve.v1.InitCacheResponse\x12\x44\n\x07\x45xecute\x12\x1a.stageserve.v1.StepRequest\x1a\x19.stageserve.v1.StepResult(\x01\x30\x01\x12\x45\n\x06Rejoin\x12\x1c.stageserve.v1.RejoinRequest\x1a\x1d.stageserve.v1.RejoinResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.stage_worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STAGESTATE']._serialized_start=2947
-  _globals['_STAGESTATE']._serialized_end=3110
+  _globals['_STAGESTATE']._serialized_start=3026
+  _globals['_STAGESTATE']._serialized_end=3189
   _globals['_GETINFOREQUEST']._serialized_start=50
   _globals['_GETINFOREQUEST']._serialized_end=99
   _globals['_RANKLOADREPORT']._serialized_start=101
@@ -44,35 +44,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROFILERESPONSE']._serialized_start=948
   _globals['_PROFILERESPONSE']._serialized_end=1084
   _globals['_INITCACHEREQUEST']._serialized_start=1086
-  _globals['_INITCACHEREQUEST']._serialized_end=1144
-  _globals['_INITCACHERESPONSE']._serialized_start=1146
-  _globals['_INITCACHERESPONSE']._serialized_end=1189
-  _globals['_STAGESAMPLINGPARAMS']._serialized_start=1192
-  _globals['_STAGESAMPLINGPARAMS']._serialized_end=1420
-  _globals['_NEWSEQUENCE']._serialized_start=1423
-  _globals['_NEWSEQUENCE']._serialized_end=1558
-  _globals['_SCHEDULEDSEQUENCE']._serialized_start=1561
-  _globals['_SCHEDULEDSEQUENCE']._serialized_end=1729
-  _globals['_STEPREQUEST']._serialized_start=1732
-  _globals['_STEPREQUEST']._serialized_end=1893
-  _globals['_TOKENALTERNATIVE']._serialized_start=1895
-  _globals['_TOKENALTERNATIVE']._serialized_end=1948
-  _globals['_SAMPLEDTOKEN']._serialized_start=1950
-  _globals['_SAMPLEDTOKEN']._serialized_end=2061
-  _globals['_STEPRESULT']._serialized_start=2064
-  _globals['_STEPRESULT']._serialized_end=2199
-  _globals['_SHUTDOWN']._serialized_start=2201
-  _globals['_SHUTDOWN']._serialized_end=2211
-  _globals['_RANKCOMMAND']._serialized_start=2214
-  _globals['_RANKCOMMAND']._serialized_end=2432
-  _globals['_RANKREADY']._serialized_start=2434
-  _globals['_RANKREADY']._serialized_end=2554
-  _globals['_RANKREPLY']._serialized_start=2557
-  _globals['_RANKREPLY']._serialized_end=2837
-  _globals['_REJOINREQUEST']._serialized_start=2839
-  _globals['_REJOINREQUEST']._serialized_end=2869
-  _globals['_REJOINRESPONSE']._serialized_start=2871
-  _globals['_REJOINRESPONSE']._serialized_end=2944
-  _globals['_STAGEWORKER']._serialized_start=3113
-  _globals['_STAGEWORKER']._serialized_end=3489
+  _globals['_INITCACHEREQUEST']._serialized_end=1166
+  _globals['_INITCACHERESPONSE']._serialized_start=1168
+  _globals['_INITCACHERESPONSE']._serialized_end=1268
+  _globals['_STAGESAMPLINGPARAMS']._serialized_start=1271
+  _globals['_STAGESAMPLINGPARAMS']._serialized_end=1499
+  _globals['_NEWSEQUENCE']._serialized_start=1502
+  _globals['_NEWSEQUENCE']._serialized_end=1637
+  _globals['_SCHEDULEDSEQUENCE']._serialized_start=1640
+  _globals['_SCHEDULEDSEQUENCE']._serialized_end=1808
+  _globals['_STEPREQUEST']._serialized_start=1811
+  _globals['_STEPREQUEST']._serialized_end=1972
+  _globals['_TOKENALTERNATIVE']._serialized_start=1974
+  _globals['_TOKENALTERNATIVE']._serialized_end=2027
+  _globals['_SAMPLEDTOKEN']._serialized_start=2029
+  _globals['_SAMPLEDTOKEN']._serialized_end=2140
+  _globals['_STEPRESULT']._serialized_start=2143
+  _globals['_STEPRESULT']._serialized_end=2278
+  _globals['_SHUTDOWN']._serialized_start=2280
+  _globals['_SHUTDOWN']._serialized_end=2290
+  _globals['_RANKCOMMAND']._serialized_start=2293
+  _globals['_RANKCOMMAND']._serialized_end=2511
+  _globals['_RANKREADY']._serialized_start=2513
+  _globals['_RANKREADY']._serialized_end=2633
+  _globals['_RANKREPLY']._serialized_start=2636
+  _globals['_RANKREPLY']._serialized_end=2916
+  _globals['_REJOINREQUEST']._serialized_start=2918
+  _globals['_REJOINREQUEST']._serialized_end=2948
+  _globals['_REJOINRESPONSE']._serialized_start=2950
+  _globals['_REJOINRESPONSE']._serialized_end=3023
+  _globals['_STAGEWORKER']._serialized_start=3192
+  _globals['_STAGEWORKER']._serialized_end=3568
 # @@protoc_insertion_point(module_scope)

@@ -121,18 +121,24 @@ class ProfileResponse(_message.Message):
     def __init__(self, num_blocks: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., peak_activation_bytes: _Optional[int] = ..., block_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ...) -> None: ...
 
 class InitCacheRequest(_message.Message):
-    __slots__ = ("num_blocks", "block_size")
+    __slots__ = ("num_blocks", "block_size", "max_num_seqs")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_size: int
-    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+    max_num_seqs: int
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
 
 class InitCacheResponse(_message.Message):
-    __slots__ = ("kv_cache_bytes",)
+    __slots__ = ("kv_cache_bytes", "cuda_graph_sizes", "graph_capture_seconds")
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_CAPTURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     kv_cache_bytes: int
-    def __init__(self, kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    cuda_graph_sizes: _containers.RepeatedScalarFieldContainer[int]
+    graph_capture_seconds: float
+    def __init__(self, kv_cache_bytes: _Optional[int] = ..., cuda_graph_sizes: _Optional[_Iterable[int]] = ..., graph_capture_seconds: _Optional[float] = ...) -> None: ...
 
 class StageSamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "top_logprobs", "return_logprob")

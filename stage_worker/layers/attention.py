@@ -1,11 +1,16 @@
-"""Reference paged attention in plain torch (CPU and GPU).
+"""Paged attention: the plain-torch reference (CPU and GPU) and the Triton fast path (GPU).
 
-Each step writes its new K/V into the paged cache, then attends sequence by sequence over
-the sequence's whole context gathered through its block table. Correct for prefill,
-chunked prefill continuing a cached prefix, decode and mixed batches; not fast.
+The reference writes the step's new K/V into the paged cache, then attends sequence by
+sequence over the sequence's whole context gathered through its block table. Correct for
+prefill, chunked prefill continuing a cached prefix, decode and mixed batches; not fast.
+The Triton path (layers/triton_attention.py) computes the same function in one launch that
+reads K/V through the block tables in place, and is what CUDA graphs capture; the tests
+hold it to the reference.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,8 @@ class Attention(nn.Module):
         # (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]; set by
         # KVCache.bind. Not buffers: the cache is sized after the model is built.
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # "reference" or "triton"; set for the whole model by set_attention_backend.
+        self.backend = "reference"
 
     def forward(
         self,
@@ -40,8 +47,10 @@ class Attention(nn.Module):
         q = query.view(num_tokens, self.num_heads, self.head_dim)
         k = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = value.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = torch.empty_like(q)  # [num_tokens, heads, head_dim]
         md = attn_metadata
+        if self.backend == "triton" and md.use_cache:
+            return self._forward_triton(q, k, v, md).view(num_tokens, self.num_heads * self.head_dim)
+        out = torch.empty_like(q)  # [num_tokens, heads, head_dim]
         if md.use_cache:
             assert self.kv_cache is not None, "KV cache not bound: call KVCache.bind(model) first"
             k_cache, v_cache = self.kv_cache
@@ -59,6 +68,26 @@ class Attention(nn.Module):
                 seq_k, seq_v = k[q_start:q_end], v[q_start:q_end]
             out[q_start:q_end] = self._attend(q[q_start:q_end], seq_k, seq_v)
         return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _forward_triton(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: AttentionMetadata
+    ) -> torch.Tensor:
+        from stage_worker.layers.triton_attention import paged_attention, store_kv_cache
+
+        assert self.kv_cache is not None, "KV cache not bound: call KVCache.bind(model) first"
+        assert md.block_tables_tensor is not None, "the Triton path needs the device metadata"
+        k_cache, v_cache = self.kv_cache
+        store_kv_cache(k, v, k_cache, v_cache, md.slot_mapping)
+        return paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            md.query_start_loc_tensor,
+            md.context_lens_tensor,
+            md.block_tables_tensor,
+            md.max_query_len,
+            self.scale,
+        )
 
     def _gather_context(self, i: int, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequence i's first context_lens[i] cached K/V rows, each [context_len, kv_heads, head_dim]."""
@@ -90,3 +119,29 @@ class Attention(nn.Module):
             mask = k_idx[None, :] <= q_idx[:, None]  # [q_len, ctx_len]
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
         return out.transpose(0, 1)  # [q_len, heads, head_dim]
+
+
+ATTENTION_BACKENDS = ("auto", "reference", "triton")
+
+
+def resolve_attention_backend(requested: str, device: torch.device) -> str:
+    """"auto" is Triton on CUDA (when Triton is importable) and the reference elsewhere."""
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; choose one of {ATTENTION_BACKENDS}")
+    if requested == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("the Triton attention backend needs a CUDA device (or TRITON_INTERPRET=1)")
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "reference"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "reference"
+    return "triton"
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> None:
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend

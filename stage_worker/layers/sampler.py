@@ -36,21 +36,31 @@ type.
 
 **Log-probabilities** always come from ``log_softmax`` of the raw, unmodified logits: the
 model's own distribution, whatever penalties or truncation did to the pick.
+
+**Host work per step** is vectorised too: one pass over the params fills a numpy table
+(validation, row keys and the top_p / repetition "off" mappings are numpy ops on it), the
+token ids of the rows that use a penalty become one flat int64 array, and all of it reaches
+the device in a single copy. Nothing inside the sampler reads back from the device; the
+caller does one ``.tolist()`` of the result.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from shared.proto import stage_worker_pb2
 
-# A python int or an int64 tensor: the hash code below works on both, bit for bit.
-_Int = TypeVar("_Int", int, torch.Tensor)
+# A python int, an int64 tensor or a uint64 numpy array: the hash code below works on all
+# three, bit for bit.
+_Int = TypeVar("_Int", int, torch.Tensor, np.ndarray)
 
 _MASK32 = 0xFFFFFFFF
 _MASK16 = 0xFFFF
@@ -61,6 +71,14 @@ _MIX_MUL_2 = 0x846CA68B
 _SEED_HI_SALT = 0x9E3779B9
 _POSITION_SALT = 0x85EBCA6B
 _VOCAB_SALT = 0xC2B2AE35
+
+# Columns of the per-row parameter table. float64 holds every value exactly (the uint32
+# top_k and row key included), and each group the device wants in one dtype is contiguous,
+# so one conversion kernel serves it.
+_TEMPERATURE, _TOP_P, _MIN_P = 0, 1, 2  # -> float32; top_p 1.0 = off
+_REPETITION, _PRESENCE, _FREQUENCY = 3, 4, 5  # -> float32; repetition 1.0 = off
+_TOP_K, _ROW_KEY = 6, 7  # -> int64; top_k 0 = off
+_NUM_COLUMNS = 8
 
 
 @dataclass
@@ -74,16 +92,17 @@ class SamplerOutput:
     top_logprobs: torch.Tensor  # [batch, k] float32
 
 
-def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small tensor from python values on ``device`` without a host sync.
+def _upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without a host sync.
 
-    ``torch.tensor(values, device=cuda)`` copies from pageable memory and waits for the
-    stream; going through pinned memory with ``non_blocking`` only queues the copy (the
-    caching host allocator keeps the pinned buffer alive until the copy has run).
+    A copy from pageable memory waits for the stream; going through pinned memory with
+    ``non_blocking`` only queues it (the caching host allocator keeps the pinned buffer
+    alive until the copy has run). On CPU the tensor shares the numpy buffer.
     """
+    tensor = torch.from_numpy(host)
     if device.type == "cpu":
-        return torch.tensor(values, dtype=dtype)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _mul32(x: _Int, constant: int) -> _Int:
@@ -102,8 +121,8 @@ def _mul32(x: _Int, constant: int) -> _Int:
 def _mix32(x: _Int) -> _Int:
     """A 32-bit avalanche finaliser on values in [0, 2**32).
 
-    The same bit operations work on python ints (for the per-row keys: a handful of
-    python ops per row beats ~50 tiny kernel launches) and on int64 tensors (per token).
+    The same bit operations work on python ints, on uint64 numpy arrays (the per-row keys:
+    a few vectorised host ops beat ~50 tiny kernel launches) and on int64 tensors (per token).
     """
     x = x ^ (x >> 16)
     x = _mul32(x, _MIX_MUL_1)
@@ -112,11 +131,22 @@ def _mix32(x: _Int) -> _Int:
     return x ^ (x >> 16)
 
 
-def _row_key(seed: int, position: int) -> int:
-    """32-bit hash of (uint64 seed, position), in python ints (int64 cannot hold a uint64)."""
-    key = _mix32(seed & _MASK32)
-    key = _mix32(key ^ (((seed >> 32) + _SEED_HI_SALT) & _MASK32))
-    return _mix32(key ^ ((position + _POSITION_SALT) & _MASK32))
+def _row_keys(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """32-bit hash of (uint64 seed, position) per row; uint64 arrays in and out.
+
+    uint64 keeps the seed whole (int64 cannot), and no intermediate of ``_mix32`` comes
+    near 2**64, so numpy gives the same bits as python ints would, without a python loop.
+    """
+    key = _mix32(seeds & _MASK32)
+    key = _mix32(key ^ (((seeds >> 32) + _SEED_HI_SALT) & _MASK32))
+    return _mix32(key ^ ((positions + _POSITION_SALT) & _MASK32))
+
+
+def _noise(keys: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1) of shape [len(keys), vocab] from int64 row keys in [0, 2**32)."""
+    bits = _mix32(keys[:, None] ^ vocab_hash[None, :])  # [rows, vocab]
+    # 24 bits are exact in float32; the +0.5 keeps u strictly inside (0, 1) so -log(u) > 0.
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
 def uniform_noise(
@@ -127,10 +157,11 @@ def uniform_noise(
     ``vocab_hash`` is ``_mix32`` of the salted vocab ids (see ``Sampler._vocab_hash``).
     Returns float32 of shape [len(seeds), vocab].
     """
-    keys = to_device([_row_key(s, p) for s, p in zip(seeds, positions)], torch.int64, vocab_hash.device)
-    bits = _mix32(keys[:, None] ^ vocab_hash[None, :])  # [batch, vocab]
-    # 24 bits are exact in float32; the +0.5 keeps u strictly inside (0, 1) so -log(u) > 0.
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    keys = _row_keys(
+        np.fromiter(seeds, dtype=np.uint64, count=len(seeds)),
+        np.fromiter(positions, dtype=np.uint64, count=len(positions)),
+    )
+    return _noise(_upload(keys.astype(np.int64), vocab_hash.device), vocab_hash)
 
 
 def sampling_param_problems(p: stage_worker_pb2.StageSamplingParams) -> list[str]:
@@ -160,29 +191,186 @@ def _check_params(p: stage_worker_pb2.StageSamplingParams, index: int) -> None:
         raise ValueError(f"invalid sampling parameters for batch row {index}: " + "; ".join(problems))
 
 
-def _uses_repetition(p: stage_worker_pb2.StageSamplingParams) -> bool:
-    return p.repetition_penalty not in (0.0, 1.0)
+def _check_table(raw: np.ndarray, params: Sequence[stage_worker_pb2.StageSamplingParams]) -> None:
+    """``sampling_param_problems`` on the whole raw table at once (columns as in ``_prepare``);
+    only a batch that fails pays for the per-row messages."""
+    temperature, top_p, min_p, repetition, presence, frequency = raw[:, :6].T
+    # NaN fails every comparison here as it does there.
+    ok = (
+        (temperature >= 0.0)
+        & np.isfinite(temperature)
+        & (top_p >= 0.0)
+        & (top_p <= 1.0)
+        & (min_p >= 0.0)
+        & (min_p <= 1.0)
+        & (repetition >= 0.0)
+        & np.isfinite(repetition)
+        & np.isfinite(presence)
+        & np.isfinite(frequency)
+    )
+    if not ok.all():
+        for i, p in enumerate(params):
+            _check_params(p, i)
 
 
-def _uses_output_penalty(p: stage_worker_pb2.StageSamplingParams) -> bool:
-    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+def _concat_ids(seqs: Sequence[Sequence[int]], total: int) -> np.ndarray:
+    """All of ``seqs`` back to back as one int64 array of length ``total``."""
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    if all(isinstance(s, array) and s.itemsize == 8 and s.typecode in "ql" for s in seqs):
+        # 64-bit arrays copy at memcpy speed; python ints cost ~20 ns each to unbox.
+        buffer = array("q")
+        for s in seqs:
+            if s.typecode == "q":
+                buffer.extend(s)
+            else:  # 'l': the same 64-bit layout, but extend() wants the same typecode
+                buffer.frombytes(memoryview(s).cast("B"))
+        return np.frombuffer(buffer, dtype=np.int64)
+    return np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
 
 
-def _flat_token_index(
-    rows: Sequence[int], token_lists: Sequence[Sequence[int]], vocab: int, device: torch.device
-) -> torch.Tensor:
-    """Indices into a flattened [batch, vocab] tensor of every token of ``token_lists[r]``.
+def _flat_ids(rows: np.ndarray, token_lists: Sequence[Sequence[int]], vocab: int) -> np.ndarray:
+    """``row * vocab + token`` for every token of ``token_lists[row]``, ``row`` in ``rows``.
 
-    Flat indices let scatter/index_add do the update: 2-D advanced-index assignment
-    synchronises with the host on CUDA.
+    Flat indices into [batch, vocab] let gather/scatter do the updates: 2-D advanced
+    indexing synchronises with the host on CUDA.
     """
-    row_ids: list[int] = []
-    token_ids: list[int] = []
-    for r in rows:
-        tokens = token_lists[r]
-        row_ids.extend([r] * len(tokens))
-        token_ids.extend(tokens)
-    return to_device(row_ids, torch.int64, device) * vocab + to_device(token_ids, torch.int64, device)
+    seqs = [token_lists[r] for r in rows.tolist()]
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    tokens = _concat_ids(seqs, int(lengths.sum()))
+    return np.repeat(rows * vocab, lengths) + tokens  # [sum(lengths)]
+
+
+@dataclass(frozen=True)
+class _StepInputs:
+    """The sampler's per-row inputs on the device, from one host->device copy."""
+
+    table: torch.Tensor  # [batch, _NUM_COLUMNS] float64, columns as named above
+    num_sampled: int  # rows with temperature > 0
+    sample_rows: torch.Tensor | None  # [num_sampled] int64; None when all rows or none sample
+    # Whether any SAMPLED row uses each filter: unused filters are skipped entirely.
+    uses_top_k: bool
+    uses_top_p: bool
+    uses_min_p: bool
+    # Flat ids (row * vocab + token, repeats allowed) of prompt + output tokens of the rows
+    # with a repetition penalty, and of output tokens of the rows with presence/frequency.
+    repetition_ids: torch.Tensor | None
+    output_ids: torch.Tensor | None
+    max_top_logprobs: int
+
+
+def _prepare(
+    params: Sequence[stage_worker_pb2.StageSamplingParams],
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+    vocab: int,
+    device: torch.device,
+) -> _StepInputs:
+    """Validates ``params`` and moves everything the sampler needs to ``device`` at once."""
+    batch = len(params)
+    raw = np.array(
+        [
+            (
+                p.temperature,
+                p.top_p,
+                p.min_p,
+                p.repetition_penalty,
+                p.presence_penalty,
+                p.frequency_penalty,
+                p.top_k,
+                p.top_logprobs,
+            )
+            for p in params
+        ],
+        dtype=np.float64,
+    ).reshape(batch, 8)  # [batch, 8]; the reshape also covers batch 0 (which comes out 1-D)
+    _check_table(raw, params)
+    temperature, top_p, min_p, repetition, presence, frequency, top_k, top_logprobs = raw.T
+
+    table = np.empty((batch, _NUM_COLUMNS), dtype=np.float64)
+    top_p_on = (top_p > 0.0) & (top_p < 1.0)
+    repetition_on = (repetition != 0.0) & (repetition != 1.0)
+    table[:, _TEMPERATURE] = temperature
+    # 0 means off for top_p, like 1: map both to 1.0 so one comparison handles them.
+    table[:, _TOP_P] = np.where(top_p_on, top_p, 1.0)
+    table[:, _MIN_P] = min_p
+    # 1.0 leaves a logit untouched, so rows without the penalty need no special case.
+    table[:, _REPETITION] = np.where(repetition_on, repetition, 1.0)
+    table[:, _PRESENCE] = presence
+    table[:, _FREQUENCY] = frequency
+    table[:, _TOP_K] = top_k
+    seeds = np.fromiter((p.seed for p in params), dtype=np.uint64, count=batch)
+    # The position of the token being sampled.
+    positions = np.fromiter(
+        (len(a) + len(b) for a, b in zip(prompt_token_ids, output_token_ids)),
+        dtype=np.uint64,
+        count=batch,
+    )
+    table[:, _ROW_KEY] = _row_keys(seeds, positions)
+
+    sampled = temperature > 0.0
+    num_sampled = int(sampled.sum())
+    # One int64 buffer: the table's bits, then the optional index arrays.
+    parts = [table.view(np.int64).ravel()]
+    if 0 < num_sampled < batch:
+        parts.append(np.flatnonzero(sampled).astype(np.int64))
+    repetition_rows = np.flatnonzero(repetition_on).astype(np.int64)
+    if repetition_rows.size:
+        parts.append(_flat_ids(repetition_rows, prompt_token_ids, vocab))
+        parts.append(_flat_ids(repetition_rows, output_token_ids, vocab))
+    output_rows = np.flatnonzero((presence != 0.0) | (frequency != 0.0)).astype(np.int64)
+    if output_rows.size:
+        parts.append(_flat_ids(output_rows, output_token_ids, vocab))
+    sizes = [part.size for part in parts]
+    on_device = _upload(np.concatenate(parts), device)
+
+    pieces = iter(on_device.split(sizes))
+    return _StepInputs(
+        table=next(pieces).view(torch.float64).view(batch, _NUM_COLUMNS),
+        num_sampled=num_sampled,
+        sample_rows=next(pieces) if 0 < num_sampled < batch else None,
+        uses_top_k=bool((top_k[sampled] > 0).any()),
+        uses_top_p=bool(top_p_on[sampled].any()),
+        uses_min_p=bool((min_p[sampled] > 0.0).any()),
+        repetition_ids=torch.cat([next(pieces), next(pieces)]) if repetition_rows.size else None,
+        output_ids=next(pieces) if output_rows.size else None,
+        max_top_logprobs=int(top_logprobs.max(initial=0)),
+    )
+
+
+def _penalise(logits: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
+    """Penalised copy of ``logits`` [batch, vocab].
+
+    Only the (row, token) pairs in the id lists are read and written: O(tokens), not
+    O(batch * vocab). Every value is computed exactly as the dense form
+    ``where(seen, where(x > 0, x / r, x * r), x) - (presence * (count > 0) + frequency * count)``
+    would (the same float32 ops on the same operands), and repeated ids all write the same
+    value, so the scatter order does not matter.
+    """
+    # Contiguous whatever the input's strides, so the flat view below exists.
+    logits = logits.clone(memory_format=torch.contiguous_format)
+    flat = logits.view(-1)  # [batch * vocab]
+    vocab = logits.shape[1]
+    weights = inputs.table[:, _REPETITION : _FREQUENCY + 1].to(logits.dtype)  # [batch, 3]
+    if inputs.repetition_ids is not None:
+        ids = inputs.repetition_ids
+        values = flat.gather(0, ids)
+        penalty = weights[:, 0].index_select(0, ids // vocab)
+        flat.scatter_(0, ids, torch.where(values > 0, values / penalty, values * penalty))
+    if inputs.output_ids is not None:
+        ids = inputs.output_ids
+        # Occurrences of each id among the ids, by binary search in the sorted list: no
+        # [batch, vocab] count buffer and no data-dependent size (which would sync).
+        ordered = ids.sort().values
+        count = (
+            torch.searchsorted(ordered, ids, right=True) - torch.searchsorted(ordered, ids)
+        ).to(logits.dtype)
+        rows = ids // vocab
+        presence = weights[:, 1].index_select(0, rows)
+        frequency = weights[:, 2].index_select(0, rows)
+        values = flat.gather(0, ids)
+        flat.scatter_(0, ids, values - (presence * (count > 0).to(logits.dtype) + frequency * count))
+    return logits
 
 
 def apply_penalties(
@@ -192,36 +380,8 @@ def apply_penalties(
     output_token_ids: Sequence[Sequence[int]],
 ) -> torch.Tensor:
     """Penalised copy of ``logits`` [batch, vocab]; see the module docstring for semantics."""
-    logits = logits.clone()
-    batch, vocab = logits.shape
-    device = logits.device
-
-    rep_rows = [i for i, p in enumerate(params) if _uses_repetition(p)]
-    if rep_rows:
-        seen = torch.zeros(batch * vocab, dtype=torch.bool, device=device)
-        for token_lists in (prompt_token_ids, output_token_ids):
-            seen.index_fill_(0, _flat_token_index(rep_rows, token_lists, vocab, device), True)
-        seen = seen.view(batch, vocab)
-        # Rows without the penalty get 1.0, which leaves their logits untouched.
-        penalty = to_device(
-            [p.repetition_penalty if _uses_repetition(p) else 1.0 for p in params], logits.dtype, device
-        )[:, None]  # [batch, 1]
-        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen, penalised, logits)
-
-    out_rows = [i for i, p in enumerate(params) if _uses_output_penalty(p)]
-    if out_rows:
-        flat = _flat_token_index(out_rows, output_token_ids, vocab, device)
-        counts = torch.zeros(batch * vocab, dtype=logits.dtype, device=device)
-        # Adding ones: exact in float32 whatever order the atomics land in.
-        counts.index_add_(0, flat, torch.ones_like(flat, dtype=logits.dtype))
-        counts = counts.view(batch, vocab)
-        weights = to_device(
-            [[p.presence_penalty, p.frequency_penalty] for p in params], logits.dtype, device
-        )  # [batch, 2]
-        presence, frequency = weights[:, :1], weights[:, 1:]
-        logits -= presence * (counts > 0).to(logits.dtype) + frequency * counts
-    return logits
+    inputs = _prepare(params, prompt_token_ids, output_token_ids, logits.shape[1], logits.device)
+    return _penalise(logits, inputs)
 
 
 def truncation_mask(
@@ -283,41 +443,37 @@ class Sampler:
         self,
         logits: torch.Tensor,  # [batch, vocab] float32
         params: list[stage_worker_pb2.StageSamplingParams],
-        prompt_token_ids: list[Sequence[int]],
-        output_token_ids: list[Sequence[int]],
+        prompt_token_ids: Sequence[Sequence[int]],
+        output_token_ids: Sequence[Sequence[int]],
     ) -> SamplerOutput:
+        """Token ids may be python lists or 64-bit ``array.array`` (the fastest to pack)."""
         batch, vocab = logits.shape
         assert len(params) == len(prompt_token_ids) == len(output_token_ids) == batch, (
             f"{batch} logit rows but {len(params)} params, {len(prompt_token_ids)} prompts, "
             f"{len(output_token_ids)} outputs"
         )
-        for i, p in enumerate(params):
-            _check_params(p, i)
         device = logits.device
+        inputs = _prepare(params, prompt_token_ids, output_token_ids, vocab, device)
         logits = logits.float()
 
         raw_logprobs = logits.log_softmax(dim=-1)  # [batch, vocab]
 
-        if any(_uses_repetition(p) or _uses_output_penalty(p) for p in params):
-            logits = apply_penalties(logits, params, prompt_token_ids, output_token_ids)
+        if inputs.repetition_ids is not None or inputs.output_ids is not None:
+            logits = _penalise(logits, inputs)
 
-        token_ids = logits.argmax(dim=-1)  # greedy; argmax returns the first (lowest) max
-        sample_rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
-        if sample_rows:
-            all_rows = len(sample_rows) == batch
-            rows = None if all_rows else to_device(sample_rows, torch.int64, device)
-            sampled = self._sample(
-                logits if rows is None else logits.index_select(0, rows),
-                [params[i] for i in sample_rows],
-                [len(prompt_token_ids[i]) + len(output_token_ids[i]) for i in sample_rows],
-            )
-            if rows is None:
-                token_ids = sampled
-            else:
+        if batch > 0 and inputs.num_sampled == batch:
+            token_ids = self._sample(logits, inputs.table, inputs)
+        else:
+            token_ids = logits.argmax(dim=-1)  # greedy; argmax returns the first (lowest) max
+            if inputs.sample_rows is not None:
+                rows = inputs.sample_rows
+                sampled = self._sample(
+                    logits.index_select(0, rows), inputs.table.index_select(0, rows), inputs
+                )
                 token_ids.index_copy_(0, rows, sampled)
 
         chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [batch]
-        k = min(max((p.top_logprobs for p in params), default=0), vocab)
+        k = min(inputs.max_top_logprobs, vocab)
         if k > 0:
             top_logprobs, top_token_ids = raw_logprobs.topk(k, dim=-1, sorted=True)  # [batch, k]
         else:
@@ -333,26 +489,17 @@ class Sampler:
     def _sample(
         self,
         logits: torch.Tensor,  # [rows, vocab], penalised
-        params: list[stage_worker_pb2.StageSamplingParams],
-        positions: list[int],
+        table: torch.Tensor,  # [rows, _NUM_COLUMNS] float64, the same rows
+        inputs: _StepInputs,
     ) -> torch.Tensor:
-        device = logits.device
-        # 0 means off for top_p, like 1: map both to 1.0 so one comparison handles them.
-        floats = to_device(
-            [[p.temperature, p.top_p if 0.0 < p.top_p < 1.0 else 1.0, p.min_p] for p in params],
-            logits.dtype,
-            device,
-        )  # [rows, 3]
+        floats = table[:, _TEMPERATURE : _MIN_P + 1].to(logits.dtype)  # [rows, 3]
         scaled = logits / floats[:, :1]
-        top_k = top_p = min_p = None
-        if any(p.top_k > 0 for p in params):
-            top_k = to_device([p.top_k for p in params], torch.int64, device)
-        if any(0.0 < p.top_p < 1.0 for p in params):
-            top_p = floats[:, 1]
-        if any(p.min_p > 0.0 for p in params):
-            min_p = floats[:, 2]
+        top_k = table[:, _TOP_K].to(torch.int64) if inputs.uses_top_k else None
+        top_p = floats[:, 1] if inputs.uses_top_p else None
+        min_p = floats[:, 2] if inputs.uses_min_p else None
         if top_k is not None or top_p is not None or min_p is not None:
             scaled = scaled.masked_fill(truncation_mask(scaled, top_k, top_p, min_p), float("-inf"))
         probs = scaled.softmax(dim=-1)  # removed tokens get exactly 0
-        u = uniform_noise([p.seed for p in params], positions, self._vocab_hash(logits.shape[1], device))
+        keys = table[:, _ROW_KEY].to(torch.int64)
+        u = _noise(keys, self._vocab_hash(logits.shape[1], logits.device))
         return (probs / -torch.log(u)).argmax(dim=-1)

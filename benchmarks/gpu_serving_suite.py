@@ -1,0 +1,211 @@
+"""The serving-speed targets of issue 4 in one invocation, on a GPU host.
+
+For each scenario: start `stageserve up` on a config-only model folder with random weights
+(`--load-format dummy`), drive it with benchmarks/load_generator.py, stop it, and keep the
+load generator's JSON report. Prints one table at the end and writes every report to --out.
+
+    python3 benchmarks/gpu_serving_suite.py --model docs/model-configs/llama-3-8b \\
+        --out /tmp/bench [--only batch1-pp1,batch1-pp2]
+
+Scenarios needing two GPUs are skipped on a one-GPU host. Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from shared.client import GenerationClient  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    pp: int
+    tp: int
+    concurrency: int
+    requests: int
+    prompt_len: int
+    output_len: int
+    # Also time transformers `generate` at this batch on the same GPU, in the same run.
+    hf_baseline: bool = False
+    server_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def gpus(self) -> int:
+        return self.pp * self.tp
+
+
+SCENARIOS = (
+    Scenario("batch1-pp1", 1, 1, 1, 3, 128, 256, hf_baseline=True),
+    Scenario("batch1-pp2", 2, 1, 1, 3, 128, 256),
+    Scenario("c64-pp1", 1, 1, 64, 128, 512, 256, hf_baseline=True),
+    Scenario("c256-pp1", 1, 1, 256, 512, 512, 256),
+    Scenario("c256-pp2", 2, 1, 256, 512, 512, 256),
+    Scenario("c256-tp2", 1, 2, 256, 512, 512, 256),
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(
+    model: str, scenario: Scenario, log_path: Path, memory_utilization: float, metrics_port: int
+) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "shared.cli", "up", "--model", model, "--load-format", "dummy",
+        "--pp", str(scenario.pp), "--tp", str(scenario.tp), "--device", "cuda", "--dtype", "bfloat16",
+        "--port", str(port), "--max-num-seqs", str(max(scenario.concurrency, 1)),
+        "--max-num-batched-tokens", "8192", "--gpu-memory-utilization", str(memory_utilization),
+        "--startup-timeout", "600", "--metrics-port", str(metrics_port), *scenario.server_args,
+    ]
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    address = f"127.0.0.1:{port}"
+    client = GenerationClient(address)
+    deadline = time.monotonic() + 600
+    try:
+        while not client.is_serving():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{scenario.name}: server did not start; see {log_path}")
+            time.sleep(0.5)
+    finally:
+        client.close()
+    return proc, address
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dict:
+    # Leave room on GPU 0 for the transformers baseline, which runs beside the server.
+    utilization = 0.45 if scenario.hf_baseline else 0.9
+    # Router metrics on metrics_port, stage i's on metrics_port + 1 + i (as `up` assigns them).
+    metrics_port = _free_port()
+    proc, address = _serve(args.model, scenario, out / f"{scenario.name}.server.log", utilization, metrics_port)
+    report_path = out / f"{scenario.name}.json"
+    cmd = [
+        sys.executable, str(REPO / "benchmarks" / "load_generator.py"), "--addr", address,
+        "--concurrency", str(scenario.concurrency), "--requests", str(scenario.requests),
+        "--prompt-len", str(scenario.prompt_len), "--output-len", str(scenario.output_len),
+        "--json", str(report_path),
+    ]
+    if args.hbm_bytes_per_s:
+        cmd += ["--hbm-bytes-per-s", str(args.hbm_bytes_per_s)]
+    else:
+        cmd += ["--measure-bandwidth"]
+    if scenario.hf_baseline:
+        cmd += ["--hf-baseline", args.model]
+    try:
+        with open(out / f"{scenario.name}.load.log", "wb") as log:
+            subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=900)
+        profile = _step_profile(metrics_port, scenario.pp, out / f"{scenario.name}.metrics.txt")
+    finally:
+        _stop(proc)
+    report = json.loads(report_path.read_text())
+    report["step_profile"] = profile
+    return report
+
+
+def _step_profile(metrics_port: int, num_stages: int, path: Path) -> dict[str, float]:
+    """Mean per-step times from the router's Prometheus histograms: the stage's own compute
+    (rank 0's execute) against the router's send-to-result time; the difference is the
+    control plane (gRPC, the stage's rank pipe, queueing)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    path.write_text(text)
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        values[name] = float(value)
+    profile: dict[str, float] = {}
+    for stage in range(num_stages):
+        for key, metric in (("compute", "stage_step_seconds"), ("result", "stage_result_latency_seconds")):
+            total = values.get(f'stageserve_{metric}_sum{{stage="{stage}"}}', 0.0)
+            count = values.get(f'stageserve_{metric}_count{{stage="{stage}"}}', 0.0)
+            profile[f"stage{stage}_{key}_ms"] = 1e3 * total / count if count else float("nan")
+        profile["steps"] = values.get(f'stageserve_stage_step_seconds_count{{stage="{num_stages - 1}"}}', 0.0)
+    return profile
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(REPO / "docs" / "model-configs" / "llama-3-8b"))
+    p.add_argument("--out", default="/tmp/stageserve-bench")
+    p.add_argument("--only", default="", help="comma-separated scenario names")
+    p.add_argument("--hbm-bytes-per-s", type=float, default=0.0,
+                   help="device copy rate for the roofline (0: each load generator measures it)")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    gpus = torch.cuda.device_count()
+    wanted = set(filter(None, args.only.split(",")))
+    rows = []
+    for scenario in SCENARIOS:
+        if wanted and scenario.name not in wanted:
+            continue
+        if scenario.gpus > gpus:
+            print(f"{scenario.name}: skipped, needs {scenario.gpus} GPUs, host has {gpus}", flush=True)
+            continue
+        started = time.perf_counter()
+        try:
+            report = run_scenario(args, scenario, out)
+        except Exception as exc:  # noqa: BLE001 - one failed scenario must not hide the others
+            print(f"{scenario.name}: FAILED: {exc}", flush=True)
+            rows.append((scenario.name, None))
+            continue
+        print(f"{scenario.name}: done in {time.perf_counter() - started:.0f} s", flush=True)
+        rows.append((scenario.name, report))
+    (out / "suite.json").write_text(json.dumps(dict(rows), indent=2))
+    print("\n| scenario | tok/s | TPOT p50 ms | TPOT p99 ms | TTFT p50 ms | vs roofline | transformers tok/s "
+          "| vs transformers | last stage compute ms/step | router send->result ms/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in rows:
+        if r is None:
+            print(f"| {name} | failed | | | | | | | | |")
+            continue
+        load, ratio, hf = r["load"], r.get("ratios") or {}, r.get("transformers") or {}
+        prof = r.get("step_profile") or {}
+        last = r.get("layout", {}).get("pp", 1) - 1
+
+        def fmt(value: object, digits: str = ".1f") -> str:
+            return format(value, digits) if isinstance(value, (int, float)) else "-"
+
+        print(f"| {name} | {fmt(load['output_tok_s'])} | {fmt(load['tpot_p50_ms'], '.2f')} "
+              f"| {fmt(load['tpot_p99_ms'], '.2f')} | {fmt(load['ttft_p50_ms'])} "
+              f"| {fmt(ratio.get('tpot_p50_vs_roofline'), '.2f')} | {fmt(hf.get('tok_s'))} "
+              f"| {fmt(ratio.get('tok_s_vs_transformers'), '.1f')} "
+              f"| {fmt(prof.get(f'stage{last}_compute_ms'), '.2f')} | {fmt(prof.get(f'stage{last}_result_ms'), '.2f')} |")
+    if os.environ.get("OUT"):
+        print(f"reports in {out}")
+
+
+if __name__ == "__main__":
+    main()
