@@ -51,9 +51,9 @@ SCENARIOS = (
     Scenario("batch1-pp1", 1, 1, 1, 3, 128, 256, hf_baseline=True),
     Scenario("batch1-pp2", 2, 1, 1, 3, 128, 256),
     Scenario("c64-pp1", 1, 1, 64, 128, 512, 256, hf_baseline=True),
-    Scenario("c256-pp1", 1, 1, 256, 512, 512, 256),
-    Scenario("c256-pp2", 2, 1, 256, 512, 512, 256),
-    Scenario("c256-tp2", 1, 2, 256, 512, 512, 256),
+    Scenario("c256-pp1", 1, 1, 256, 256, 512, 256),
+    Scenario("c256-pp2", 2, 1, 256, 256, 512, 256),
+    Scenario("c256-tp2", 1, 2, 256, 256, 512, 256),
 )
 
 

@@ -64,8 +64,9 @@ def _add_load_format_flag(p: argparse.ArgumentParser) -> None:
 
 def _add_execution_flags(p: argparse.ArgumentParser) -> None:
     # Spelled out like --load-format, so that parsing stays free of torch.
-    p.add_argument("--attention-backend", choices=["auto", "reference", "triton"], default="auto",
-                   help="auto: the Triton paged-attention kernel on CUDA, the plain-torch reference elsewhere")
+    p.add_argument("--kernel-backend", choices=["auto", "reference", "triton"], default="auto",
+                   help="auto: Triton kernels (paged attention, fused norm/rotary/activation) on CUDA, the "
+                        "plain-torch reference elsewhere; see stage_worker/layers/kernel_backend.py")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps (they are captured at startup by default on CUDA)")
 
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_format=args.log_format, sequence_parallel=args.sequence_parallel,
                 tls=_server_tls(args), tls_ca=args.tls_ca, auth_token_file=args.auth_token_file,
                 stage_token=not args.no_stage_token, load_format=args.load_format,
-                attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+                kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
             )
             return run_up(config, args.prompt, _sampling_from(args))
         if args.command == "router":
@@ -465,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                 stage_index=args.stage_index, host=args.host, port=args.port, rendezvous=args.rendezvous,
                 device_type=device, dtype=resolve_dtype(args.dtype, device), metrics_port=args.metrics_port,
                 tls=_server_tls(args, args.tls_client_ca), stage_token_file=args.stage_token_file,
-                load_format=args.load_format, attention_backend=args.attention_backend,
+                load_format=args.load_format, kernel_backend=args.kernel_backend,
                 enforce_eager=args.enforce_eager,
             ))
             return 0

@@ -47,8 +47,8 @@ class UpConfig:
     stage_token: bool = True
     # Every stage's --load-format: "auto" (the checkpoint) or "dummy" (random weights).
     load_format: str = "auto"
-    # Every stage's --attention-backend and --enforce-eager.
-    attention_backend: str = "auto"
+    # Every stage's --kernel-backend and --enforce-eager.
+    kernel_backend: str = "auto"
     enforce_eager: bool = False
 
 
@@ -171,7 +171,7 @@ class Launcher:
                 args += ["--layer-partition", cfg.layer_partition]
             if cfg.sequence_parallel:
                 args.append("--sequence-parallel")
-            args += ["--attention-backend", cfg.attention_backend]
+            args += ["--kernel-backend", cfg.kernel_backend]
             if cfg.enforce_eager:
                 args.append("--enforce-eager")
             env = None

@@ -18,7 +18,7 @@ from stage_worker.cuda_graphs import DecodeGraphs
 from stage_worker.distributed import RankPlacement, StageHop, get_tp_group
 from stage_worker.input_batch import InputBatch, build_input_batch
 from stage_worker.kv_cache import KVCache, bytes_per_block
-from stage_worker.layers.attention import resolve_attention_backend, set_attention_backend
+from stage_worker.layers.kernel_backend import resolve_kernel_backend, set_kernel_backend
 from stage_worker.layers.sampler import Sampler, SamplerOutput
 from stage_worker.layers.sequence_parallel import padded_num_tokens, shard_rows
 from stage_worker.loader import load_weights
@@ -46,7 +46,7 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         load_format: str = "auto",
-        attention_backend: str = "auto",
+        kernel_backend: str = "auto",
         enforce_eager: bool = False,
     ) -> None:
         self.config = config
@@ -61,13 +61,13 @@ class ModelRunner:
         )
         # The residual stream stays token-sharded between the TP matmuls, and across the hop.
         self.sequence_parallel: bool = self.model.sequence_parallel
-        self.attention_backend = resolve_attention_backend(attention_backend, device)
-        set_attention_backend(self.model, self.attention_backend)
+        self.kernel_backend = resolve_kernel_backend(kernel_backend, device)
+        set_kernel_backend(self.model, self.kernel_backend)
         # Graphs replay the Triton path only (the reference loops over sequences on the
         # host), and a sequence-parallel stage's decode rows are too few to be worth it.
         self.use_cuda_graphs = (
             device.type == "cuda"
-            and self.attention_backend == "triton"
+            and self.kernel_backend == "triton"
             and not self.sequence_parallel
             and not enforce_eager
         )
@@ -204,7 +204,7 @@ class ModelRunner:
             self.block_size,
             self.device,
             self.layout.is_first,
-            device_metadata=self.attention_backend == "triton",
+            device_metadata=self.kernel_backend == "triton",
         )
         hidden = self._forward(batch)
         if self.layout.is_last and batch.sampled_seqs:

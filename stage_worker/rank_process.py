@@ -34,7 +34,7 @@ class RankArgs:
     epoch: int = 0
     # stage_worker.loader.LOAD_FORMATS: "auto" reads the checkpoint, "dummy" makes random weights.
     load_format: str = "auto"
-    attention_backend: str = "auto"
+    kernel_backend: str = "auto"
     enforce_eager: bool = False
 
 
@@ -81,7 +81,7 @@ def _run(args: RankArgs, conn: Connection) -> None:
     declare_tp_placement(placement, device)
     runner = ModelRunner(
         config, layout, placement, dtype_from_name(args.dtype), device, load_format=args.load_format,
-        attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+        kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
     )
     summary = runner.load()
     report = pb.RankReady(

@@ -29,7 +29,7 @@ from shared.security import RequireToken, ServerTls, add_port, stage_token_check
 from shared.sharded_state import read_sharded_state
 from stage_worker.metrics import StageMetrics
 from stage_worker.distributed import read_epoch
-from stage_worker.layers.attention import ATTENTION_BACKENDS
+from stage_worker.layers.kernel_backend import KERNEL_BACKENDS
 from stage_worker.loader import LOAD_FORMATS
 from stage_worker.rank_pool import RankFailure, RankPool
 from stage_worker.rank_process import RankArgs
@@ -60,15 +60,15 @@ class StageServerConfig:
     # "auto": the folder's checkpoint; "dummy": random weights, and the folder needs only config.json.
     load_format: str = "auto"
     # "auto" (Triton on CUDA), "reference" or "triton"; see stage_worker/layers/attention.py.
-    attention_backend: str = "auto"
+    kernel_backend: str = "auto"
     # No CUDA graphs for decode steps.
     enforce_eager: bool = False
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in ATTENTION_BACKENDS:
+        if self.kernel_backend not in KERNEL_BACKENDS:
             raise ConfigError(
-                f"unknown attention backend {self.attention_backend!r}; "
-                f"choose one of {', '.join(ATTENTION_BACKENDS)}"
+                f"unknown kernel backend {self.kernel_backend!r}; "
+                f"choose one of {', '.join(KERNEL_BACKENDS)}"
             )
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(
@@ -122,7 +122,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                 join_timeout_s=config.join_timeout_s,
                 cpu_threads=cpu_threads,
                 load_format=config.load_format,
-                attention_backend=config.attention_backend,
+                kernel_backend=config.kernel_backend,
                 enforce_eager=config.enforce_eager,
             )
             for r in range(tp)

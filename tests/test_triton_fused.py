@@ -119,7 +119,8 @@ def test_rms_norm_keeps_leading_dims_and_empty_batches() -> None:
 
 
 def make_rope(head_dim: int, dtype: torch.dtype, max_position: int = 4096) -> RotaryEmbedding:
-    rope = RotaryEmbedding(head_dim, max_position, {"rope_type": "default", "rope_theta": 500000.0}, None, dtype, DEVICE)
+    rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
+    rope = RotaryEmbedding(head_dim, max_position, rope_parameters, None, dtype, DEVICE)
     rope._build_cache()
     return rope
 
@@ -185,16 +186,18 @@ LLAMA3_8B = {"hidden": 4096, "heads": 32, "kv_heads": 8, "head_dim": 128, "inter
 @pytest.mark.parametrize("hidden", [4096, 8192])
 @pytest.mark.parametrize("n", [1, 33, 512])
 def test_bf16_rms_norm_matches_module_on_gpu(hidden: int, n: int) -> None:
-    """Bit-equal except where the float32 sum of squares rounds differently: at most 1 ulp."""
+    """Bit-equal except where the float32 sum of squares rounds differently: the normalised
+    value then differs by 1 ulp, and its product with the weight by up to 2 (seen on an H200
+    at hidden 8192, n 512)."""
     gen = torch.Generator().manual_seed(n)
     norm = make_norm(hidden, torch.bfloat16, gen)
     x = randn((n, hidden), torch.bfloat16, gen)
     residual = randn((n, hidden), torch.bfloat16, gen, 4.0)
-    assert_close(rms_norm(x, norm.weight, EPS), norm(x), max_ulp=1)
+    assert_close(rms_norm(x, norm.weight, EPS), norm(x), max_ulp=2)
     out, new_residual = fused_add_rms_norm(x, residual, norm.weight, EPS)
     expected_out, expected_residual = norm(x, residual)
     assert_close(new_residual, expected_residual, max_ulp=0)
-    assert_close(out, expected_out, max_ulp=1)
+    assert_close(out, expected_out, max_ulp=2)
 
 
 @pytest.mark.gpu
@@ -217,7 +220,8 @@ def test_kernels_replay_from_cuda_graph() -> None:
     norm = make_norm(hidden, dtype, gen)
     rope = make_rope(head_dim, dtype)
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
-    x, residual = torch.empty((n, hidden), dtype=dtype, device=DEVICE), torch.empty((n, hidden), dtype=dtype, device=DEVICE)
+    x = torch.empty((n, hidden), dtype=dtype, device=DEVICE)
+    residual = torch.empty_like(x)
     qkv = torch.empty((n, q_size + 2 * kv_size), dtype=dtype, device=DEVICE)
     positions = torch.zeros(n, dtype=torch.int64, device=DEVICE)
     gate_up = torch.empty((n, 2 * LLAMA3_8B["intermediate"]), dtype=dtype, device=DEVICE)

@@ -10,8 +10,6 @@ hold it to the reference.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,8 +29,8 @@ class Attention(nn.Module):
         # (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]; set by
         # KVCache.bind. Not buffers: the cache is sized after the model is built.
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
-        # "reference" or "triton"; set for the whole model by set_attention_backend.
-        self.backend = "reference"
+        # See layers/kernel_backend.py.
+        self.kernel_backend = "reference"
 
     def forward(
         self,
@@ -48,7 +46,7 @@ class Attention(nn.Module):
         k = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         md = attn_metadata
-        if self.backend == "triton" and md.use_cache:
+        if self.kernel_backend == "triton" and md.use_cache:
             return self._forward_triton(q, k, v, md).view(num_tokens, self.num_heads * self.head_dim)
         out = torch.empty_like(q)  # [num_tokens, heads, head_dim]
         if md.use_cache:
@@ -120,28 +118,3 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
         return out.transpose(0, 1)  # [q_len, heads, head_dim]
 
-
-ATTENTION_BACKENDS = ("auto", "reference", "triton")
-
-
-def resolve_attention_backend(requested: str, device: torch.device) -> str:
-    """"auto" is Triton on CUDA (when Triton is importable) and the reference elsewhere."""
-    if requested not in ATTENTION_BACKENDS:
-        raise ValueError(f"unknown attention backend {requested!r}; choose one of {ATTENTION_BACKENDS}")
-    if requested == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("the Triton attention backend needs a CUDA device (or TRITON_INTERPRET=1)")
-    if requested != "auto":
-        return requested
-    if device.type != "cuda":
-        return "reference"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "reference"
-    return "triton"
-
-
-def set_attention_backend(model: nn.Module, backend: str) -> None:
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.backend = backend

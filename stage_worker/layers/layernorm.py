@@ -15,6 +15,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = new_parameter((hidden_size,), dtype, device)
         self.weight.weight_loader = self.weight_loader
+        # See layers/kernel_backend.py.
+        self.kernel_backend = "reference"
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded) -> None:
         check_loaded_shape(loaded, (self.hidden_size,), "norm weight")
@@ -33,6 +35,12 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """Without residual: norm(x). With residual: s = x + residual; returns (norm(s), s)."""
+        if self.kernel_backend == "triton":
+            from stage_worker.layers import triton_fused
+
+            if residual is None:
+                return triton_fused.rms_norm(x, self.weight, self.eps)
+            return triton_fused.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -63,6 +63,8 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = inv_freq
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
+        # See layers/kernel_backend.py.
+        self.kernel_backend = "reference"
 
     def _build_cache(self) -> None:
         # Built on first use rather than at construction so that building a model stays
@@ -78,6 +80,10 @@ class RotaryEmbedding(nn.Module):
         """positions [num_tokens]; query [num_tokens, heads * head_dim], key likewise."""
         if self._cos is None:
             self._build_cache()
+        if self.kernel_backend == "triton":
+            from stage_worker.layers.triton_fused import rotary_embedding
+
+            return rotary_embedding(positions, query, key, self._cos, self._sin, self.head_dim)
         cos = self._cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
         sin = self._sin[positions].unsqueeze(1)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)

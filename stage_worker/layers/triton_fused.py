@@ -69,7 +69,7 @@ def _load_row(x_row, res_row, new_res_row, offs, mask, HAS_RESIDUAL: tl.constexp
 def _store_normed(s, scale, w_ptr, out_row, offs, mask):
     # torch: weight * (x32 * rsqrt).to(dtype): the normalised value is rounded to the model
     # dtype first, then the product with the weight is rounded again.
-    normed = s.to(tl.float32) * scale
+    normed = (s.to(tl.float32) * scale).to(s.dtype)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     tl.store(out_row + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(s.dtype), mask=mask)
 

@@ -1,6 +1,6 @@
-"""The Triton attention backend wired through a real serving system, on CPU.
+"""The Triton kernel backend wired through a real serving system, on CPU.
 
-`--attention-backend triton` with TRITON_INTERPRET=1 runs the GPU kernels in Triton's
+`--kernel-backend triton` with TRITON_INTERPRET=1 runs the GPU kernels in Triton's
 interpreter inside the stage's rank processes: the device form of the attention metadata
 (input_batch.py), the kernel calls of Attention._forward_triton, chunked prefill, prefix
 caching and concurrent decode batches all go the path the GPU takes, and the greedy tokens
@@ -32,13 +32,13 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.timeout(600)
-def test_triton_backend_in_the_interpreter_equals_transformers(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_triton_kernels_in_the_interpreter_equal_transformers(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     rng = random.Random(2)
     shared_prefix = [0] + [rng.randrange(3, 300) for _ in range(20)]
     prompts = [shared_prefix + [rng.randrange(3, 300) for _ in range(n)] for n in (3, 15, 30)]
     # pp=2: both the first stage (token ids in) and a later stage (hidden states in) run it.
-    system = ServingSystem(model, 2, 1, "--attention-backend", "triton", "--max-num-batched-tokens", "24",
+    system = ServingSystem(model, 2, 1, "--kernel-backend", "triton", "--max-num-batched-tokens", "24",
                            "--block-size", "8", "--shuffle-blocks-seed", "1")
     try:
         # The first request fills the prefix cache; the others continue from it.
