@@ -101,7 +101,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dict:
     # Leave room on GPU 0 for the transformers baseline, which runs beside the server.
-    utilization = 0.45 if scenario.hf_baseline else 0.9
+    utilization = 0.45 if scenario.hf_baseline and not args.skip_baselines else 0.9
     # Router metrics on metrics_port, stage i's on metrics_port + 1 + i (as `up` assigns them).
     metrics_port = _free_port()
     proc, address = _serve(args.model, scenario, out / f"{scenario.name}.server.log", utilization, metrics_port)
@@ -116,7 +116,7 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
         cmd += ["--hbm-bytes-per-s", str(args.hbm_bytes_per_s)]
     else:
         cmd += ["--measure-bandwidth"]
-    if scenario.hf_baseline:
+    if scenario.hf_baseline and not args.skip_baselines:
         cmd += ["--hf-baseline", args.model]
     try:
         with open(out / f"{scenario.name}.load.log", "wb") as log:
@@ -149,6 +149,11 @@ def _step_profile(metrics_port: int, num_stages: int, path: Path) -> dict[str, f
             total = values.get(f'stageserve_{metric}_sum{{stage="{stage}"}}', 0.0)
             count = values.get(f'stageserve_{metric}_count{{stage="{stage}"}}', 0.0)
             profile[f"stage{stage}_{key}_ms"] = 1e3 * total / count if count else float("nan")
+        for phase in ("prepare", "launch", "wait", "reply"):
+            total = values.get(f'stageserve_stage_step_phase_seconds_sum{{phase="{phase}",stage="{stage}"}}', 0.0)
+            count = values.get(f'stageserve_stage_step_phase_seconds_count{{phase="{phase}",stage="{stage}"}}', 0.0)
+            if count:
+                profile[f"stage{stage}_{phase}_ms"] = 1e3 * total / count
         profile["steps"] = values.get(f'stageserve_stage_step_seconds_count{{stage="{num_stages - 1}"}}', 0.0)
     return profile
 
@@ -158,6 +163,7 @@ def main() -> None:
     p.add_argument("--model", default=str(REPO / "docs" / "model-configs" / "llama-3-8b"))
     p.add_argument("--out", default="/tmp/stageserve-bench")
     p.add_argument("--only", default="", help="comma-separated scenario names")
+    p.add_argument("--skip-baselines", action="store_true", help="no transformers runs (faster)")
     p.add_argument("--hbm-bytes-per-s", type=float, default=0.0,
                    help="device copy rate for the roofline (0: each load generator measures it)")
     args = p.parse_args()
@@ -203,6 +209,13 @@ def main() -> None:
               f"| {fmt(ratio.get('tpot_p50_vs_roofline'), '.2f')} | {fmt(hf.get('tok_s'))} "
               f"| {fmt(ratio.get('tok_s_vs_transformers'), '.1f')} "
               f"| {fmt(prof.get(f'stage{last}_compute_ms'), '.2f')} | {fmt(prof.get(f'stage{last}_result_ms'), '.2f')} |")
+    print("\nper-step phases of the last stage (ms, means over the run):")
+    for name, r in rows:
+        prof = (r or {}).get("step_profile") or {}
+        last = (r or {}).get("layout", {}).get("pp", 1) - 1
+        parts = [f"{p} {prof[f'stage{last}_{p}_ms']:.2f}" for p in ("prepare", "launch", "wait", "reply")
+                 if f"stage{last}_{p}_ms" in prof]
+        print(f"  {name}: {', '.join(parts) or '-'}")
     if os.environ.get("OUT"):
         print(f"reports in {out}")
 

@@ -38,7 +38,10 @@ OUTCOMES = {
     gen.FINISH_REASON_ERROR: "error",
 }
 # Requests refused before they reach the scheduler, named after the gRPC status they get.
-REJECTIONS = ("invalid_argument", "resource_exhausted", "unavailable")
+REJECTIONS = ("invalid_argument", "failed_precondition", "resource_exhausted", "unavailable")
+# The phases a stage reports for each step (StepResult.phase_seconds); others are ignored,
+# so a stage cannot grow the label set.
+STEP_PHASES = ("prepare", "launch", "wait", "reply")
 
 # Step-send records older than this many steps are dropped: a step whose last result never
 # comes (the pipeline failed) must not keep its record forever.
@@ -54,7 +57,7 @@ class RouterMetrics:
         self.requests = Counter(
             "requests", "Finished or refused Generate requests by outcome: a finish reason "
             "(length, stop, eos, cancelled, error) or the status of a refusal "
-            "(invalid_argument, resource_exhausted, unavailable).",
+            "(invalid_argument, failed_precondition, resource_exhausted, unavailable).",
             ["outcome"], namespace=ns, registry=r,
         )
         for outcome in (*OUTCOMES.values(), *REJECTIONS):
@@ -89,6 +92,11 @@ class RouterMetrics:
             "stage_step_seconds", "Time the stage's TP rank 0 spent executing a step, as the "
             "stage reports it (for stages after the first, waiting for hidden states included).",
             ["stage"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
+        )
+        self.stage_phase = Histogram(
+            "stage_step_phase_seconds", "Where stage_step_seconds went, by phase (prepare, "
+            "launch, wait, reply: see StepResult.phase_seconds in protos/stage_worker.proto).",
+            ["stage", "phase"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
         )
         self.hop = Histogram(
             "stage_hop_seconds", "Time from stage s-1's result to stage s's result for the same "
@@ -167,6 +175,9 @@ class RouterMetrics:
         stage_index = result.stage_index
         stage = str(stage_index)
         self.stage_step.labels(stage).observe(result.compute_seconds)
+        for phase, seconds in result.phase_seconds.items():
+            if phase in STEP_PHASES:
+                self.stage_phase.labels(stage, phase).observe(seconds)
         record = self._steps.get(result.step_id)
         if record is None:
             return

@@ -134,9 +134,10 @@ class GenerationService(gen_grpc.GenerationServicer):
         self, request: gen.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gen.GenerateResponse]:
         # FAILED_PRECONDITION, not INVALID_ARGUMENT: the request is fine, this deployment lacks
-        # the tokenizer it needs (not counted by the rejection metric, which has no such label).
+        # the tokenizer it needs.
         missing = self._needs_tokenizer(request)
         if missing is not None:
+            self.metrics.on_rejected("failed_precondition")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, missing)
         if self.recovering is not None:
             self.metrics.on_rejected("unavailable")

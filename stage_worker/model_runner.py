@@ -198,6 +198,7 @@ class ModelRunner:
             # Every stage rejects the same step the same way, before any collective or hop.
             result.error = str(exc)
             return result
+        phases = result.phase_seconds
         batch = build_input_batch(
             list(step.seqs),
             batch_seqs,
@@ -206,11 +207,21 @@ class ModelRunner:
             self.layout.is_first,
             device_metadata=self.kernel_backend == "triton",
         )
+        mark = time.perf_counter()
+        phases["prepare"] = mark - started
         hidden = self._forward(batch)
         if self.layout.is_last and batch.sampled_seqs:
             output = self._sample(hidden, batch)
+            now = time.perf_counter()
+            phases["launch"], mark = now - mark, now
+            packed = _to_host(output)
+            now = time.perf_counter()
+            phases["wait"], mark = now - mark, now
             if self.placement.tp_rank == 0:
-                _fill_tokens(result, batch, output)
+                _fill_tokens(result, batch, output, packed)
+            phases["reply"] = time.perf_counter() - mark
+        else:
+            phases["launch"] = time.perf_counter() - mark
         result.compute_seconds = time.perf_counter() - started
         return result
 
@@ -261,16 +272,19 @@ class ModelRunner:
         )
 
 
-def _fill_tokens(result: pb.StepResult, batch: InputBatch, output: SamplerOutput) -> None:
-    # One device-to-host copy (one sync) for the whole batch: everything as float64, which
-    # holds token ids exactly. [n + n + n*k + n*k]
-    n, k_max = output.token_ids.shape[0], output.top_token_ids.shape[1]
-    packed = torch.cat((
+def _to_host(output: SamplerOutput) -> list[float]:
+    """One device-to-host copy (one sync) for the whole batch: everything as float64, which
+    holds token ids exactly. [n + n + n*k + n*k]"""
+    return torch.cat((
         output.token_ids.double(),
         output.logprobs.double(),
         output.top_token_ids.double().flatten(),
         output.top_logprobs.double().flatten(),
     )).tolist()
+
+
+def _fill_tokens(result: pb.StepResult, batch: InputBatch, output: SamplerOutput, packed: list[float]) -> None:
+    n, k_max = output.token_ids.shape[0], output.top_token_ids.shape[1]
     token_ids, logprobs = packed[:n], packed[n : 2 * n]
     top_ids, top_lps = packed[2 * n : 2 * n + n * k_max], packed[2 * n + n * k_max :]
     for i, seq in enumerate(batch.sampled_seqs):
