@@ -214,12 +214,13 @@ class ModelRunner:
             output = self._sample(hidden, batch)
             now = time.perf_counter()
             phases["launch"], mark = now - mark, now
-            packed = _to_host(output)
-            now = time.perf_counter()
-            phases["wait"], mark = now - mark, now
+            # Only rank 0 reports tokens; the other ranks go on without waiting for the GPU.
             if self.placement.tp_rank == 0:
+                packed = _to_host(output)
+                now = time.perf_counter()
+                phases["wait"], mark = now - mark, now
                 _fill_tokens(result, batch, output, packed)
-            phases["reply"] = time.perf_counter() - mark
+                phases["reply"] = time.perf_counter() - mark
         else:
             phases["launch"] = time.perf_counter() - mark
         result.compute_seconds = time.perf_counter() - started

@@ -124,11 +124,39 @@ def hf_generate(model_dir: Path, prompt_ids: Sequence[int], max_new_tokens: int)
     return out[0, len(prompt_ids):].tolist()
 
 
-def comparable_prefix(ref: Reference, margin: float = 1e-3) -> int:
-    """Steps up to and including the first near tie of the top-2 logprobs; after it, a tiny
-    numeric difference may legitimately pick the other token."""
+def _first_near_tie(ref: Reference, margin: float) -> int | None:
+    """The first step whose top-2 logprobs are within `margin`, if any."""
     for step, lp in enumerate(ref.logprobs):
         top2 = torch.topk(lp, 2).values
         if float(top2[0] - top2[1]) < margin:
-            return step + 1
-    return len(ref.token_ids)
+            return step
+    return None
+
+
+def comparable_prefix(ref: Reference, margin: float = 1e-3) -> int:
+    """Steps up to and including the first near tie of the top-2 logprobs; after it, a tiny
+    numeric difference may legitimately pick the other token."""
+    tie = _first_near_tie(ref, margin)
+    return len(ref.token_ids) if tie is None else tie + 1
+
+
+def steps_before_near_tie(ref: Reference, margin: float) -> int:
+    """Steps before the first near tie: with rounding as coarse as bf16's, the tie step itself
+    may already pick either token."""
+    tie = _first_near_tie(ref, margin)
+    return len(ref.token_ids) if tie is None else tie
+
+
+def assert_matches_reference(got, ref: Reference, tol: float) -> tuple[int, float]:
+    """`got` (a client result with logprobs) must give `ref`'s greedy tokens over the
+    comparable prefix, each chosen token's logprob within `tol` of the reference's.
+    Returns (steps compared, largest logprob difference)."""
+    n = comparable_prefix(ref)
+    assert got.token_ids[:n] == ref.token_ids[:n]
+    max_diff = 0.0
+    for step in range(n):
+        lp = got.logprobs[step]
+        diff = abs(lp.logprob - float(ref.logprobs[step, lp.token_id]))
+        assert diff < tol, f"step {step}: logprob differs by {diff:.3g} (tolerance {tol:g})"
+        max_diff = max(max_diff, diff)
+    return n, max_diff

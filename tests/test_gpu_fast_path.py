@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from shared.demo_model import write_tiny_model
-from tests.e2e_harness import ServingSystem, comparable_prefix, hf_greedy
+from tests.e2e_harness import ServingSystem, assert_matches_reference, hf_greedy, steps_before_near_tie
 
 pytestmark = [
     pytest.mark.gpu,
@@ -69,24 +69,13 @@ def test_fast_path_float32_equals_transformers_under_concurrency(model: Path) ->
         compared, max_diff = 0, 0.0
         for prompt, got in zip(_prompts(), results):
             ref = hf_greedy(model, prompt, NEW_TOKENS, dtype=torch.float32, device="cuda:0")
-            n = comparable_prefix(ref)
-            assert got.token_ids[:n] == ref.token_ids[:n]
-            for step in range(n):
-                lp = got.logprobs[step]
-                diff = abs(lp.logprob - float(ref.logprobs[step, lp.token_id]))
-                max_diff = max(max_diff, diff)
-                assert diff < FP32_TOL
-            compared += n
+            n, diff = assert_matches_reference(got, ref, FP32_TOL)
+            compared, max_diff = compared + n, max(max_diff, diff)
         print(f"\nfast path float32, {len(results)} concurrent: {compared} tokens equal transformers, "
               f"max logprob diff {max_diff:.2e}")
         assert compared >= 3 * NEW_TOKENS
     finally:
         system.stop()
-
-
-def _near_tie(ref, step: int, margin: float = 0.05) -> bool:
-    top2 = torch.topk(ref.logprobs[step], 2).values
-    return float(top2[0] - top2[1]) < margin
 
 
 def test_fast_path_bfloat16_matches_reference_path(model: Path) -> None:
@@ -102,10 +91,7 @@ def test_fast_path_bfloat16_matches_reference_path(model: Path) -> None:
     for prompt, fast, ref_path in zip(prompts, runs["fast"], runs["reference"]):
         # From the first near tie of the float32 reference on (that step included), bf16
         # rounding may pick either token.
-        ref = hf_greedy(model, prompt, NEW_TOKENS, dtype=torch.float32, device="cuda:0")
-        n = comparable_prefix(ref, 0.05)
-        if n < NEW_TOKENS or _near_tie(ref, n - 1):
-            n -= 1
+        n = steps_before_near_tie(hf_greedy(model, prompt, NEW_TOKENS, dtype=torch.float32, device="cuda:0"), 0.05)
         for step in range(n):
             if fast.token_ids[step] != ref_path.token_ids[step]:
                 break

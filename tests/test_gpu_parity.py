@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from shared.demo_model import write_tiny_model
-from tests.e2e_harness import ServingSystem, comparable_prefix, hf_greedy
+from tests.e2e_harness import ServingSystem, assert_matches_reference, hf_greedy
 
 pytestmark = [
     pytest.mark.gpu,
@@ -64,14 +64,8 @@ def test_float32_over_nccl_equals_transformers(models: dict[str, Path], name: st
         for prompt in _prompts(pp * 10 + tp):
             got = system.client.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1, timeout=300)
             ref = hf_greedy(models[name], prompt, NEW_TOKENS, dtype=torch.float32, device="cuda:0")
-            n = comparable_prefix(ref)
-            assert got.token_ids[:n] == ref.token_ids[:n]
-            for step in range(n):
-                lp = got.logprobs[step]
-                diff = abs(lp.logprob - float(ref.logprobs[step, lp.token_id]))
-                max_diff = max(max_diff, diff)
-                assert diff < FP32_TOL
-            compared += n
+            n, diff = assert_matches_reference(got, ref, FP32_TOL)
+            compared, max_diff = compared + n, max(max_diff, diff)
         print(f"\n{name} pp={pp} tp={tp} float32: {compared} greedy tokens equal, max logprob diff {max_diff:.2e}")
         assert compared >= NEW_TOKENS
     finally:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from shared.demo_model import write_tiny_model
-from tests.e2e_harness import ServingSystem, comparable_prefix, hf_greedy
+from tests.e2e_harness import ServingSystem, assert_matches_reference, hf_greedy
 
 pytest.importorskip("triton", reason="triton is in the test extra")
 
@@ -51,12 +51,7 @@ def test_triton_kernels_in_the_interpreter_equal_transformers(model: Path, monke
         system.stop()
     compared = 0
     for prompt, got in zip(prompts, [first, *rest]):
-        ref = hf_greedy(model, prompt, NEW_TOKENS, dtype=torch.float32)
-        n = comparable_prefix(ref)
-        assert got.token_ids[:n] == ref.token_ids[:n]
-        for step in range(n):
-            lp = got.logprobs[step]
-            assert abs(lp.logprob - float(ref.logprobs[step, lp.token_id])) < TOL
+        n, _ = assert_matches_reference(got, ref=hf_greedy(model, prompt, NEW_TOKENS, dtype=torch.float32), tol=TOL)
         compared += n
     assert compared >= NEW_TOKENS
     assert rest[0].cached_prompt_tokens > 0 or rest[1].cached_prompt_tokens > 0

@@ -13,23 +13,18 @@ from __future__ import annotations
 
 import os
 import zlib
+from dataclasses import dataclass
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must precede the first import of triton: it decides at @triton.jit time.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from dataclasses import dataclass  # noqa: E402
-
-import pytest  # noqa: E402
-
-from stage_worker.attention_metadata import AttentionMetadata  # noqa: E402
-from stage_worker.layers.attention import Attention  # noqa: E402
-from stage_worker.layers.triton_attention import paged_attention, store_kv_cache  # noqa: E402
+from stage_worker.attention_metadata import AttentionMetadata
+from stage_worker.layers.attention import Attention
+from stage_worker.layers.triton_attention import paged_attention, store_kv_cache
 
 pytestmark = pytest.mark.timeout(300)
 
+# Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before triton was imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

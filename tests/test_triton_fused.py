@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must precede the first import of triton: it decides at @triton.jit time.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-from stage_worker.layers.activation import SiluAndMul  # noqa: E402
-from stage_worker.layers.layernorm import RMSNorm  # noqa: E402
-from stage_worker.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
-from stage_worker.layers.triton_fused import (  # noqa: E402
+from stage_worker.layers.activation import SiluAndMul
+from stage_worker.layers.layernorm import RMSNorm
+from stage_worker.layers.rotary_embedding import RotaryEmbedding
+from stage_worker.layers.triton_fused import (
     fused_add_rms_norm,
     rms_norm,
     rotary_embedding,
@@ -34,6 +29,7 @@ from stage_worker.layers.triton_fused import (  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
+# Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before triton was imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
 EPS = 1e-5
