@@ -2,9 +2,10 @@
 stage, and turns the last stage's sampled tokens into streamed responses.
 
 One thread owns the scheduler, the block manager and every sequence; the gRPC handlers
-talk to it only through its event queue. Up to `max_inflight` micro-batches (one per
-pipeline stage by default) are in flight at once, over disjoint sequences, so stage k
-works on batch i while stage k+1 works on batch i-1.
+talk to it only through its event queue. Up to `max_inflight` micro-batches are in flight
+at once, so stage k works on batch i while stage k+1 works on batch i-1; with asynchronous
+scheduling (the default) each micro-batch's next decode step is sent before its tokens come
+back, so no stage waits for the router between two steps (see router/scheduler.py).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class Engine:
         max_pending: int,
         step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
         on_failure: Callable[[str], None] | None = None,
+        forward_sampled_tokens: bool = False,
     ) -> None:
         if not step_timeout_s > 0:
             raise ValueError(f"step_timeout_s must be > 0 seconds, got {step_timeout_s}")
@@ -97,7 +99,7 @@ class Engine:
         self._progress_at = 0.0
         # Stage indices that have answered each step in flight, to name the stuck one.
         self._answered: dict[int, set[int]] = {}
-        self._builder = StepBuilder()
+        self._builder = StepBuilder(forward_sampled_tokens)
         self._ids = itertools.count(1)
         self._pending = 0
         self._pending_lock = threading.Lock()

@@ -13,6 +13,11 @@ Policy: FCFS with chunked prefill and preemption by recompute.
   running sequence that is not in flight is preempted (possibly the one asking): its blocks
   are freed and it goes back to the front of the waiting queue, to be recomputed (prompt and
   outputs; its full blocks usually come back as prefix-cache hits).
+* Asynchronous scheduling (SchedulerConfig.async_scheduling): a sequence whose only step in
+  flight samples its next token may be scheduled again at once, for the token after it
+  (`append_sampled`: the stages append the token they sampled themselves). The router learns
+  the token a step later; a sequence that turns out to have stopped (EOS, a stop string)
+  wastes that one look-ahead token, which is dropped. Look-ahead steps never preempt.
 * A sequence that cannot fit in the whole KV pool is never admitted: `schedule()` moves it to
   an unschedulable list that the engine drains with `pop_unschedulable()` and reports as an
   error to its client. This covers both over-long prompts and sequences that outgrew the
@@ -47,6 +52,9 @@ class ScheduledEntry:
     new_block_ids: list[int]
     # First step since (re-)admission: the stages do not know this sequence yet.
     is_new: bool
+    # The sequence's previous step is still in flight and samples the token this step
+    # starts from: the stages append it from their own sampler output.
+    append_sampled: bool = False
 
     @property
     def token_ids(self) -> list[int]:
@@ -70,9 +78,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_context: int = 0) -> None:
         self.config = config
         self.block_manager = block_manager
+        # The model's context length (0: unlimited): a look-ahead step never computes past it.
+        self.max_context = max_context
+        self._num_batches = 0
         self._waiting: deque[Sequence] = deque()
         # Kept sorted by arrival: FCFS order for scheduling, reverse order for preemption.
         self._running: list[Sequence] = []
@@ -140,6 +151,16 @@ class Scheduler:
         candidates = [s for s in self._running if not s.in_flight]
         decodes = [s for s in candidates if s.num_uncomputed_tokens == 1]
         prefills = [s for s in candidates if s.num_uncomputed_tokens > 1]
+        for seq in self._look_ahead_candidates():
+            if budget == 0 or len(entries) == self.config.max_num_seqs:
+                break
+            # A look-ahead step is an optimisation: it takes free blocks, never preempts.
+            total = seq.num_scheduled_tokens + 1
+            if not self.block_manager.can_append(seq, total):
+                continue
+            new_blocks = self.block_manager.append_slots(seq, total)
+            entries.append(self._entry(seq, 1, new_blocks, is_new=False))
+            budget -= 1
         for seq in decodes + prefills:
             if budget == 0 or len(entries) == self.config.max_num_seqs:
                 break
@@ -161,6 +182,7 @@ class Scheduler:
             budget = self._admit(entries, budget)
 
         self.num_preemptions += len(preempted)
+        self._num_batches += 1
         if not entries:
             self._pending_preempted.extend(preempted)
             return None
@@ -176,10 +198,7 @@ class Scheduler:
         for entry in batch.entries:
             seq = entry.seq
             assert seq.in_flight, f"sequence {seq.seq_id} returned from a step twice"
-            seq.in_flight = False
-            if seq.seq_id in self._free_on_return:
-                self._free_on_return.discard(seq.seq_id)
-                self.block_manager.free(seq)
+            if self._returned(entry):
                 continue
             assert seq.num_computed_tokens == entry.start_position
             seq.num_computed_tokens += entry.num_tokens
@@ -200,10 +219,7 @@ class Scheduler:
         failed: list[Sequence] = []
         for entry in batch.entries:
             seq = entry.seq
-            seq.in_flight = False
-            if seq.seq_id in self._free_on_return:
-                self._free_on_return.discard(seq.seq_id)
-                self.block_manager.free(seq)
+            if self._returned(entry):
                 continue
             seq.error = error
             self._remove(seq)
@@ -227,6 +243,39 @@ class Scheduler:
         return seq
 
     # ---------------------------------------------------------------- internal
+
+    def _returned(self, entry: ScheduledEntry) -> bool:
+        """Takes `entry`'s step off its sequence; True when the sequence already ended (its
+        blocks are freed once its last step in flight is back) and the result is ignored."""
+        seq = entry.seq
+        seq.num_inflight_steps -= 1
+        seq.num_inflight_tokens -= entry.num_tokens
+        if seq.seq_id not in self._free_on_return:
+            return False
+        if not seq.in_flight:
+            self._free_on_return.discard(seq.seq_id)
+            self.block_manager.free(seq)
+        return True
+
+    def _look_ahead_candidates(self) -> list[Sequence]:
+        """Sequences whose one step in flight samples their next token and that will surely
+        need the token after it (not at max_new_tokens or the context end), from the oldest
+        step in flight only: with pipeline stages, each micro-batch's next step follows it
+        alone instead of waiting for two."""
+        if not self.config.async_scheduling:
+            return []
+        ready = [
+            s for s in self._running
+            if s.num_inflight_steps == 1
+            and s.num_scheduled_tokens == s.num_tokens
+            # After the step in flight the sequence has one more output and one more token.
+            and s.num_output_tokens + 1 < s.max_new_tokens
+            and (self.max_context == 0 or s.num_tokens + 1 < self.max_context)
+        ]
+        if not ready:
+            return []
+        oldest = min(s.last_batch_index for s in ready)
+        return [s for s in ready if s.last_batch_index == oldest]
 
     def _remove(self, seq: Sequence) -> None:
         """Takes an unfinished sequence out of the queues and releases its blocks (now, or
@@ -288,14 +337,20 @@ class Scheduler:
     def _entry(
         self, seq: Sequence, num_tokens: int, new_block_ids: list[int], is_new: bool
     ) -> ScheduledEntry:
-        start = seq.num_computed_tokens
-        # In flight from now on, which also keeps later preemptions in this call off it.
-        seq.in_flight = True
-        return ScheduledEntry(
+        start = seq.num_scheduled_tokens
+        # A look-ahead step starts one past the known tokens: at the token being sampled.
+        append_sampled = start == seq.num_tokens
+        entry = ScheduledEntry(
             seq=seq,
             start_position=start,
             num_tokens=num_tokens,
-            sample=start + num_tokens == seq.num_tokens,
+            sample=start + num_tokens >= seq.num_tokens,
             new_block_ids=new_block_ids,
             is_new=is_new,
+            append_sampled=append_sampled,
         )
+        # In flight from now on, which also keeps later preemptions in this call off it.
+        seq.num_inflight_steps += 1
+        seq.num_inflight_tokens += num_tokens
+        seq.last_batch_index = self._num_batches
+        return entry

@@ -43,8 +43,13 @@ class Sequence:
     num_cached_prompt_tokens: int = 0
     # The block table: block i holds the KV of tokens [i * block_size, (i + 1) * block_size).
     block_ids: list[int] = field(default_factory=list)
-    # Part of a step sent to the stages whose result has not come back yet.
-    in_flight: bool = False
+    # Steps sent to the stages whose result has not come back yet that hold this sequence
+    # (two with asynchronous scheduling: a decode step is sent before the previous one's
+    # token is known), and the tokens they compute.
+    num_inflight_steps: int = 0
+    num_inflight_tokens: int = 0
+    # The scheduler's batch counter at the sequence's latest step (groups look-ahead steps).
+    last_batch_index: int = -1
     # Cancelled by the client (or failed); its blocks are released at the next safe point.
     aborted: bool = False
     # Why the sequence ended with an error (a failed step), for the engine to report.
@@ -83,6 +88,15 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def in_flight(self) -> bool:
+        return self.num_inflight_steps > 0
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens computed or being computed by a step in flight."""
+        return self.num_computed_tokens + self.num_inflight_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -307,14 +307,15 @@ class Router:
             enable_prefix_caching=cfg.scheduler.enable_prefix_caching,
             shuffle_seed=cfg.shuffle_blocks_seed,
         )
-        scheduler = Scheduler(cfg.scheduler, block_manager)
+        scheduler = Scheduler(cfg.scheduler, block_manager, max_context=self.model.max_context)
         engine = Engine(
             self.stages,
             scheduler,
             self.service.tokenizer if self.service.tokenizer is not None else TokenIdsOnly(),
             self.model.eos_token_ids,
             self.model.max_context,
-            max_inflight=cfg.scheduler.max_inflight_steps or len(self.stages),
+            max_inflight=cfg.scheduler.inflight_steps(len(self.stages)),
+            forward_sampled_tokens=cfg.scheduler.async_scheduling and len(self.stages) > 1,
             max_pending=cfg.scheduler.max_queue_len,
             step_timeout_s=cfg.step_timeout_s,
             on_failure=self._on_engine_failure,

@@ -21,7 +21,10 @@ class _StageView:
 
 
 class StepBuilder:
-    def __init__(self) -> None:
+    def __init__(self, forward_sampled_tokens: bool = False) -> None:
+        # Every step asks the last stage to send its sampled tokens to the first stage over
+        # NCCL (pipelines with asynchronous scheduling: stage 0 needs them as the next input).
+        self.forward_sampled_tokens = forward_sampled_tokens
         self._known: dict[int, _StageView] = {}
         self._pending_drops: list[int] = []
         self._next_step_id = 1
@@ -41,7 +44,11 @@ class StepBuilder:
     def build(self, batch: ScheduledBatch, sampling: dict[int, pb.StageSamplingParams]) -> pb.StepRequest:
         for seq in batch.preempted:
             self.forget(seq.seq_id)
-        step = pb.StepRequest(step_id=self._next_step_id, reset=self._reset_next)
+        step = pb.StepRequest(
+            step_id=self._next_step_id,
+            reset=self._reset_next,
+            forward_sampled_tokens=self.forward_sampled_tokens,
+        )
         self._next_step_id += 1
         self._reset_next = False
         step.drop_seq_ids.extend(self._pending_drops)
@@ -64,6 +71,11 @@ class StepBuilder:
                 )
                 view = _StageView(tokens_sent=seq.num_tokens, blocks_sent=0)
                 self._known[seq.seq_id] = view
+            elif entry.append_sampled:
+                # The stages append the token their previous step samples; the router has
+                # not seen it yet, so it counts it as sent.
+                assert view.tokens_sent == seq.num_tokens, f"sequence {seq.seq_id}: look-ahead on stale tokens"
+                view.tokens_sent += 1
             else:
                 unsent = seq.num_tokens - view.tokens_sent
                 # Only the token sampled by the sequence's previous step can be new to them.
@@ -77,6 +89,7 @@ class StepBuilder:
                 num_tokens=entry.num_tokens,
                 new_block_ids=_unsent_blocks(seq, view),
                 sample=entry.sample,
+                append_sampled=entry.append_sampled,
             )
             if append_token is not None:
                 sched.append_token_id = append_token

@@ -102,7 +102,11 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step")
     p.add_argument("--max-queue-len", type=int, default=4096,
                    help="requests held (waiting + running) before new ones get RESOURCE_EXHAUSTED")
-    p.add_argument("--max-inflight-steps", type=int, default=0, help="micro-batches in flight (0: one per stage)")
+    p.add_argument("--max-inflight-steps", type=int, default=0,
+                   help="micro-batches in flight (0: one per stage, two with async scheduling)")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="send each decode step only after the previous step's tokens reached the router "
+                        "(slower: the control plane runs between GPU steps); for comparison and debugging")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-bytes", type=int, default=0, help="fixed KV bytes per rank (default: profiled)")
@@ -124,6 +128,8 @@ def _router_flag_values(args: argparse.Namespace) -> list[str]:
     ]
     if args.no_prefix_caching:
         out.append("--no-prefix-caching")
+    if args.no_async_scheduling:
+        out.append("--no-async-scheduling")
     if args.shuffle_blocks_seed is not None:
         out += ["--shuffle-blocks-seed", str(args.shuffle_blocks_seed)]
     return out
@@ -424,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                     max_queue_len=args.max_queue_len, max_inflight_steps=args.max_inflight_steps,
                     enable_prefix_caching=not args.no_prefix_caching,
+                    async_scheduling=not args.no_async_scheduling,
                 ),
                 cache=CacheConfig(block_size=args.block_size),
                 gpu_memory_utilization=args.gpu_memory_utilization,

@@ -247,9 +247,14 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     # Waiting requests past which new ones get RESOURCE_EXHAUSTED.
     max_queue_len: int = 4096
-    # Micro-batches in flight; 0 means one per pipeline stage.
+    # Micro-batches in flight; 0 means one per pipeline stage, two with async_scheduling.
     max_inflight_steps: int = 0
     enable_prefix_caching: bool = True
+    # Send a decode step before the previous step's token has come back: the stages take
+    # the token from their own sampler output (the last stage forwards it to the first over
+    # NCCL), so the router, gRPC and the stages' host work overlap the GPU instead of
+    # running between its steps. Off: every step waits for the tokens it appends.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -260,6 +265,13 @@ class SchedulerConfig:
             raise ConfigError("max_queue_len must be at least 1")
         if self.max_inflight_steps < 0:
             raise ConfigError("max_inflight_steps must be >= 0")
+
+    def inflight_steps(self, num_stages: int) -> int:
+        """Steps the router keeps in flight: each stage busy, and with async scheduling one
+        more queued behind each, so a stage never waits for the router between steps."""
+        if self.max_inflight_steps:
+            return self.max_inflight_steps
+        return num_stages * (2 if self.async_scheduling else 1)
 
 
 def replace(obj: Any, **changes: Any) -> Any:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from shared.proto import stage_worker_pb2 as pb
 from stage_worker.attention_metadata import AttentionMetadata
+from stage_worker.sampled_tokens import PLACEHOLDER, SampledTokens
 from stage_worker.sequence_state import StageSequence
 
 
@@ -35,7 +37,13 @@ def build_input_batch(
     need_token_ids: bool,
     device_metadata: bool = False,
 ) -> InputBatch:
-    """`device_metadata` adds the tensor form of the attention metadata the Triton kernels read."""
+    """`device_metadata` adds the tensor form of the attention metadata the Triton kernels read.
+
+    Everything goes to the device in one copy from pinned memory, which only queues it: the
+    stage builds step n+1 while the GPU still runs step n (a copy from pageable memory would
+    wait for the stream). Tokens the stage appended before knowing them (asynchronous
+    scheduling) are gathered on the device from where the pipeline sampled them.
+    """
     token_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -45,10 +53,15 @@ def build_input_batch(
     block_tables: list[list[int]] = []
     logits_indices: list[int] = []
     sampled: list[StageSequence] = []
+    # Per source of deferred tokens: (the tokens, rows of input_ids, rows of the source).
+    gathers: dict[int, tuple[SampledTokens, list[int], list[int]]] = {}
     for sched, seq in zip(scheduled, seqs):
         start, end = sched.start_position, sched.start_position + sched.num_tokens
         if need_token_ids:
-            token_ids.extend(seq.token_slice(start, end))
+            chunk = seq.token_slice(start, end)
+            if seq.deferred:
+                _take_deferred(seq, start, chunk, len(token_ids), gathers)
+            token_ids.extend(chunk)
         positions.extend(range(start, end))
         table = seq.block_table
         # A token at position p lives in block table[p // block_size], at offset p % block_size.
@@ -61,33 +74,91 @@ def build_input_batch(
             logits_indices.append(query_start_loc[-1] - 1)
             sampled.append(seq)
 
-    def tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+    longs = [positions, slots, logits_indices]
+    if need_token_ids:
+        longs.append(token_ids)
+    for _, dst, src in gathers.values():
+        longs += [dst, src]
+    ints: list[np.ndarray] = []
+    width = max((len(t) for t in block_tables), default=0)
+    if device_metadata:
+        # [num_seqs, width]: each row its blocks, then zeros the kernel never reads.
+        padded = np.zeros((len(block_tables), width), dtype=np.int32)
+        for row, table in zip(padded, block_tables):
+            row[: len(table)] = table
+        ints = [np.asarray(query_start_loc, dtype=np.int32), np.asarray(context_lens, dtype=np.int32), padded]
+    long_tensors, int_tensors = _upload(longs, ints, device)
+    positions_t, slots_t, logits_t = long_tensors[:3]
+    input_ids = None
+    if need_token_ids:
+        input_ids = long_tensors[3]
+        pairs = iter(long_tensors[4:])
+        for source, _, _ in gathers.values():
+            dst, src = next(pairs), next(pairs)
+            input_ids.index_copy_(0, dst, source.device_ready().index_select(0, src))
 
     metadata = AttentionMetadata(
-        slot_mapping=tensor(slots),
+        slot_mapping=slots_t,
         query_start_loc=query_start_loc,
         start_positions=start_positions,
         context_lens=context_lens,
-        block_tables=[] if device_metadata else [tensor(t) for t in block_tables],
+        block_tables=[] if device_metadata else [torch.tensor(t, dtype=torch.long).to(device) for t in block_tables],
         block_size=block_size,
         max_query_len=max((e - s for s, e in zip(query_start_loc, query_start_loc[1:])), default=0),
     )
     if device_metadata:
-        width = max((len(t) for t in block_tables), default=0)
-        # [num_seqs, width]: each row its blocks, then zeros the kernel never reads.
-        padded = [t + [0] * (width - len(t)) for t in block_tables]
-        metadata.query_start_loc_tensor = _int32(query_start_loc, device)
-        metadata.context_lens_tensor = _int32(context_lens, device)
-        metadata.block_tables_tensor = _int32(padded, device).view(len(block_tables), width)
+        metadata.query_start_loc_tensor = int_tensors[0]
+        metadata.context_lens_tensor = int_tensors[1]
+        metadata.block_tables_tensor = int_tensors[2].view(len(block_tables), width)
     return InputBatch(
-        input_ids=tensor(token_ids) if need_token_ids else None,
-        positions=tensor(positions),
+        input_ids=input_ids,
+        positions=positions_t,
         attn_metadata=metadata,
-        logits_indices=tensor(logits_indices),
+        logits_indices=logits_t,
         sampled_seqs=sampled,
     )
 
 
-def _int32(values: list, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
+def _take_deferred(
+    seq: StageSequence,
+    start: int,
+    chunk: list[int],
+    first_row: int,
+    gathers: dict[int, tuple[SampledTokens, list[int], list[int]]],
+) -> None:
+    """Replaces the placeholders of `chunk` (tokens from position `start`) by 0 and records
+    where on the device their real ids are, to be gathered into input_ids."""
+    num_prompt = len(seq.prompt_token_ids)
+    for offset, token in enumerate(chunk):
+        if token != PLACEHOLDER:
+            continue
+        where = seq.deferred.get(start + offset - num_prompt)
+        assert where is not None and where.tokens is not None, (
+            f"sequence {seq.seq_id}: position {start + offset} is an unknown token with no source"
+        )
+        _, dst, src = gathers.setdefault(id(where.tokens), (where.tokens, [], []))
+        dst.append(first_row + offset)
+        src.append(where.row)
+        chunk[offset] = 0
+        if where.tokens.host_copy is None:
+            # Received ids (first stage of a pipeline): this gather is their only use.
+            del seq.deferred[start + offset - num_prompt]
+
+
+def _upload(
+    longs: list[list[int]], ints: list[np.ndarray], device: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """int64 and int32 arrays on `device` in one copy: [int64 parts..., int32 parts...] as
+    bytes, the int64 ones first so every part stays aligned."""
+    parts = [np.asarray(v, dtype=np.int64) for v in longs] + [a.ravel() for a in ints]
+    packed = np.concatenate([p.view(np.uint8) for p in parts]) if parts else np.empty(0, np.uint8)
+    host = torch.from_numpy(packed)
+    on_device = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+    out: list[torch.Tensor] = []
+    offset = 0
+    for part in parts:
+        nbytes = part.nbytes
+        dtype = torch.int64 if part.dtype == np.int64 else torch.int32
+        out.append(on_device[offset : offset + nbytes].view(dtype))
+        offset += nbytes
+    return out[: len(longs)], out[len(longs) :]

@@ -7,7 +7,7 @@ keeps the collectives of the TP group and the stage hops matched.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,10 +23,26 @@ from stage_worker.layers.sampler import Sampler, SamplerOutput
 from stage_worker.layers.sequence_parallel import padded_num_tokens, shard_rows
 from stage_worker.loader import load_weights
 from stage_worker.models.registry import build_model
-from stage_worker.sequence_state import SequenceTable, StepLimits, StepRejected
+from stage_worker.sampled_tokens import SampledTokens, SamplerHostCopy, TokenForward
+from stage_worker.sequence_state import SequenceTable, StageSequence, StepLimits, StepRejected
 
 # The CPU has no memory to profile against: without an explicit budget the cache gets this.
 DEFAULT_CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose device work is enqueued; `ModelRunner.finish` completes its result."""
+
+    result: pb.StepResult
+    started: float
+    # Last stage only: the sampler's output and its copy to the host, and for each sampled
+    # row its sequence id and top-logprob count (read here, not from the sequence table,
+    # which later steps change while this one finishes).
+    output: SamplerOutput | None = None
+    host_copy: SamplerHostCopy | None = None
+    seq_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,8 @@ class ModelRunner:
         self.kv_cache: KVCache | None = None
         self.block_size = 0
         self.hop: StageHop | None = None
+        # Last stage -> first stage, for sampled ids (pipelines only; see sampled_tokens.py).
+        self.token_forward: TokenForward | None = None
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -92,6 +110,13 @@ class ModelRunner:
     def attach_hop(self) -> None:
         """After the process group exists."""
         self.hop = StageHop(self.placement)
+        parallel, placement = self.placement.parallel, self.placement
+        if parallel.num_stages > 1 and (placement.is_first_stage or placement.is_last_stage):
+            self.token_forward = TokenForward(
+                first_rank=parallel.global_rank(0, placement.tp_rank),
+                last_rank=parallel.global_rank(parallel.num_stages - 1, placement.tp_rank),
+                is_first=placement.is_first_stage,
+            )
 
     @torch.inference_mode()
     def profile(self, request: pb.ProfileRequest) -> pb.ProfileResponse:
@@ -186,10 +211,19 @@ class ModelRunner:
             max_position=self.config.max_position_embeddings,
             block_size=self.block_size,
             num_blocks=self.kv_cache.num_blocks if self.kv_cache is not None else 0,
+            num_stages=self.placement.parallel.num_stages,
         )
 
     @torch.inference_mode()
     def execute(self, step: pb.StepRequest) -> pb.StepResult:
+        """Runs one step to the end (launch, then finish)."""
+        return self.finish(self.launch(step))
+
+    @torch.inference_mode()
+    def launch(self, step: pb.StepRequest) -> "LaunchedStep":
+        """Applies the step's deltas and enqueues its device work, without waiting for it:
+        the caller can launch the next step before `finish`ing this one, so the host work of
+        step n+1 overlaps the GPU's step n. Steps launch strictly in order."""
         started = time.perf_counter()
         result = pb.StepResult(step_id=step.step_id, stage_index=self.layout.stage_index)
         try:
@@ -197,8 +231,10 @@ class ModelRunner:
         except StepRejected as exc:
             # Every stage rejects the same step the same way, before any collective or hop.
             result.error = str(exc)
-            return result
+            return LaunchedStep(result, started)
         phases = result.phase_seconds
+        if self.layout.is_last:
+            self._resolve_known_tokens(batch_seqs)
         batch = build_input_batch(
             list(step.seqs),
             batch_seqs,
@@ -210,21 +246,63 @@ class ModelRunner:
         mark = time.perf_counter()
         phases["prepare"] = mark - started
         hidden = self._forward(batch)
-        if self.layout.is_last and batch.sampled_seqs:
-            output = self._sample(hidden, batch)
+        launched = LaunchedStep(result, started)
+        if batch.sampled_seqs:
+            tokens = self._sampled_tokens(step, hidden, batch, launched)
+            for seq in batch.sampled_seqs:
+                assert seq.pending_sample is not None
+                seq.pending_sample.tokens = tokens
+        phases["launch"] = time.perf_counter() - mark
+        return launched
+
+    def finish(self, launched: "LaunchedStep") -> pb.StepResult:
+        """Waits for the step's sampled tokens (last stage) and fills the result. Thread-safe
+        against `launch` of later steps: it reads only what `launched` holds."""
+        result = launched.result
+        if launched.output is not None and launched.host_copy is not None:
+            mark = time.perf_counter()
+            packed = launched.host_copy.values()
             now = time.perf_counter()
-            phases["launch"], mark = now - mark, now
-            # Only rank 0 reports tokens; the other ranks go on without waiting for the GPU.
-            if self.placement.tp_rank == 0:
-                packed = _to_host(output)
-                now = time.perf_counter()
-                phases["wait"], mark = now - mark, now
-                _fill_tokens(result, batch, output, packed)
-                phases["reply"] = time.perf_counter() - mark
-        else:
-            phases["launch"] = time.perf_counter() - mark
-        result.compute_seconds = time.perf_counter() - started
+            result.phase_seconds["wait"], mark = now - mark, now
+            _fill_tokens(result, launched.seq_ids, launched.top_logprobs, launched.output, packed)
+            result.phase_seconds["reply"] = time.perf_counter() - mark
+        result.compute_seconds = time.perf_counter() - launched.started
         return result
+
+    def _sampled_tokens(
+        self, step: pb.StepRequest, hidden: torch.Tensor, batch: InputBatch, launched: "LaunchedStep"
+    ) -> SampledTokens | None:
+        """Where this step's sampled ids are on this stage: the sampler's output (last stage),
+        the ids the last stage forwards (first stage of a pipeline), or nowhere (middle)."""
+        if self.layout.is_last:
+            output = self._sample(hidden, batch)
+            if step.forward_sampled_tokens and not self.layout.is_first:
+                assert self.token_forward is not None
+                self.token_forward.send(output.token_ids)
+            # Every rank copies its tokens to the host (a later step's penalties may need
+            # them); rank 0 also reports them.
+            launched.output = output
+            launched.host_copy = SamplerHostCopy(output)
+            launched.seq_ids = [s.seq_id for s in batch.sampled_seqs]
+            launched.top_logprobs = [s.sampling.top_logprobs for s in batch.sampled_seqs]
+            return SampledTokens(output.token_ids, host_copy=launched.host_copy)
+        if self.layout.is_first and step.forward_sampled_tokens:
+            assert self.token_forward is not None
+            return self.token_forward.recv(len(batch.sampled_seqs), self.device)
+        return None
+
+    def _resolve_known_tokens(self, seqs: list[StageSequence]) -> None:
+        """Writes the values of deferred tokens whose host copy has landed into the
+        sequences' token lists; waits for the copy only where penalties need the value."""
+        for seq in seqs:
+            if not seq.deferred:
+                continue
+            needs_values = _uses_penalties(seq.sampling)
+            for index, where in list(seq.deferred.items()):
+                copy = where.tokens.host_copy if where.tokens is not None else None
+                if copy is not None and (needs_values or copy.done()):
+                    seq.output_token_ids[index] = copy.token_ids()[where.row]
+                    del seq.deferred[index]
 
     def _forward(self, batch: InputBatch) -> torch.Tensor:
         num_tokens = batch.num_tokens
@@ -273,23 +351,17 @@ class ModelRunner:
         )
 
 
-def _to_host(output: SamplerOutput) -> list[float]:
-    """One device-to-host copy (one sync) for the whole batch: everything as float64, which
-    holds token ids exactly. [n + n + n*k + n*k]"""
-    return torch.cat((
-        output.token_ids.double(),
-        output.logprobs.double(),
-        output.top_token_ids.double().flatten(),
-        output.top_logprobs.double().flatten(),
-    )).tolist()
+def _uses_penalties(p: pb.StageSamplingParams) -> bool:
+    return p.repetition_penalty not in (0.0, 1.0) or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _fill_tokens(result: pb.StepResult, batch: InputBatch, output: SamplerOutput, packed: list[float]) -> None:
+def _fill_tokens(
+    result: pb.StepResult, seq_ids: list[int], top_logprobs: list[int], output: SamplerOutput, packed: list[float]
+) -> None:
     n, k_max = output.token_ids.shape[0], output.top_token_ids.shape[1]
     token_ids, logprobs = packed[:n], packed[n : 2 * n]
     top_ids, top_lps = packed[2 * n : 2 * n + n * k_max], packed[2 * n + n * k_max :]
-    for i, seq in enumerate(batch.sampled_seqs):
-        token = result.tokens.add(seq_id=seq.seq_id, token_id=int(token_ids[i]), logprob=logprobs[i])
-        k = seq.sampling.top_logprobs
+    for i, (seq_id, k) in enumerate(zip(seq_ids, top_logprobs)):
+        token = result.tokens.add(seq_id=seq_id, token_id=int(token_ids[i]), logprob=logprobs[i])
         for j in range(i * k_max, i * k_max + min(k, k_max)):
             token.top.add(token_id=int(top_ids[j]), logprob=top_lps[j])

@@ -7,8 +7,11 @@ on the network.
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -38,12 +41,20 @@ class RankArgs:
     enforce_eager: bool = False
 
 
+# The main thread (control replies) and the step finisher (step results) both reply.
+_SEND_LOCK = threading.Lock()
+
+
 def _reply(conn: Connection, reply: pb.RankReply) -> None:
-    conn.send_bytes(reply.SerializeToString())
+    data = reply.SerializeToString()
+    with _SEND_LOCK:
+        conn.send_bytes(data)
 
 
 def rank_main(args: RankArgs, conn: Connection) -> None:
     """Entry point of a spawned rank process."""
+    # `kill -USR1 <pid>` prints every thread's stack: where a stuck rank waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         _run(args, conn)
     except (EOFError, BrokenPipeError):
@@ -68,6 +79,7 @@ def _run(args: RankArgs, conn: Connection) -> None:
         init_distributed,
     )
     from stage_worker.model_runner import ModelRunner
+    from stage_worker.step_finisher import StepFinisher
 
     if args.device_type == "cuda":
         device = torch.device("cuda", args.tp_rank)
@@ -95,15 +107,28 @@ def _run(args: RankArgs, conn: Connection) -> None:
     init_distributed(placement, args.rendezvous, device, timeout_s=args.join_timeout_s, epoch=args.epoch)
     runner.attach_hop()
     _reply(conn, pb.RankReply(ready=report))
+
+    def finisher_failed(exc: BaseException) -> None:
+        traceback.print_exception(exc)
+        message = f"rank {args.tp_rank} of stage {args.stage_index}: {type(exc).__name__}: {exc}"
+        try:
+            _reply(conn, pb.RankReply(fatal_error=message))
+        finally:
+            os._exit(1)
+
+    # Only rank 0 reports step results (every rank computes the same ones).
+    report_step = (lambda result: _reply(conn, pb.RankReply(step=result))) if args.tp_rank == 0 else None
+    finisher = StepFinisher(runner, report_step, finisher_failed)
     try:
         while True:
             command = pb.RankCommand.FromString(conn.recv_bytes())
             kind = command.WhichOneof("command")
             if kind == "step":
-                result = runner.execute(command.step)
-                if args.tp_rank == 0:
-                    _reply(conn, pb.RankReply(step=result))
-            elif kind == "profile":
+                finisher.submit(runner.launch(command.step))
+                continue
+            # Control commands see no step half done.
+            finisher.drain()
+            if kind == "profile":
                 _reply(conn, pb.RankReply(profile=runner.profile(command.profile)))
             elif kind == "init_cache":
                 _reply(conn, pb.RankReply(init_cache=runner.init_cache(command.init_cache)))
@@ -112,7 +137,9 @@ def _run(args: RankArgs, conn: Connection) -> None:
             else:
                 raise AssertionError(f"unknown rank command {kind!r}")
     finally:
-        if runner.hop is not None:
-            runner.hop.wait_sends()
+        finisher.drain()
+        for hop in (runner.hop, runner.token_forward):
+            if hop is not None:
+                hop.wait_sends()
         destroy_distributed()
     os._exit(0)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from shared.proto import stage_worker_pb2 as pb
 from shared.token_ids import slice_prompt_and_output
 from stage_worker.layers.sampler import sampling_param_problems
+from stage_worker.sampled_tokens import PLACEHOLDER, SampledToken
 
 
 class StepRejected(Exception):
@@ -25,6 +26,13 @@ class StageSequence:
     output_token_ids: list[int]
     sampling: pb.StageSamplingParams
     block_table: list[int] = field(default_factory=list)
+    # Sampled by a step this stage applied, not appended yet: where the token is (the
+    # runner fills in `tokens` after the step's sampler or receive) and whether the last
+    # stage forwarded it to the first (see append_sampled in the proto).
+    pending_sample: SampledToken | None = None
+    pending_sample_forwarded: bool = False
+    # Output indices holding PLACEHOLDER, and where their tokens are.
+    deferred: dict[int, SampledToken] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -41,6 +49,7 @@ class StepLimits:
     block_size: int
     # 0 until InitCache.
     num_blocks: int
+    num_stages: int = 1
 
 
 class SequenceTable:
@@ -68,11 +77,24 @@ class SequenceTable:
                 sampling=new.sampling,
             )
         batch = []
+        num_sampled = 0
         for sched in step.seqs:
             seq = self.seqs[sched.seq_id]
             if sched.HasField("append_token_id"):
                 seq.output_token_ids.append(sched.append_token_id)
+                seq.pending_sample = None
+            elif sched.append_sampled:
+                assert seq.pending_sample is not None
+                seq.output_token_ids.append(PLACEHOLDER)
+                if seq.pending_sample.tokens is not None:  # middle stages never need the value
+                    seq.deferred[len(seq.output_token_ids) - 1] = seq.pending_sample
+                seq.pending_sample = None
             seq.block_table.extend(sched.new_block_ids)
+            if sched.sample:
+                # Its place among the step's sampled rows: the sampler's output row.
+                seq.pending_sample = SampledToken(None, num_sampled)
+                num_sampled += 1
+                seq.pending_sample_forwarded = step.forward_sampled_tokens
             batch.append(seq)
         return batch
 
@@ -116,7 +138,22 @@ class SequenceTable:
                 num_tokens, num_blocks = seq.num_tokens, len(seq.block_table)
             else:
                 raise StepRejected(f"sequence {sid} is not known to this stage")
-            if sched.HasField("append_token_id"):
+            if sched.append_sampled:
+                if sched.HasField("append_token_id"):
+                    raise StepRejected(f"sequence {sid}: append_sampled and append_token_id both set")
+                seq_state = self.seqs.get(sid) if sid in live else None
+                if seq_state is None or seq_state.pending_sample is None:
+                    raise StepRejected(
+                        f"sequence {sid}: append_sampled, but no earlier step sampled a token for it "
+                        "that is not appended yet"
+                    )
+                if limits.num_stages > 1 and not seq_state.pending_sample_forwarded:
+                    raise StepRejected(
+                        f"sequence {sid}: append_sampled, but the step that sampled it did not set "
+                        "forward_sampled_tokens, so the first stage never received the token"
+                    )
+                num_tokens += 1
+            elif sched.HasField("append_token_id"):
                 if sched.append_token_id >= limits.vocab_size:
                     raise StepRejected(
                         f"sequence {sid}: appended token {sched.append_token_id} outside the "

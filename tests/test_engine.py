@@ -105,6 +105,9 @@ class FakeStage:
         self.is_last = is_last
         self.address = f"fake-stage-{index}"
         self.table = SequenceTable()
+        # The last token this pipeline sampled for each sequence: what a real stage appends
+        # for append_sampled (the fake's table holds a placeholder instead).
+        self.sampled: dict[int, int] = {}
         self.held: deque[pb.StepRequest] = deque()
         self.mute = False
         self._on_result: Callable[[pb.StepResult], None] | None = None
@@ -141,8 +144,11 @@ class FakeStage:
             result.error = str(exc)
         else:
             for sched, seq in zip(step.seqs, batch):
+                if sched.append_sampled:
+                    seq.output_token_ids[-1] = self.pipeline.stages[-1].sampled[seq.seq_id]
                 if self.is_last and sched.sample:
                     token = next_token(seq.prompt_token_ids + seq.output_token_ids)
+                    self.sampled[seq.seq_id] = token
                     result.tokens.add(seq_id=seq.seq_id, token_id=token, logprob=-1.0)
         self._on_result(result)
 
@@ -208,17 +214,18 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
 class Harness:
     def __init__(self, tokenizer, *, pp: int = 1, num_blocks: int = 64, block_size: int = 4,
                  budget: int = 64, max_num_seqs: int = 8, max_pending: int = 100, max_inflight: int | None = None,
-                 max_context: int = 128, eos: tuple[int, ...] = (), step_timeout_s: float = 30.0) -> None:
+                 max_context: int = 128, eos: tuple[int, ...] = (), step_timeout_s: float = 30.0,
+                 async_scheduling: bool = False) -> None:
         self.tokenizer = tokenizer
         self.pipeline = FakePipeline(pp, num_blocks, block_size, max_context)
         self.limits = RequestLimits(vocab_size=VOCAB, max_context=max_context)
-        scheduler = Scheduler(
-            SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs, max_queue_len=max_pending),
-            BlockManager(num_blocks, block_size),
-        )
+        config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
+                                 max_queue_len=max_pending, async_scheduling=async_scheduling)
+        scheduler = Scheduler(config, BlockManager(num_blocks, block_size), max_context=max_context)
         self.engine = Engine(
             self.pipeline.stages, scheduler, tokenizer, eos, max_context,
-            max_inflight=max_inflight or pp, max_pending=max_pending, step_timeout_s=step_timeout_s,
+            max_inflight=max_inflight or config.inflight_steps(pp), max_pending=max_pending,
+            step_timeout_s=step_timeout_s, forward_sampled_tokens=async_scheduling and pp > 1,
         )
         self.engine.start()
 

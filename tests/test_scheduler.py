@@ -35,15 +35,20 @@ def make_scheduler(
     max_num_seqs: int = 8,
     max_queue_len: int = 100,
     prefix_caching: bool = True,
+    async_scheduling: bool = False,
+    max_context: int = 0,
 ) -> Scheduler:
+    """Synchronous by default: most tests here pin down the policy step by step; the
+    look-ahead tests at the end turn asynchronous scheduling on."""
     config = SchedulerConfig(
         max_num_batched_tokens=max_num_batched_tokens,
         max_num_seqs=max_num_seqs,
         max_queue_len=max_queue_len,
         enable_prefix_caching=prefix_caching,
+        async_scheduling=async_scheduling,
     )
     block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
-    return Scheduler(config, block_manager)
+    return Scheduler(config, block_manager, max_context=max_context)
 
 
 def complete(sched: Scheduler, batch: ScheduledBatch, token: int = 7) -> None:

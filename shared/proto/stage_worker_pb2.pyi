@@ -177,34 +177,38 @@ class NewSequence(_message.Message):
     def __init__(self, seq_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[StageSamplingParams, _Mapping]] = ...) -> None: ...
 
 class ScheduledSequence(_message.Message):
-    __slots__ = ("seq_id", "start_position", "num_tokens", "new_block_ids", "append_token_id", "sample")
+    __slots__ = ("seq_id", "start_position", "num_tokens", "new_block_ids", "append_token_id", "sample", "append_sampled")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     APPEND_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    APPEND_SAMPLED_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     start_position: int
     num_tokens: int
     new_block_ids: _containers.RepeatedScalarFieldContainer[int]
     append_token_id: int
     sample: bool
-    def __init__(self, seq_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., append_token_id: _Optional[int] = ..., sample: _Optional[bool] = ...) -> None: ...
+    append_sampled: bool
+    def __init__(self, seq_id: _Optional[int] = ..., start_position: _Optional[int] = ..., num_tokens: _Optional[int] = ..., new_block_ids: _Optional[_Iterable[int]] = ..., append_token_id: _Optional[int] = ..., sample: _Optional[bool] = ..., append_sampled: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "drop_seq_ids", "new_seqs", "seqs", "reset")
+    __slots__ = ("step_id", "drop_seq_ids", "new_seqs", "seqs", "reset", "forward_sampled_tokens")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     DROP_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
     NEW_SEQS_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_SAMPLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     drop_seq_ids: _containers.RepeatedScalarFieldContainer[int]
     new_seqs: _containers.RepeatedCompositeFieldContainer[NewSequence]
     seqs: _containers.RepeatedCompositeFieldContainer[ScheduledSequence]
     reset: bool
-    def __init__(self, step_id: _Optional[int] = ..., drop_seq_ids: _Optional[_Iterable[int]] = ..., new_seqs: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., seqs: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., reset: _Optional[bool] = ...) -> None: ...
+    forward_sampled_tokens: bool
+    def __init__(self, step_id: _Optional[int] = ..., drop_seq_ids: _Optional[_Iterable[int]] = ..., new_seqs: _Optional[_Iterable[_Union[NewSequence, _Mapping]]] = ..., seqs: _Optional[_Iterable[_Union[ScheduledSequence, _Mapping]]] = ..., reset: _Optional[bool] = ..., forward_sampled_tokens: _Optional[bool] = ...) -> None: ...
 
 class TokenAlternative(_message.Message):
     __slots__ = ("token_id", "logprob")
