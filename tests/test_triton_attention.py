@@ -2,8 +2,10 @@
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (float32), so CPU CI
 checks their index arithmetic and masking: prefill, decode, chunked prefill after a cached
-prefix, mixed batches, GQA ratios 1/2/4, block sizes 8/16/32 with shuffled block ids,
-head_dim 16/32/48, CUDA-graph padding rows, float16 storage. Unused cache slots and
+prefix, mixed batches, GQA ratios 1/2/3/4/8, block sizes 8/16/32 with shuffled block ids,
+head_dim 16/32/48, CUDA-graph padding rows, float16 storage, and the split-KV decode path
+(max_query_len 1) with one split and several, contexts shorter than one split, more
+splits than the context has tiles, and sequences without a query. Unused cache slots and
 block-table padding hold NaN, so a kernel that reads what it should mask fails. The `gpu`
 tests repeat the check in bf16 at a Llama-3-8B shape, and replay the decode step from a
 CUDA graph (on a GPU host: `python3 -m pytest -q tests/test_triton_attention.py`).
@@ -19,8 +21,10 @@ import pytest
 import torch
 
 from stage_worker.attention_metadata import AttentionMetadata
+from stage_worker.layers import triton_decode_attention
 from stage_worker.layers.attention import Attention
 from stage_worker.layers.triton_attention import paged_attention, store_kv_cache
+from stage_worker.layers.triton_decode_attention import decode_num_splits
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,6 +52,10 @@ class Case:
     num_trailing_rows: int = 0
     # Grid sized for more queries than any sequence has (a captured graph's bound).
     extra_max_query_len: int = 0
+    # Decode kernel choice (None: the wrapper's, split-KV when max_query_len is 1) and the
+    # split-KV path's split count (None: the wrapper's choice).
+    split_kv: bool | None = None
+    num_splits: int | None = None
 
 
 @dataclass
@@ -157,7 +165,7 @@ def run_kernels(case: Case, batch: Batch) -> torch.Tensor:
     result = paged_attention(
         batch.query, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.context_lens,
         batch.block_tables, batch.max_query_len, case.head_dim**-0.5, out=out,
-        block_m=case.block_m, block_n=case.block_n,
+        block_m=case.block_m, block_n=case.block_n, split_kv=case.split_kv, num_splits=case.num_splits,
     )
     assert result is out
     return out
@@ -203,6 +211,32 @@ CPU_CASES = {
     "mixed-padded-gqa4-bs8-d48": Case(
         (19, 6), (19, 1), 8, 2, 48, 8, block_m=16, block_n=16, num_padding_seqs=2, num_trailing_rows=1
     ),
+    # Decode through the general kernel (split_kv=False), as benchmarks compare it.
+    "decode-general-gqa4-bs16-d16": Case((1, 9, 40, 16, 23), (1,) * 5, 8, 2, 16, 16, block_n=16, split_kv=False),
+    # Split-KV decode. 4 splits of 16-token tiles: context 100 -> 4 chunks of 32 (the last
+    # 4 tokens), 40 -> 3 chunks of 16 and an empty split, 7 and 1 -> one tile, 3 empty splits.
+    "split-gqa4-bs8-d32": Case((1, 7, 40, 100, 23, 64), (1,) * 6, 8, 2, 32, 8, block_n=16, num_splits=4),
+    # 7 splits (not a power of 2) and graph padding: zeros for the context_len 0 sequences,
+    # rows past the last sequence untouched.
+    "split-padded-gqa2-bs16-d16": Case(
+        (5, 33, 70), (1, 1, 1), 4, 2, 16, 16, block_n=16, num_splits=7, num_padding_seqs=3, num_trailing_rows=2
+    ),
+    # GQA 3 (group not a power of 2) with head_dim 48 (masked columns).
+    "split-gqa3-bs8-d48": Case((50, 9, 130), (1, 1, 1), 6, 2, 48, 8, block_n=16, num_splits=5),
+    # GQA 8, a 32-token block holding two 16-token tiles.
+    "split-gqa8-bs32-d16": Case((45, 100), (1, 1), 8, 1, 16, 32, block_n=16, num_splits=3),
+    # One split: the decode kernel writes the output itself (no reduce), padding included.
+    "split-one-gqa1-bs8-d32": Case((17, 40), (1, 1), 2, 2, 32, 8, block_n=16, num_splits=1, num_padding_seqs=1),
+    # Sequences with nothing to do this step (q_len 0), one of them last: its query_start_loc
+    # is the first row past the batch, which must stay untouched (with and without a reduce).
+    "split-idle-seqs-gqa2-bs8-d32": Case(
+        (20, 12, 35, 8), (1, 0, 1, 0), 4, 2, 32, 8, block_n=16, num_splits=3, num_trailing_rows=1
+    ),
+    "split-one-idle-last-gqa1-bs8-d32": Case(
+        (17, 40, 9), (1, 1, 0), 2, 2, 32, 8, block_n=16, num_splits=1, num_trailing_rows=1
+    ),
+    # The wrapper's split count and tiles (3 programs -> 3 splits at the interpreter's 4 SMs).
+    "split-defaults-gqa4-bs16-d32": Case((3, 150, 70), (1, 1, 1), 4, 1, 32, 16, num_padding_seqs=1),
 }
 
 
@@ -224,12 +258,50 @@ def test_allocated_output_equals_given_output() -> None:
     assert torch.equal(allocated, given)
 
 
-@pytest.mark.parametrize("name", ["mixed-gqa4-bs16-d48", "mixed-gqa2-bs8-defaults"])
+@pytest.mark.parametrize("name", ["mixed-gqa4-bs16-d48", "mixed-gqa2-bs8-defaults", "split-gqa4-bs8-d32"])
 def test_float16_matches_float32_reference(name: str) -> None:
     """Half-precision storage (float32 math; P is rounded to the cache dtype for the PV dot)
     and the wrapper's half-precision tiles. bfloat16 is left to the GPU tests: the
     interpreter's tl.dot multiplies bfloat16 bit patterns as integers."""
     check_case(CPU_CASES[name], torch.float16, torch.float32, tol=2e-3, seed=zlib.crc32(name.encode()) + 1)
+
+
+def test_split_counts_agree() -> None:
+    """The split count changes only the float32 summation order, not the result."""
+    case = CPU_CASES["split-gqa4-bs8-d32"]
+    batch = make_batch(case, torch.float32, DEVICE, seed=5)
+    store_kv_cache(batch.key, batch.value, batch.k_cache, batch.v_cache, batch.slot_mapping)
+    outs = [
+        paged_attention(
+            batch.query, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.context_lens,
+            batch.block_tables, 1, case.head_dim**-0.5, block_n=16, split_kv=split_kv, num_splits=num_splits,
+        )
+        for split_kv, num_splits in ((False, None), (True, 1), (True, 2), (True, 9))
+    ]
+    for other in outs[1:]:
+        torch.testing.assert_close(other, outs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_split_kv_needs_decode() -> None:
+    case = CPU_CASES["chunked-gqa1-bs8-d48"]
+    batch = make_batch(case, torch.float32, DEVICE, seed=3)
+    with pytest.raises(ValueError, match="max_query_len"):
+        paged_attention(
+            batch.query, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.context_lens,
+            batch.block_tables, batch.max_query_len, case.head_dim**-0.5, split_kv=True,
+        )
+
+
+def test_decode_num_splits_from_shapes() -> None:
+    """Enough programs for DECODE_PROGRAMS_PER_SM per SM, at most one split per tile of the
+    table's width, at most MAX_DECODE_SPLITS, at least 1."""
+    cpu = torch.device("cpu")  # the interpreter counts _INTERPRETER_SMS SMs
+    target = triton_decode_attention.DECODE_PROGRAMS_PER_SM * triton_decode_attention._INTERPRETER_SMS
+    assert decode_num_splits(1, 1, 10**6, 64, cpu) == min(target, triton_decode_attention.MAX_DECODE_SPLITS)
+    assert decode_num_splits(1, 2, 10**6, 64, cpu) == -(-target // 2)
+    assert decode_num_splits(1, 1, 100, 64, cpu) == 2  # 100 tokens: two 64-token tiles
+    assert decode_num_splits(1, 1, 0, 64, cpu) == 1
+    assert decode_num_splits(target, 8, 10**6, 64, cpu) == 1
 
 
 @pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
@@ -271,8 +343,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reas
         # Decode at long and short contexts, a fresh prompt, chunked prefill after a prefix.
         Case((2000, 1500, 700, 1999, 64, 1024, 300, 1800), (1, 1, 700, 1, 64, 200, 1, 1), **LLAMA3_8B),
         Case((2000, 17, 1200, 1999, 513, 1024, 300, 1800), (1,) * 8, **LLAMA3_8B),
+        Case((2000, 17, 1200, 1999, 513, 1024, 300, 1800), (1,) * 8, **LLAMA3_8B, split_kv=False),
+        # Batch 1: the most splits (the wrapper's choice), a context that ends mid-tile.
+        Case((1999,), (1,), **LLAMA3_8B),
+        # Enough sequences for one split (64 x 8 programs fill an H200's 132 SMs twice): the
+        # decode kernel writes the output itself.
+        Case(tuple(range(1, 2000, 31))[:64], (1,) * 64, **LLAMA3_8B, num_padding_seqs=3),
     ],
-    ids=["mixed", "decode"],
+    ids=["mixed", "decode", "decode-general-kernel", "decode-batch1", "decode-batch67"],
 )
 def test_bf16_llama3_shape_matches_fp32_reference(case: Case) -> None:
     check_case(case, torch.bfloat16, torch.float32, tol=1e-2, seed=1234)

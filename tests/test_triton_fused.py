@@ -4,9 +4,10 @@ modules they replace on the GPU (layernorm.py, rotary_embedding.py, activation.p
 Without CUDA the kernels run in Triton's interpreter on CPU tensors: float32 (exact, or
 within float32 rounding where torch and the kernel sum or exponentiate differently) and
 float16 (within 1 ulp, rotary exact), hidden sizes 64 / 96 (not a power of 2) / 128, 1, 7 and
-33 tokens, the chunk loop forced with a small block, rotary on row-strided q/k views of a
-fused qkv buffer at shuffled positions. The `gpu` tests repeat this in bf16 at a Llama-3-8B
-shape and replay all four from a CUDA graph (on a GPU host:
+33 tokens, the chunk loop (RMSNorm) and several column blocks (SiluAndMul) forced with a
+small block, rotary on row-strided q/k views of a fused qkv buffer at shuffled positions.
+The `gpu` tests repeat this in bf16 at a Llama-3-8B shape and replay all four from a CUDA
+graph (on a GPU host:
 `python3 -m pytest -q tests/test_triton_fused.py`).
 """
 
@@ -17,6 +18,7 @@ import os
 import pytest
 import torch
 
+from stage_worker.layers import triton_fused
 from stage_worker.layers.activation import SiluAndMul
 from stage_worker.layers.layernorm import RMSNorm
 from stage_worker.layers.rotary_embedding import RotaryEmbedding
@@ -160,8 +162,21 @@ def test_silu_and_mul_matches_module(d: int, dtype: torch.dtype) -> None:
     for n in TOKENS:
         # Scale 4 reaches both tails of silu (exp overflowing to inf for very negative gates).
         x = randn((n, 2 * d), dtype, gen, 4.0)
-        for max_block in (4096, 32):
+        # One column block, blocks of 64 (the last one half empty at d 96) and of 32.
+        for max_block in (4096, 64, 32):
             assert_close(silu_and_mul(x, max_block=max_block), SiluAndMul()(x), max_ulp=max_ulp)
+
+
+def test_silu_and_mul_wide_rows_with_leading_dims() -> None:
+    """Rows wider than SILU_BLOCK spread over several column blocks, the last one partial,
+    with leading dims kept."""
+    gen = torch.Generator().manual_seed(9)
+    d = triton_fused.SILU_BLOCK * 2 + 300
+    x = randn((3, 2, 2 * d), torch.float32, gen, 4.0)
+    out = silu_and_mul(x)
+    assert out.shape == (3, 2, d)
+    assert_close(out, SiluAndMul()(x), max_ulp=4)
+    assert silu_and_mul(x[:0]).shape == (0, 2, d)
 
 
 def test_silu_and_mul_reads_row_strided_input() -> None:

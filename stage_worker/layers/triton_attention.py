@@ -14,18 +14,25 @@ tile's rows through the block table, with an online softmax in float32 (base 2, 
 folded into the scale) and tl.dot accumulating in float32; it stops at the last key any of
 its rows can see.
 
-Both wrappers read nothing back to the host: the grid depends only on tensor shapes and the
-max_query_len argument, so a call can be captured in a CUDA graph and replayed with new
-buffer contents. CUDA-graph padding rows (slot -1, context_len 0) are skipped by the cache
-write and produce zeros in the attention.
+Decode steps (max_query_len == 1, the steps the CUDA graphs replay) take the split-KV
+kernel of triton_decode_attention.py instead.
+
+All wrappers read nothing back to the host: the grids and the split count depend only on
+tensor shapes, the max_query_len argument and the device, so a call can be captured in a
+CUDA graph and replayed with new buffer contents (the split path's scratch is a
+torch.empty of a shape-derived size, which a capture takes from the graph's pool).
+CUDA-graph padding rows (slot -1, context_len 0) are skipped by the cache write and
+produce zeros in the attention.
 """
 
 from __future__ import annotations
+
 
 import torch
 import triton
 import triton.language as tl
 
+from stage_worker.layers.triton_decode_attention import paged_decode_split_kv
 from stage_worker.layers.triton_interpreter import fix_loop_bounds_for_numpy_2_4, interpreting
 
 if interpreting():
@@ -249,6 +256,8 @@ def paged_attention(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    split_kv: bool | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of query [num_tokens, num_heads, head_dim] over the paged caches
     [num_blocks, block_size, num_kv_heads, head_dim] -> out [num_tokens, num_heads, head_dim].
@@ -258,6 +267,11 @@ def paged_attention(
     padding is never read), all on query's device. max_query_len bounds every sequence's
     query count; it sizes the grid. Rows past query_start_loc[-1] are left untouched.
     block_m / block_n override the tile sizes (tests use them to cover several tiles).
+
+    max_query_len == 1 (decode) runs the split-KV kernels (GQA groups up to 64 heads),
+    anything else the general kernel; split_kv=False forces the general kernel for decode too (benchmarks compare the
+    two), split_kv=True needs max_query_len == 1. num_splits overrides the split count of the
+    split-KV path, which ignores block_m (its rows are one GQA group).
     """
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
@@ -276,6 +290,16 @@ def paged_attention(
         return out
 
     queries_per_kv = num_heads // num_kv_heads
+    if split_kv is None:
+        split_kv = max_query_len == 1 and queries_per_kv <= 64
+    if split_kv:
+        if max_query_len != 1:
+            raise ValueError(f"the split-KV kernel is for decode (max_query_len 1), not {max_query_len}")
+        return paged_decode_split_kv(
+            query, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, out,
+            num_splits=num_splits, block_n=block_n,
+        )
+
     block_d = max(16, triton.next_power_of_2(head_dim))
     rows_per_seq = max_query_len * queries_per_kv
     default_m, default_n, num_warps = _tile_config(query.element_size(), rows_per_seq, block_d)

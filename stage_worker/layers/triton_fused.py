@@ -19,7 +19,8 @@ in different orders, so the variance can differ in its last bits; after rounding
 that shows as at most 1 ulp on a few elements.
 
 All wrappers allocate new outputs, read nothing back to the host and size the grid from
-tensor shapes only (one program per token row), so they can be captured in a CUDA graph.
+tensor shapes only (one program per token row; SiluAndMul one per row and column block),
+so they can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -316,30 +317,35 @@ def rotary_embedding(
 def _silu_and_mul_kernel(
     x_ptr, out_ptr, stride_x, stride_out, D: tl.constexpr, BLOCK: tl.constexpr, LIBDEVICE: tl.constexpr
 ):
+    # Program (row, column block): a single row (batch-1 decode) spreads over many programs.
     row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
     x_row = x_ptr + row * stride_x
-    out_row = out_ptr + row * stride_out
-    for start in range(0, D, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < D
-        gate = tl.load(x_row + offs, mask=mask, other=0.0)
-        up = tl.load(x_row + D + offs, mask=mask, other=0.0)
-        g = gate.to(tl.float32)
-        # F.silu: x / (1 + exp(-x)) in float32, rounded once; then the multiply rounds again.
-        silu = tl.math.div_rn(g, 1.0 + _exp(-g, LIBDEVICE)).to(gate.dtype)
-        tl.store(out_row + offs, (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+    gate = tl.load(x_row + offs, mask=mask, other=0.0)
+    up = tl.load(x_row + D + offs, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    # F.silu: x / (1 + exp(-x)) in float32, rounded once; then the multiply rounds again.
+    silu = tl.math.div_rn(g, 1.0 + _exp(-g, LIBDEVICE)).to(gate.dtype)
+    tl.store(out_ptr + row * stride_out + offs, (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+
+# Columns per SiluAndMul program: 1024 is 8 elements (16 bytes of bf16) per thread at 4 warps;
+# a [1, 2 * 14336] Llama-3-8B row is 14 programs.
+SILU_BLOCK = 1024
 
 
 def silu_and_mul(x: torch.Tensor, *, max_block: int = MAX_BLOCK) -> torch.Tensor:
-    """SiluAndMul: x [..., 2 * d] (gate | up) -> silu(gate) * up, a new [..., d] tensor."""
+    """SiluAndMul: x [..., 2 * d] (gate | up) -> silu(gate) * up, a new [..., d] tensor.
+    max_block caps the columns a program handles (tests lower it to cover several blocks)."""
     if x.shape[-1] % 2:
         raise ValueError(f"last dim {x.shape[-1]} of x is not 2 * d")
     d = x.shape[-1] // 2
     x2 = _rows(x)  # [rows, 2 * d]
     out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
-    if x2.shape[0] > 0:
-        block, num_warps = _launch_config(d, max_block)
-        _silu_and_mul_kernel[(x2.shape[0],)](
+    if x2.shape[0] > 0 and d > 0:
+        block = min(triton.next_power_of_2(d), triton.next_power_of_2(max_block), SILU_BLOCK)
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
             x2,
             out,
             x2.stride(0),
@@ -347,7 +353,7 @@ def silu_and_mul(x: torch.Tensor, *, max_block: int = MAX_BLOCK) -> torch.Tensor
             D=d,
             BLOCK=block,
             LIBDEVICE=_use_libdevice(x),
-            num_warps=num_warps,
+            num_warps=min(max(block // 256, 1), 4),
             enable_fp_fusion=False,
         )
     return out.view(*x.shape[:-1], d)
