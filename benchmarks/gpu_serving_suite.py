@@ -54,6 +54,11 @@ SCENARIOS = (
     Scenario("c256-pp1", 1, 1, 256, 256, 512, 256),
     Scenario("c256-pp2", 2, 1, 256, 256, 512, 256),
     Scenario("c256-tp2", 1, 2, 256, 256, 512, 256),
+    # The same loads with every step waiting for the previous step's tokens (the A/B of
+    # asynchronous scheduling).
+    Scenario("batch1-pp1-sync", 1, 1, 1, 3, 128, 256, server_args=("--no-async-scheduling",)),
+    Scenario("batch1-pp2-sync", 2, 1, 1, 3, 128, 256, server_args=("--no-async-scheduling",)),
+    Scenario("c64-pp1-sync", 1, 1, 64, 128, 512, 256, server_args=("--no-async-scheduling",)),
 )
 
 

@@ -59,7 +59,7 @@ def build_input_batch(
         start, end = sched.start_position, sched.start_position + sched.num_tokens
         if need_token_ids:
             chunk = seq.token_slice(start, end)
-            if seq.deferred:
+            if seq.deferred or (end > len(seq.prompt_token_ids) and PLACEHOLDER in chunk):
                 _take_deferred(seq, start, chunk, len(token_ids), gathers)
             token_ids.extend(chunk)
         positions.extend(range(start, end))

@@ -274,10 +274,12 @@ def _prompt(n: int, salt: int) -> list[int]:
 # ---- outputs ----------------------------------------------------------------------------
 
 
-def test_outputs_are_exact_with_chunked_prefill_preemption_and_pipelining(make) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_outputs_are_exact_with_chunked_prefill_preemption_and_pipelining(make, async_scheduling: bool) -> None:
     # 16 blocks of 4 tokens for 10 sequences of up to 32 tokens: preemption is certain; a
-    # budget of 8 tokens chunks every prompt; two stages keep two micro-batches in flight.
-    h = make(pp=2, num_blocks=16, block_size=4, budget=8, max_num_seqs=4)
+    # budget of 8 tokens chunks every prompt; two stages keep two micro-batches in flight
+    # (four with asynchronous scheduling: each micro-batch's look-ahead step too).
+    h = make(pp=2, num_blocks=16, block_size=4, budget=8, max_num_seqs=4, async_scheduling=async_scheduling)
     prompts = [_prompt(3 + 2 * i, i) for i in range(10)]
     sinks = [h.submit(p, max_new_tokens=12, ignore_eos=True)[1] for p in prompts]
     for prompt, sink in zip(prompts, sinks):
@@ -287,6 +289,9 @@ def test_outputs_are_exact_with_chunked_prefill_preemption_and_pipelining(make) 
         assert sink.text == h.tokenizer.decode(sink.tokens)
         assert sink.last.prompt_tokens == len(prompt)
     assert h.engine.stats.preemptions > 0
+    if async_scheduling:
+        assert any(s.append_sampled for step in h.pipeline.steps for s in step.seqs)
+        assert all(step.forward_sampled_tokens for step in h.pipeline.steps)
     h.wait_idle()
     # The stages forgot every finished and preempted sequence: after one more request, it is
     # the only one they hold.
@@ -296,12 +301,14 @@ def test_outputs_are_exact_with_chunked_prefill_preemption_and_pipelining(make) 
     assert h.stage_sequences() == [{seq_id}, {seq_id}]
 
 
-def test_stop_conditions(make, tokenizer) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_stop_conditions(make, tokenizer, async_scheduling: bool) -> None:
     prompt = _prompt(6, 1)
     free_run = reference(prompt, 20)
     eos = free_run[4]
     first_eos = free_run.index(eos)
-    h = make(eos=(eos,), max_context=64)
+    # Asynchronous: each stop is seen a step late, so the look-ahead token must not leak out.
+    h = make(eos=(eos,), max_context=64, async_scheduling=async_scheduling)
 
     assert h.submit(prompt, max_new_tokens=20)[1].wait().tokens == free_run[: first_eos + 1]
     assert h.submit(prompt, max_new_tokens=20)[1].wait().finish == "eos"

@@ -353,15 +353,20 @@ def test_missing_sampled_token_is_an_error() -> None:
         sched.on_step_done(batch, {})
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int) -> None:
+def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int, async_scheduling: bool) -> None:
     """Drives the scheduler like a 2-stage pipelined engine, with a model of the stages' KV
-    to check that every step reads only KV written for exactly its sequence's tokens."""
+    to check that every step reads only KV written for exactly its sequence's tokens.
+    Asynchronous: a sequence may also be in two steps at once (its look-ahead step), and
+    sequences stop early now and then (EOS), wasting their look-ahead token."""
     rng = random.Random(seed)
     bs = 4
     sched = make_scheduler(
-        num_blocks=24, block_size=bs, max_num_batched_tokens=rng.choice([8, 16, 32]), max_num_seqs=4
+        num_blocks=24, block_size=bs, max_num_batched_tokens=rng.choice([8, 16, 32]), max_num_seqs=4,
+        async_scheduling=async_scheduling,
     )
+    stopped_early: set[int] = set()
     bm = sched.block_manager
     kv: dict[int, dict[int, tuple[int, ...]]] = {}
     prefixes = [[rng.randrange(3) for _ in range(rng.randrange(1, 12))] for _ in range(3)]
@@ -386,7 +391,10 @@ def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int) -
             batch = sched.schedule()
             if batch is not None:
                 busy = {s for b in in_flight for s in b.seqs}
-                assert not busy & set(batch.seqs), "a sequence is in two micro-batches"
+                for e in batch.entries:
+                    if e.seq in busy:
+                        assert async_scheduling and e.append_sampled, "a sequence is in two micro-batches"
+                        assert e.start_position == e.seq.num_tokens and e.num_tokens == 1 and e.sample
                 assert batch.num_tokens <= sched.config.max_num_batched_tokens
                 assert len(batch.entries) <= sched.config.max_num_seqs
                 owners: dict[int, int] = {}
@@ -395,11 +403,12 @@ def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int) -
                         owners[block] = owners.get(block, 0) + 1
                 for e in batch.entries:
                     tokens = e.seq.all_token_ids
-                    for pos in range(e.start_position):
+                    # A look-ahead step also reads what the step before it is still writing.
+                    for pos in range(min(e.start_position, e.seq.num_computed_tokens)):
                         assert kv[e.seq.block_ids[pos // bs]][pos % bs] == tuple(tokens[: pos + 1])
                     for pos in range(e.start_position, e.start_position + e.num_tokens):
                         assert owners[e.seq.block_ids[pos // bs]] == 1, "writing a shared block"
-                    assert e.sample == (e.start_position + e.num_tokens == e.seq.num_tokens)
+                    assert e.sample == (e.start_position + e.num_tokens >= e.seq.num_tokens)
                 in_flight.append(batch)
         if in_flight and (len(in_flight) == 2 or rng.random() < 0.5):
             batch = in_flight.popleft()
@@ -415,6 +424,9 @@ def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int) -
             for seq in batch.seqs:
                 if not seq.is_finished and seq.num_output_tokens >= seq.max_new_tokens:
                     sched.finish(seq)
+                elif not seq.is_finished and seq.num_output_tokens and rng.random() < 0.05:
+                    stopped_early.add(seq.seq_id)
+                    sched.finish(seq)
         if rng.random() < 0.02:
             live = list(sched.unfinished())
             if live:
@@ -428,5 +440,86 @@ def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int) -
     assert bm.num_free_blocks == bm.num_total_blocks
     for seq in created:
         assert seq.is_finished and seq.block_ids == []
-        if not seq.aborted and seq not in reported:
+        if not seq.aborted and seq not in reported and seq.seq_id not in stopped_early:
             assert seq.num_output_tokens == seq.max_new_tokens
+
+
+# ---- asynchronous scheduling: look-ahead steps ---------------------------------------------
+
+
+def test_look_ahead_schedules_the_next_decode_before_the_token_is_back() -> None:
+    sched = make_scheduler(block_size=4, async_scheduling=True)
+    seq = make_seq(4, max_new_tokens=5)
+    sched.add(seq)
+    prefill = sched.schedule()
+    assert prefill is not None and shape(prefill) == [(seq.seq_id, 0, 4, True)]
+    ahead = sched.schedule()
+    # Position 4 holds the token the prefill samples: unknown yet, appended by the stages.
+    assert ahead is not None and shape(ahead) == [(seq.seq_id, 4, 1, True)]
+    assert ahead.entries[0].append_sampled and ahead.entries[0].new_block_ids == [seq.block_ids[1]]
+    assert sched.schedule() is None  # two steps in flight: nothing more for this sequence
+    complete(sched, prefill, token=11)
+    assert seq.output_token_ids == [11] and seq.num_computed_tokens == 4
+    nxt = sched.schedule()  # ahead is still in flight: the next look-ahead goes out already
+    assert nxt is not None and shape(nxt) == [(seq.seq_id, 5, 1, True)] and nxt.entries[0].append_sampled
+    complete(sched, ahead, token=12)
+    complete(sched, nxt, token=13)
+    assert seq.output_token_ids == [11, 12, 13] and seq.num_computed_tokens == 6
+    # Not in flight any more: an ordinary decode step, whose token the router appends.
+    last = sched.schedule()
+    assert last is not None and shape(last) == [(seq.seq_id, 6, 1, True)] and not last.entries[0].append_sampled
+
+
+def test_no_look_ahead_past_max_new_tokens_or_the_context() -> None:
+    sched = make_scheduler(async_scheduling=True)
+    one = make_seq(4, max_new_tokens=1)  # its first step samples its only token
+    sched.add(one)
+    assert sched.schedule() is not None and sched.schedule() is None
+    sched_ctx = make_scheduler(async_scheduling=True, max_context=5)
+    near_end = make_seq(4, max_new_tokens=8)  # 4 + 1 sampled = 5 = the context: it ends there
+    sched_ctx.add(near_end)
+    assert sched_ctx.schedule() is not None and sched_ctx.schedule() is None
+
+
+def test_a_sequence_that_stops_wastes_its_look_ahead_and_frees_blocks_when_it_returns() -> None:
+    sched = make_scheduler(num_blocks=8, block_size=4, async_scheduling=True)
+    bm = sched.block_manager
+    seq = make_seq(4, max_new_tokens=8)
+    sched.add(seq)
+    prefill = sched.schedule()
+    ahead = sched.schedule()
+    assert prefill is not None and ahead is not None
+    complete(sched, prefill)
+    sched.finish(seq)  # EOS: the look-ahead step still writes its blocks
+    assert len(seq.block_ids) == 2 and bm.num_free_blocks == 6
+    complete(sched, ahead)
+    assert seq.block_ids == [] and bm.num_free_blocks == 8
+    assert seq.num_output_tokens == 1  # the look-ahead's token was not appended
+    bm.check_invariants([seq])
+
+
+def test_look_ahead_never_preempts() -> None:
+    sched = make_scheduler(num_blocks=2, block_size=4, async_scheduling=True)
+    a, b = make_seq(4, max_new_tokens=8), make_seq(4, max_new_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    both = sched.schedule()
+    assert both is not None and both.seqs == [a, b]
+    # Each needs a second block for its next token and none is free: no look-ahead, and
+    # nobody is preempted while in flight.
+    assert sched.schedule() is None
+    assert a.status is SequenceStatus.RUNNING and b.status is SequenceStatus.RUNNING
+
+
+def test_abort_with_two_steps_in_flight_frees_after_both_return() -> None:
+    sched = make_scheduler(num_blocks=8, block_size=4, async_scheduling=True)
+    bm = sched.block_manager
+    seq = make_seq(3, max_new_tokens=8)
+    sched.add(seq)
+    first, second = sched.schedule(), sched.schedule()
+    assert first is not None and second is not None and seq.num_inflight_steps == 2
+    sched.abort(seq.seq_id)
+    complete(sched, first)
+    assert len(seq.block_ids) == 1 and seq.num_inflight_steps == 1
+    failed = sched.on_step_failed(second, "boom")
+    assert failed == [] and seq.block_ids == [] and bm.num_free_blocks == 8
