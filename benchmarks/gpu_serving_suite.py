@@ -154,7 +154,7 @@ def _step_profile(metrics_port: int, num_stages: int, path: Path) -> dict[str, f
             total = values.get(f'stageserve_{metric}_sum{{stage="{stage}"}}', 0.0)
             count = values.get(f'stageserve_{metric}_count{{stage="{stage}"}}', 0.0)
             profile[f"stage{stage}_{key}_ms"] = 1e3 * total / count if count else float("nan")
-        for phase in ("prepare", "launch", "wait", "reply"):
+        for phase in ("prepare", "prepare.apply", "prepare.build", "launch", "launch.forward", "wait", "reply"):
             total = values.get(f'stageserve_stage_step_phase_seconds_sum{{phase="{phase}",stage="{stage}"}}', 0.0)
             count = values.get(f'stageserve_stage_step_phase_seconds_count{{phase="{phase}",stage="{stage}"}}', 0.0)
             if count:
@@ -218,7 +218,8 @@ def main() -> None:
     for name, r in rows:
         prof = (r or {}).get("step_profile") or {}
         last = (r or {}).get("layout", {}).get("pp", 1) - 1
-        parts = [f"{p} {prof[f'stage{last}_{p}_ms']:.2f}" for p in ("prepare", "launch", "wait", "reply")
+        parts = [f"{p} {prof[f'stage{last}_{p}_ms']:.2f}"
+                 for p in ("prepare", "prepare.apply", "prepare.build", "launch", "launch.forward", "wait", "reply")
                  if f"stage{last}_{p}_ms" in prof]
         print(f"  {name}: {', '.join(parts) or '-'}")
     if os.environ.get("OUT"):

@@ -41,7 +41,7 @@ OUTCOMES = {
 REJECTIONS = ("invalid_argument", "failed_precondition", "resource_exhausted", "unavailable")
 # The phases a stage reports for each step (StepResult.phase_seconds); others are ignored,
 # so a stage cannot grow the label set.
-STEP_PHASES = ("prepare", "launch", "wait", "reply")
+STEP_PHASES = ("prepare", "prepare.apply", "prepare.build", "launch", "launch.forward", "wait", "reply")
 
 # Step-send records older than this many steps are dropped: a step whose last result never
 # comes (the pipeline failed) must not keep its record forever.

@@ -233,6 +233,8 @@ class ModelRunner:
             result.error = str(exc)
             return LaunchedStep(result, started)
         phases = result.phase_seconds
+        applied = time.perf_counter()
+        phases["prepare.apply"] = applied - started
         if self.layout.is_last:
             self._resolve_known_tokens(batch_seqs)
         batch = build_input_batch(
@@ -245,7 +247,9 @@ class ModelRunner:
         )
         mark = time.perf_counter()
         phases["prepare"] = mark - started
+        phases["prepare.build"] = mark - applied
         hidden = self._forward(batch)
+        phases["launch.forward"] = time.perf_counter() - mark
         launched = LaunchedStep(result, started)
         if batch.sampled_seqs:
             tokens = self._sampled_tokens(step, hidden, batch, launched)

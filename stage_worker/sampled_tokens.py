@@ -53,11 +53,17 @@ class SamplerHostCopy:
             self._ready.record()
         else:
             self._host = packed
+        self._landed = False
         self._values: list[float] | None = None
+        self._token_ids: list[int] | None = None
 
     def done(self) -> bool:
         """Whether the copy has landed (never blocks)."""
-        return self._ready is None or self._ready.query()
+        # The rank's main thread asks for every sequence of a step: query the event once it
+        # has landed no more (both threads may set the flag; it only ever turns True).
+        if not self._landed:
+            self._landed = self._ready is None or self._ready.query()
+        return self._landed
 
     def values(self) -> list[float]:
         """The packed values; waits for the copy (without the GIL) if it is still running."""
@@ -68,7 +74,9 @@ class SamplerHostCopy:
         return self._values
 
     def token_ids(self) -> list[int]:
-        return [int(v) for v in self.values()[: self.num_tokens]]
+        if self._token_ids is None:
+            self._token_ids = [int(v) for v in self.values()[: self.num_tokens]]
+        return self._token_ids
 
 
 class SampledTokens:

@@ -78,6 +78,9 @@ def test_fast_path_float32_equals_transformers_under_concurrency(model: Path) ->
         system.stop()
 
 
+BF16_LOGPROB_ERROR = 0.25
+
+
 def test_fast_path_bfloat16_matches_reference_path(model: Path) -> None:
     prompts = _prompts()
     runs = {}
@@ -91,7 +94,8 @@ def test_fast_path_bfloat16_matches_reference_path(model: Path) -> None:
     for prompt, fast, ref_path in zip(prompts, runs["fast"], runs["reference"]):
         # From the first near tie of the float32 reference on (that step included), bf16
         # rounding may pick either token.
-        n = steps_before_near_tie(hf_greedy(model, prompt, NEW_TOKENS, dtype=torch.float32, device="cuda:0"), 0.05)
+        f32 = hf_greedy(model, prompt, NEW_TOKENS, dtype=torch.float32, device="cuda:0")
+        n = steps_before_near_tie(f32, 0.05)
         for step in range(n):
             if fast.token_ids[step] != ref_path.token_ids[step]:
                 break
@@ -99,7 +103,15 @@ def test_fast_path_bfloat16_matches_reference_path(model: Path) -> None:
             compared += 1
         else:
             continue
-        pytest.fail(f"prompt of {len(prompt)} tokens: fast and reference paths diverge at step {step} of {n}")
+        # Two bf16 paths may still part where the float32 top-2 margin is within bf16's own
+        # logprob error against float32 (0.19-0.23 for transformers' bf16, docs/benchmarks.md),
+        # never where the float32 choice is clear.
+        top2 = torch.topk(f32.logprobs[step], 2).values
+        margin = float(top2[0] - top2[1])
+        print(f"\nprompt of {len(prompt)} tokens: bf16 paths part at step {step} of {n}, float32 margin {margin:.3f}")
+        if margin >= BF16_LOGPROB_ERROR:
+            pytest.fail(f"prompt of {len(prompt)} tokens: fast and reference paths diverge at step {step} "
+                        f"of {n}, where float32's top-2 margin is {margin:.3f}")
     print(f"\nfast vs reference path, bfloat16: {compared} tokens equal, max logprob diff {max_diff:.3f}")
     assert compared >= 2 * len(prompts)
     assert max_diff < 0.1
