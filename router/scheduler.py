@@ -17,7 +17,10 @@ Policy: FCFS with chunked prefill and preemption by recompute.
   flight samples its next token may be scheduled again at once, for the token after it
   (`append_sampled`: the stages append the token they sampled themselves). The router learns
   the token a step later; a sequence that turns out to have stopped (EOS, a stop string)
-  wastes that one look-ahead token, which is dropped. Look-ahead steps never preempt.
+  wastes that one look-ahead token, which is dropped. Look-ahead steps never preempt. With
+  one stage they lead every step; in a pipeline they go out only when no micro-batch of
+  other sequences can (a look-ahead step waits on the first stage for its tokens, while an
+  independent micro-batch keeps that stage busy).
 * A sequence that cannot fit in the whole KV pool is never admitted: `schedule()` moves it to
   an unschedulable list that the engine drains with `pop_unschedulable()` and reports as an
   error to its client. This covers both over-long prompts and sequences that outgrew the
@@ -78,9 +81,13 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_context: int = 0) -> None:
+    def __init__(
+        self, config: SchedulerConfig, block_manager: BlockManager, max_context: int = 0, num_stages: int = 1
+    ) -> None:
         self.config = config
         self.block_manager = block_manager
+        # Pipeline stages: decides where look-ahead steps go (see schedule).
+        self.num_stages = num_stages
         # The model's context length (0: unlimited): a look-ahead step never computes past it.
         self.max_context = max_context
         self._num_batches = 0
@@ -151,16 +158,13 @@ class Scheduler:
         candidates = [s for s in self._running if not s.in_flight]
         decodes = [s for s in candidates if s.num_uncomputed_tokens == 1]
         prefills = [s for s in candidates if s.num_uncomputed_tokens > 1]
-        for seq in self._look_ahead_candidates():
-            if budget == 0 or len(entries) == self.config.max_num_seqs:
-                break
-            # A look-ahead step is an optimisation: it takes free blocks, never preempts.
-            total = seq.num_scheduled_tokens + 1
-            if not self.block_manager.can_append(seq, total):
-                continue
-            new_blocks = self.block_manager.append_slots(seq, total)
-            entries.append(self._entry(seq, 1, new_blocks, is_new=False))
-            budget -= 1
+        # One stage: the look-ahead decodes lead the step, new work rides along. A pipeline:
+        # a look-ahead step cannot start on the first stage before the last stage sampled
+        # the tokens it continues from, so a micro-batch of other sequences goes first
+        # whenever there is one, and look-ahead only fills an otherwise empty slot.
+        look_ahead_first = self.num_stages == 1
+        if look_ahead_first:
+            budget = self._add_look_ahead(entries, budget)
         for seq in decodes + prefills:
             if budget == 0 or len(entries) == self.config.max_num_seqs:
                 break
@@ -180,6 +184,8 @@ class Scheduler:
         # preempt again next step; let the running sequences use them first.
         if not preempted:
             budget = self._admit(entries, budget)
+        if not look_ahead_first and not entries and not preempted:
+            budget = self._add_look_ahead(entries, budget)
 
         self.num_preemptions += len(preempted)
         self._num_batches += 1
@@ -256,6 +262,19 @@ class Scheduler:
             self._free_on_return.discard(seq.seq_id)
             self.block_manager.free(seq)
         return True
+
+    def _add_look_ahead(self, entries: list[ScheduledEntry], budget: int) -> int:
+        for seq in self._look_ahead_candidates():
+            if budget == 0 or len(entries) == self.config.max_num_seqs:
+                break
+            # A look-ahead step is an optimisation: it takes free blocks, never preempts.
+            total = seq.num_scheduled_tokens + 1
+            if not self.block_manager.can_append(seq, total):
+                continue
+            new_blocks = self.block_manager.append_slots(seq, total)
+            entries.append(self._entry(seq, 1, new_blocks, is_new=False))
+            budget -= 1
+        return budget
 
     def _look_ahead_candidates(self) -> list[Sequence]:
         """Sequences whose one step in flight samples their next token and that will surely

@@ -307,7 +307,9 @@ class Router:
             enable_prefix_caching=cfg.scheduler.enable_prefix_caching,
             shuffle_seed=cfg.shuffle_blocks_seed,
         )
-        scheduler = Scheduler(cfg.scheduler, block_manager, max_context=self.model.max_context)
+        scheduler = Scheduler(
+            cfg.scheduler, block_manager, max_context=self.model.max_context, num_stages=len(self.stages)
+        )
         engine = Engine(
             self.stages,
             scheduler,

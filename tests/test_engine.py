@@ -221,7 +221,7 @@ class Harness:
         self.limits = RequestLimits(vocab_size=VOCAB, max_context=max_context)
         config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
                                  max_queue_len=max_pending, async_scheduling=async_scheduling)
-        scheduler = Scheduler(config, BlockManager(num_blocks, block_size), max_context=max_context)
+        scheduler = Scheduler(config, BlockManager(num_blocks, block_size), max_context=max_context, num_stages=pp)
         self.engine = Engine(
             self.pipeline.stages, scheduler, tokenizer, eos, max_context,
             max_inflight=max_inflight or config.inflight_steps(pp), max_pending=max_pending,

@@ -37,6 +37,7 @@ def make_scheduler(
     prefix_caching: bool = True,
     async_scheduling: bool = False,
     max_context: int = 0,
+    num_stages: int = 1,
 ) -> Scheduler:
     """Synchronous by default: most tests here pin down the policy step by step; the
     look-ahead tests at the end turn asynchronous scheduling on."""
@@ -48,7 +49,7 @@ def make_scheduler(
         async_scheduling=async_scheduling,
     )
     block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
-    return Scheduler(config, block_manager, max_context=max_context)
+    return Scheduler(config, block_manager, max_context=max_context, num_stages=num_stages)
 
 
 def complete(sched: Scheduler, batch: ScheduledBatch, token: int = 7) -> None:
@@ -364,7 +365,7 @@ def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int, a
     bs = 4
     sched = make_scheduler(
         num_blocks=24, block_size=bs, max_num_batched_tokens=rng.choice([8, 16, 32]), max_num_seqs=4,
-        async_scheduling=async_scheduling,
+        async_scheduling=async_scheduling, num_stages=1 + seed % 2,
     )
     stopped_early: set[int] = set()
     bm = sched.block_manager
@@ -523,3 +524,21 @@ def test_abort_with_two_steps_in_flight_frees_after_both_return() -> None:
     assert len(seq.block_ids) == 1 and seq.num_inflight_steps == 1
     failed = sched.on_step_failed(second, "boom")
     assert failed == [] and seq.block_ids == [] and bm.num_free_blocks == 8
+
+
+def test_in_a_pipeline_an_independent_micro_batch_goes_before_a_look_ahead() -> None:
+    sched = make_scheduler(async_scheduling=True, num_stages=2)
+    a, b = make_seq(4, max_new_tokens=8), make_seq(4, max_new_tokens=8)
+    sched.add(a)
+    first = sched.schedule()
+    assert first is not None and first.seqs == [a]
+    sched.add(b)
+    # b can run on the first stage while a is on the second: b goes first, not a's look-ahead.
+    second = sched.schedule()
+    assert second is not None and second.seqs == [b] and not second.entries[0].append_sampled
+    # Nothing independent left: the look-ahead of the oldest micro-batch fills the slot.
+    third = sched.schedule()
+    assert third is not None and third.seqs == [a] and third.entries[0].append_sampled
+    fourth = sched.schedule()
+    assert fourth is not None and fourth.seqs == [b] and fourth.entries[0].append_sampled
+    assert sched.schedule() is None
