@@ -259,11 +259,12 @@ class ModelRunner:
         phases["launch"] = time.perf_counter() - mark
         return launched
 
-    def finish(self, launched: "LaunchedStep") -> pb.StepResult:
-        """Waits for the step's sampled tokens (last stage) and fills the result. Thread-safe
-        against `launch` of later steps: it reads only what `launched` holds."""
+    def finish(self, launched: "LaunchedStep", report: bool = True) -> pb.StepResult:
+        """Waits for the step's sampled tokens (last stage) and fills the result; `report`
+        False (ranks whose results nobody reads) skips both. Thread-safe against `launch` of
+        later steps: it reads only what `launched` holds."""
         result = launched.result
-        if launched.output is not None and launched.host_copy is not None:
+        if report and launched.output is not None and launched.host_copy is not None:
             mark = time.perf_counter()
             packed = launched.host_copy.values()
             now = time.perf_counter()

@@ -13,7 +13,8 @@ token is:
 
 The first stage gathers the token into its next step's input ids on the device, so no host
 ever waits for it. The last stage needs the value on the host only for penalties (the
-sampler counts previous tokens); then it waits for the copy (`resolve`).
+sampler counts previous tokens); then it waits for the copy
+(`ModelRunner._resolve_known_tokens`).
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ class TokenForward:
     Both sides post one operation per step that forwards, in step order, so the sends and
     receives match. Sends are waited lazily, like the hidden-state hop's. Every receive is
     kept until it has completed, also those no later step reads (a sequence that stopped):
-    gloo cancels a receive whose work object is destroyed early, and the next step's ids
-    would then land in the following receive's buffer.
+    with gloo, dropping such a receive early was seen to shift the matching (the next step's
+    ids landed in the following receive's buffer, and the pipeline deadlocked).
     """
 
     def __init__(self, first_rank: int, last_rank: int, is_first: bool) -> None:

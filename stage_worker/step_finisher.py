@@ -58,7 +58,7 @@ class StepFinisher:
             try:
                 if launched is _STOP:
                     return
-                result = self._runner.finish(launched)
+                result = self._runner.finish(launched, report=self._reply is not None)
                 if self._reply is not None:
                     self._reply(result)
             except BaseException as exc:  # noqa: BLE001 - must reach the stage process
