@@ -1,0 +1,104 @@
+"""CPU time each process of a deployment spends per generated token, under N concurrent streams.
+
+Starts `stageserve up` on the built-in tiny demo model (CPU, or --device cuda with
+--model), drives it with benchmarks/load_generator.py, and reads each process's user+system
+CPU time from /proc before and after: the router's share per token is what bounds the
+output tokens/s of any layout once the GPU step is fast enough (one router thread owns the
+scheduler and every stream).
+
+    python3 benchmarks/process_cpu_per_token.py --concurrency 256 --output-len 64 [--no-async-scheduling]
+
+Linux only (/proc). Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from shared.client import GenerationClient  # noqa: E402
+from shared.demo_model import write_tiny_model  # noqa: E402
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _processes(root: int) -> dict[str, int]:
+    """The router, stage and rank processes under `stageserve up` (pid `root`), by role."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
+    rows = [(int(pid), int(ppid), args) for pid, ppid, args in (line.split(None, 2) for line in out)]
+    roles: dict[str, int] = {}
+    for pid, ppid, args in rows:
+        if ppid == root and " router " in f" {args} ":
+            roles["router"] = pid
+        elif ppid == root and " stage " in f" {args} ":
+            index = args.split("--stage-index", 1)[1].split()[0]
+            roles[f"stage{index}"] = pid
+            for child, parent, child_args in rows:
+                if parent == pid and "spawn_main" in child_args:  # not the resource tracker
+                    roles[f"stage{index}-rank{len([r for r in roles if r.startswith(f'stage{index}-')])}"] = child
+    return roles
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder (default: a tiny random Llama written here)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=256)
+    p.add_argument("--requests", type=int, default=0, help="default: --concurrency")
+    p.add_argument("--prompt-len", default="8")
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--no-async-scheduling", action="store_true")
+    args = p.parse_args()
+    model = args.model or str(write_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "LlamaForCausalLM", seed=1))
+    port = 50000 + os.getpid() % 10000
+    cmd = [sys.executable, "-m", "shared.cli", "up", "--model", model, "--pp", str(args.pp), "--device", args.device,
+           "--port", str(port), "--no-stage-token", "--max-num-seqs", str(args.concurrency),
+           "--max-num-batched-tokens", "8192"]
+    if args.no_async_scheduling:
+        cmd.append("--no-async-scheduling")
+    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = GenerationClient(f"127.0.0.1:{port}")
+        deadline = time.monotonic() + 300
+        while not client.is_serving():
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("stageserve up did not start")
+            time.sleep(0.3)
+        client.close()
+        roles = _processes(server.pid)
+        before = {role: _cpu_seconds(pid) for role, pid in roles.items()}
+        requests = args.requests or args.concurrency
+        started = time.perf_counter()
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "load_generator.py"), "--addr", f"127.0.0.1:{port}",
+                        "--concurrency", str(args.concurrency), "--requests", str(requests),
+                        "--prompt-len", args.prompt_len, "--output-len", str(args.output_len),
+                        "--warmup-requests", "0", "--hbm-bytes-per-s", "1e12"],
+                       cwd=REPO, check=True, capture_output=True)
+        wall = time.perf_counter() - started
+        tokens = requests * args.output_len
+        print(f"{args.concurrency} streams, {tokens} tokens in {wall:.1f} s "
+              f"({'sync' if args.no_async_scheduling else 'async'} scheduling, {args.device})")
+        print("| process | CPU s | CPU ms per token | CPU ms per 256 tokens |")
+        print("| --- | --- | --- | --- |")
+        for role, pid in roles.items():
+            used = _cpu_seconds(pid) - before[role]
+            print(f"| {role} | {used:.2f} | {used / tokens * 1e3:.3f} | {used / tokens * 256e3:.1f} |")
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+if __name__ == "__main__":
+    main()
