@@ -30,7 +30,8 @@ from shared.config import ModelConfig, ParallelConfig  # noqa: E402
 from shared.proto import stage_worker_pb2 as pb  # noqa: E402
 from stage_worker.distributed import RankPlacement, declare_tp_placement  # noqa: E402
 from stage_worker.input_batch import build_input_batch  # noqa: E402
-from stage_worker.model_runner import ModelRunner, _to_host  # noqa: E402
+from stage_worker.model_runner import ModelRunner  # noqa: E402
+from stage_worker.sampled_tokens import SamplerHostCopy  # noqa: E402
 from stage_worker.sequence_state import StageSequence  # noqa: E402
 
 BLOCK_SIZE = 16
@@ -98,7 +99,7 @@ def main() -> None:
             hidden = graphs.run(batch, None)
 
             def tail() -> None:
-                _to_host(runner._sample(hidden, batch))
+                SamplerHostCopy(runner._sample(hidden, batch)).values()
 
             tail_ms = _time_ms(tail, 50)
             eager = _time_ms(lambda: runner.model(batch.input_ids, batch.positions, None, batch.attn_metadata), 10)

@@ -19,7 +19,7 @@ from stage_worker.distributed import RankPlacement, StageHop, get_tp_group
 from stage_worker.input_batch import InputBatch, build_input_batch
 from stage_worker.kv_cache import KVCache, bytes_per_block
 from stage_worker.layers.kernel_backend import resolve_kernel_backend, set_kernel_backend
-from stage_worker.layers.sampler import Sampler, SamplerOutput
+from stage_worker.layers.sampler import Sampler, SamplerOutput, uses_penalties
 from stage_worker.layers.sequence_parallel import padded_num_tokens, shard_rows
 from stage_worker.loader import load_weights
 from stage_worker.models.registry import build_model
@@ -215,11 +215,6 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, step: pb.StepRequest) -> pb.StepResult:
-        """Runs one step to the end (launch, then finish)."""
-        return self.finish(self.launch(step))
-
-    @torch.inference_mode()
     def launch(self, step: pb.StepRequest) -> "LaunchedStep":
         """Applies the step's deltas and enqueues its device work, without waiting for it:
         the caller can launch the next step before `finish`ing this one, so the host work of
@@ -302,7 +297,7 @@ class ModelRunner:
         for seq in seqs:
             if not seq.deferred:
                 continue
-            needs_values = _uses_penalties(seq.sampling)
+            needs_values = uses_penalties(seq.sampling)
             for index, where in list(seq.deferred.items()):
                 copy = where.tokens.host_copy if where.tokens is not None else None
                 if copy is not None and (needs_values or copy.done()):
@@ -354,10 +349,6 @@ class ModelRunner:
             [s.prompt_token_ids for s in seqs],
             [s.output_token_ids for s in seqs],
         )
-
-
-def _uses_penalties(p: pb.StageSamplingParams) -> bool:
-    return p.repetition_penalty not in (0.0, 1.0) or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def _fill_tokens(

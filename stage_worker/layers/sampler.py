@@ -164,6 +164,12 @@ def uniform_noise(
     return _noise(_upload(keys.astype(np.int64), vocab_hash.device), vocab_hash)
 
 
+def uses_penalties(p: stage_worker_pb2.StageSamplingParams) -> bool:
+    """Whether sampling this sequence reads the values of its earlier tokens (repetition,
+    presence or frequency penalty); 0 and 1 both leave the repetition penalty off."""
+    return p.repetition_penalty not in (0.0, 1.0) or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
 def sampling_param_problems(p: stage_worker_pb2.StageSamplingParams) -> list[str]:
     """What is wrong with `p` under the semantics above (NaN fails every comparison); the
     stage checks this when a sequence arrives, so a bad value rejects a step, not a rank."""
