@@ -75,9 +75,9 @@ def test_first_stage_gathers_deferred_tokens_on_the_device() -> None:
     """Two sequences whose last tokens came from two different steps' sampled ids (as the
     first stage of a pipeline receives them), batched with an ordinary prefill."""
     table = SequenceTable()
-    a, b = table.apply(_prefill(1, [1, 2, 3], [0]), LIMITS)[0], None
+    (a,) = table.apply(_prefill(1, [1, 2, 3], [0]), LIMITS)
     a.pending_sample.tokens = SampledTokens(torch.tensor([11]))
-    b = table.apply(_prefill(2, [4, 5], [1], step_id=2), LIMITS)[0]
+    (b,) = table.apply(_prefill(2, [4, 5], [1], step_id=2), LIMITS)
     b.pending_sample.tokens = SampledTokens(torch.tensor([99, 22]))
     b.pending_sample.row = 1  # the second sampled row of its step
     step = pb.StepRequest(step_id=3)
