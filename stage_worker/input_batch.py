@@ -9,6 +9,7 @@ import torch
 
 from shared.proto import stage_worker_pb2 as pb
 from stage_worker.attention_metadata import AttentionMetadata
+from stage_worker.host_upload import upload_packed
 from stage_worker.sampled_tokens import PLACEHOLDER, SampledTokens
 from stage_worker.sequence_state import StageSequence
 
@@ -87,7 +88,8 @@ def build_input_batch(
         for row, table in zip(padded, block_tables):
             row[: len(table)] = table
         ints = [np.asarray(query_start_loc, dtype=np.int32), np.asarray(context_lens, dtype=np.int32), padded]
-    long_tensors, int_tensors = _upload(longs, ints, device)
+    uploaded = upload_packed([np.asarray(v, dtype=np.int64) for v in longs] + ints, device)
+    long_tensors, int_tensors = uploaded[: len(longs)], uploaded[len(longs) :]
     positions_t, slots_t, logits_t = long_tensors[:3]
     input_ids = None
     if need_token_ids:
@@ -143,22 +145,3 @@ def _take_deferred(
         if where.tokens.host_copy is None:
             # Received ids (first stage of a pipeline): this gather is their only use.
             del seq.deferred[start + offset - num_prompt]
-
-
-def _upload(
-    longs: list[list[int]], ints: list[np.ndarray], device: torch.device
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """int64 and int32 arrays on `device` in one copy: [int64 parts..., int32 parts...] as
-    bytes, the int64 ones first so every part stays aligned."""
-    parts = [np.asarray(v, dtype=np.int64) for v in longs] + [a.ravel() for a in ints]
-    packed = np.concatenate([p.view(np.uint8) for p in parts]) if parts else np.empty(0, np.uint8)
-    host = torch.from_numpy(packed)
-    on_device = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
-    out: list[torch.Tensor] = []
-    offset = 0
-    for part in parts:
-        nbytes = part.nbytes
-        dtype = torch.int64 if part.dtype == np.int64 else torch.int32
-        out.append(on_device[offset : offset + nbytes].view(dtype))
-        offset += nbytes
-    return out[: len(longs)], out[len(longs) :]

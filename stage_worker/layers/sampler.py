@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from shared.proto import stage_worker_pb2
+from stage_worker.host_upload import upload
 
 # A python int, an int64 tensor or a uint64 numpy array: the hash code below works on all
 # three, bit for bit.
@@ -90,19 +91,6 @@ class SamplerOutput:
     # k = the largest top_logprobs requested in the batch (k may be 0).
     top_token_ids: torch.Tensor  # [batch, k] int64
     top_logprobs: torch.Tensor  # [batch, k] float32
-
-
-def _upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``host`` on ``device`` without a host sync.
-
-    A copy from pageable memory waits for the stream; going through pinned memory with
-    ``non_blocking`` only queues it (the caching host allocator keeps the pinned buffer
-    alive until the copy has run). On CPU the tensor shares the numpy buffer.
-    """
-    tensor = torch.from_numpy(host)
-    if device.type == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _mul32(x: _Int, constant: int) -> _Int:
@@ -161,7 +149,7 @@ def uniform_noise(
         np.fromiter(seeds, dtype=np.uint64, count=len(seeds)),
         np.fromiter(positions, dtype=np.uint64, count=len(positions)),
     )
-    return _noise(_upload(keys.astype(np.int64), vocab_hash.device), vocab_hash)
+    return _noise(upload(keys.astype(np.int64), vocab_hash.device), vocab_hash)
 
 
 def uses_penalties(p: stage_worker_pb2.StageSamplingParams) -> bool:
@@ -328,7 +316,7 @@ def _prepare(
     if output_rows.size:
         parts.append(_flat_ids(output_rows, output_token_ids, vocab))
     sizes = [part.size for part in parts]
-    on_device = _upload(np.concatenate(parts), device)
+    on_device = upload(np.concatenate(parts), device)
 
     pieces = iter(on_device.split(sizes))
     return _StepInputs(
