@@ -5,6 +5,7 @@ engine thread that drives the pipeline."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
@@ -24,6 +25,7 @@ from router.malformed_requests import RejectMalformedRequests
 from router.metrics import RouterMetrics
 from router.recovery import PipelineRecovery
 from router.request_validation import InvalidRequestError, RequestLimits, validate_request
+from router.response_stream import ResponseOutbox, StreamItem, coalesce, drain
 from router.scheduler import QueueFullError, Scheduler
 from router.stage_client import StageClient
 from shared.client import LIVENESS_SERVICE
@@ -110,6 +112,13 @@ class GenerationService(gen_grpc.GenerationServicer):
         # Why the pipeline is being re-formed; None while it serves or first starts.
         self.recovering: str | None = None
         self.metrics = RouterMetrics()  # the Router gives it its own
+        self._outbox: ResponseOutbox | None = None
+
+    def _outbox_for(self, loop: asyncio.AbstractEventLoop) -> ResponseOutbox:
+        # One per event loop: the router has one, but a test may serve from several in turn.
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = ResponseOutbox(loop)
+        return self._outbox
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True)
@@ -156,13 +165,10 @@ class GenerationService(gen_grpc.GenerationServicer):
         except InvalidRequestError as exc:
             self.metrics.on_rejected("invalid_argument")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        responses: asyncio.Queue[gen.GenerateResponse | EngineUnavailable | None] = asyncio.Queue()
-
-        def sink(item: gen.GenerateResponse | EngineUnavailable | None) -> None:
-            loop.call_soon_threadsafe(responses.put_nowait, item)
-
+        responses: asyncio.Queue[StreamItem] = asyncio.Queue()
+        outbox = self._outbox_for(loop)
         try:
-            seq_id = engine.submit(validated, sink)
+            seq_id = engine.submit(validated, functools.partial(outbox.put, responses))
         except QueueFullError as exc:
             self.metrics.on_rejected("resource_exhausted")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -175,19 +181,19 @@ class GenerationService(gen_grpc.GenerationServicer):
         last: gen.GenerateResponse | None = None
         try:
             while True:
-                item = await responses.get()
-                if isinstance(item, EngineUnavailable):
-                    finished = True
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"unavailable: {item}")
-                if item is None:
-                    finished = True
-                    if last is not None:
-                        yield last
-                    return
-                if item.finish_reason:
-                    last = item
-                else:
-                    yield item
+                for item in coalesce(drain(responses, await responses.get())):
+                    if isinstance(item, EngineUnavailable):
+                        finished = True
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, f"unavailable: {item}")
+                    if item is None:
+                        finished = True
+                        if last is not None:
+                            yield last
+                        return
+                    if item.finish_reason:
+                        last = item
+                    else:
+                        yield item
         finally:
             # Cancelled, disconnected or past its deadline: free its blocks at the next step.
             if not finished:
