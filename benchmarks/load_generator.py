@@ -26,6 +26,7 @@ import asyncio
 import datetime
 import importlib.util
 import json
+import os
 import platform
 import random
 import statistics
@@ -75,6 +76,7 @@ class Report:
     ttft_p99_ms: float
     tpot_p50_ms: float
     tpot_p99_ms: float
+    client_processes: int = 1
     first_error: str = ""
 
 
@@ -129,8 +131,69 @@ async def _one(stub: gen_grpc.GenerationStub, prompt: list[int], output_len: int
     return timing
 
 
+async def _drive(stub: gen_grpc.GenerationStub, work: list[tuple[list[int], int]],
+                 concurrency: int) -> tuple[list[RequestTiming], float, float]:
+    """`concurrency` clients taking requests off `work` until none is left; their timings and
+    the load's start and end (time.monotonic, comparable across this host's processes)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in work:
+        queue.put_nowait(item)
+    timings: list[RequestTiming] = []
+
+    async def client() -> None:
+        while not queue.empty():
+            p, out = queue.get_nowait()
+            timings.append(await _one(stub, p, out))
+
+    start = time.monotonic()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return timings, start, time.monotonic()
+
+
+def _client_process(addr: str, work: list[tuple[list[int], int]], concurrency: int,
+                    barrier: Any, results: Any) -> None:
+    """One client process: connects, waits for the others, then drives its share of the load."""
+
+    async def run() -> tuple[list[RequestTiming], float, float]:
+        async with grpc.aio.insecure_channel(addr, options=channel_options()) as channel:
+            await channel.channel_ready()
+            barrier.wait()
+            return await _drive(gen_grpc.GenerationStub(channel), work, concurrency)
+
+    timings, start, end = asyncio.run(run())
+    results.put(([asdict(t) for t in timings], start, end))
+
+
+def _drive_in_processes(addr: str, work: list[tuple[list[int], int]], concurrency: int,
+                        processes: int) -> tuple[list[RequestTiming], float, float]:
+    """The load split over `processes` client processes that start together: one Python
+    process reading hundreds of streams would itself bound the figures it reports."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(processes), ctx.Queue()
+    workers = [
+        ctx.Process(target=_client_process, args=(
+            addr, work[i::processes], concurrency // processes + (i < concurrency % processes), barrier, results,
+        ), daemon=True)
+        for i in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    parts = [results.get() for _ in workers]
+    for worker in workers:
+        worker.join()
+    timings = [RequestTiming(**t) for part in parts for t in part[0]]
+    return timings, min(part[1] for part in parts), max(part[2] for part in parts)
+
+
+def auto_client_processes(concurrency: int) -> int:
+    """One client process per 32 streams, leaving most of the host's cores to the server."""
+    return max(1, min(-(-concurrency // 32), (os.cpu_count() or 1) // 4))
+
+
 async def run_load(addr: str, concurrency: int, requests: int, prompt_len: str, output_len: str,
-                   seed: int, warmup_requests: int = 0) -> tuple[Report, gen.ModelInfo]:
+                   seed: int, warmup_requests: int = 0, client_processes: int = 1) -> tuple[Report, gen.ModelInfo]:
     async with grpc.aio.insecure_channel(addr, options=channel_options()) as channel:
         stub = gen_grpc.GenerationStub(channel)
         info = await stub.GetModelInfo(gen.GetModelInfoRequest())
@@ -144,19 +207,14 @@ async def run_load(addr: str, concurrency: int, requests: int, prompt_len: str, 
         if warmup_requests > 0:
             await asyncio.gather(*(_one(stub, prompt(), 2) for _ in range(warmup_requests)))
         work = [(prompt(), _length(output_len, rng)) for _ in range(requests)]
-        queue: asyncio.Queue = asyncio.Queue()
-        for item in work:
-            queue.put_nowait(item)
-        timings: list[RequestTiming] = []
-
-        async def client() -> None:
-            while not queue.empty():
-                p, out = queue.get_nowait()
-                timings.append(await _one(stub, p, out))
-
-        start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+        processes = max(1, min(client_processes, concurrency))
+        if processes == 1:
+            timings, start, end = await _drive(stub, work, concurrency)
+        else:
+            timings, start, end = await asyncio.get_running_loop().run_in_executor(
+                None, _drive_in_processes, addr, work, concurrency, processes
+            )
+        wall = end - start
         # The layout as it served (the pool and stages are filled in once it serves).
         info = await stub.GetModelInfo(gen.GetModelInfoRequest())
     ok = [t for t in timings if not t.error]
@@ -168,6 +226,7 @@ async def run_load(addr: str, concurrency: int, requests: int, prompt_len: str, 
         ttft_p99_ms=_percentile([t.ttft_s for t in ok], 0.99) * 1e3,
         tpot_p50_ms=_percentile([t.tpot_s for t in ok if t.tpot_s], 0.5) * 1e3,
         tpot_p99_ms=_percentile([t.tpot_s for t in ok if t.tpot_s], 0.99) * 1e3,
+        client_processes=processes,
         first_error=next((t.error for t in timings if t.error), ""),
     )
     return report, info
@@ -385,11 +444,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="model folder: also time transformers generate (random weights if DIR has none)")
     p.add_argument("--hf-device", default=None, help="device of the baseline (default: cuda:0 if any, else cpu)")
     p.add_argument("--hf-dtype", default=None, help="dtype of the baseline (default: bfloat16 on GPU, else float32)")
+    p.add_argument("--client-processes", type=int, default=0,
+                   help="processes the streams are split over (default: one per 32 streams, at most a "
+                        "quarter of the cores)")
     p.add_argument("--json", default=None, help="write the whole report (figures, args, machine) here")
     args = p.parse_args(argv)
     warmup = args.concurrency if args.warmup_requests is None else args.warmup_requests
     report, info = asyncio.run(run_load(
-        args.addr, args.concurrency, args.requests, args.prompt_len, args.output_len, args.seed, warmup
+        args.addr, args.concurrency, args.requests, args.prompt_len, args.output_len, args.seed, warmup,
+        args.client_processes or auto_client_processes(args.concurrency),
     ))
     device = args.hf_device or _default_device()
     mean_prompt, mean_out = _mean_length(args.prompt_len), _mean_length(args.output_len)

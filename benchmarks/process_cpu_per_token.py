@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: a tiny random Llama written here)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--load-format", default="auto", help="dummy: random weights (a config-only --model)")
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--requests", type=int, default=0, help="default: --concurrency")
@@ -65,7 +67,7 @@ def main() -> None:
     port = 50000 + os.getpid() % 10000
     cmd = [sys.executable, "-m", "shared.cli", "up", "--model", model, "--pp", str(args.pp), "--device", args.device,
            "--port", str(port), "--no-stage-token", "--max-num-seqs", str(args.concurrency),
-           "--max-num-batched-tokens", "8192"]
+           "--max-num-batched-tokens", "8192", "--load-format", args.load_format]
     if args.no_async_scheduling:
         cmd.append("--no-async-scheduling")
     server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -79,6 +81,9 @@ def main() -> None:
         client.close()
         roles = _processes(server.pid)
         before = {role: _cpu_seconds(pid) for role, pid in roles.items()}
+        # The load generator is the only child waited for before the server: its CPU is the
+        # growth of RUSAGE_CHILDREN (a client this busy would itself cap the figures).
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         requests = args.requests or args.concurrency
         started = time.perf_counter()
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "load_generator.py"), "--addr", f"127.0.0.1:{port}",
@@ -87,6 +92,8 @@ def main() -> None:
                         "--warmup-requests", "0", "--hbm-bytes-per-s", "1e12"],
                        cwd=REPO, check=True, capture_output=True)
         wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        client_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
         tokens = requests * args.output_len
         print(f"{args.concurrency} streams, {tokens} tokens in {wall:.1f} s "
               f"({'sync' if args.no_async_scheduling else 'async'} scheduling, {args.device})")
@@ -95,6 +102,8 @@ def main() -> None:
         for role, pid in roles.items():
             used = _cpu_seconds(pid) - before[role]
             print(f"| {role} | {used:.2f} | {used / tokens * 1e3:.3f} | {used / tokens * 256e3:.1f} |")
+        print(f"| load generator (client) | {client_cpu:.2f} | {client_cpu / tokens * 1e3:.3f} "
+              f"| {client_cpu / tokens * 256e3:.1f} |")
     finally:
         server.terminate()
         server.wait(60)

@@ -233,6 +233,23 @@ def test_load_generator_reports_everything(system: ServingSystem, config_only: P
     assert "| output_tok_s |" in run.stdout
 
 
+def test_load_generator_splits_the_streams_over_client_processes(system: ServingSystem, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    requests, output_len = 5, 3
+    cmd = [
+        sys.executable, "benchmarks/load_generator.py", "--addr", system.address, "--concurrency", "3",
+        "--requests", str(requests), "--prompt-len", "4", "--output-len", str(output_len), "--client-processes", "2",
+        "--warmup-requests", "0", "--json", str(out),
+    ]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    load = json.loads(out.read_text())["load"]
+    # Every request of every process is counted once, over one wall clock.
+    assert load["client_processes"] == 2 and load["failed"] == 0
+    assert load["output_tokens"] == requests * output_len and load["wall_s"] > 0
+    assert load["output_tok_s"] == pytest.approx(load["output_tokens"] / load["wall_s"])
+
+
 def test_up_with_a_prompt_needs_a_tokenizer(config_only: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "shared.cli", "up", "--model", str(config_only), "--load-format", "dummy",
