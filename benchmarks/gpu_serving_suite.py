@@ -134,32 +134,52 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
     return report
 
 
+PHASES = (
+    "prepare", "prepare.apply", "prepare.build", "prepare.upload", "launch", "launch.forward", "wait", "reply",
+)
+
+
+def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of each sample in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [(s.name, s.labels, s.value) for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def _mean_ms(samples: list[tuple[str, dict[str, str], float]], metric: str, **labels: str) -> float:
+    """Mean of histogram `metric` over the samples carrying `labels` (others summed over)."""
+    def total(suffix: str) -> float:
+        return sum(v for n, lbls, v in samples
+                   if n == f"stageserve_{metric}_{suffix}" and labels.items() <= lbls.items())
+
+    count = total("count")
+    return 1e3 * total("sum") / count if count else float("nan")
+
+
 def _step_profile(metrics_port: int, num_stages: int, path: Path) -> dict[str, float]:
-    """Mean per-step times from the router's Prometheus histograms: the stage's own compute
-    (rank 0's execute) against the router's send-to-result time; the difference is the
-    control plane (gRPC, the stage's rank pipe, queueing)."""
+    """Mean per-step times from the router's Prometheus histograms, over every step and over
+    decode steps alone (`decode_` keys): the stage's own compute (rank 0's step) against the
+    router's send-to-result time; the difference is the control plane (gRPC, the stage's rank
+    pipe, queueing). Per phase too (StepResult.phase_seconds)."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     path.write_text(text)
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        name, value = line.rsplit(" ", 1)
-        values[name] = float(value)
+    samples = _samples(text)
     profile: dict[str, float] = {}
     for stage in range(num_stages):
-        for key, metric in (("compute", "stage_step_seconds"), ("result", "stage_result_latency_seconds")):
-            total = values.get(f'stageserve_{metric}_sum{{stage="{stage}"}}', 0.0)
-            count = values.get(f'stageserve_{metric}_count{{stage="{stage}"}}', 0.0)
-            profile[f"stage{stage}_{key}_ms"] = 1e3 * total / count if count else float("nan")
-        for phase in ("prepare", "prepare.apply", "prepare.build", "launch", "launch.forward", "wait", "reply"):
-            total = values.get(f'stageserve_stage_step_phase_seconds_sum{{phase="{phase}",stage="{stage}"}}', 0.0)
-            count = values.get(f'stageserve_stage_step_phase_seconds_count{{phase="{phase}",stage="{stage}"}}', 0.0)
-            if count:
-                profile[f"stage{stage}_{phase}_ms"] = 1e3 * total / count
-        profile["steps"] = values.get(f'stageserve_stage_step_seconds_count{{stage="{num_stages - 1}"}}', 0.0)
+        for prefix, kind in (("", {}), ("decode_", {"kind": "decode"})):
+            for key, metric in (("compute", "stage_step_seconds"), ("result", "stage_result_latency_seconds")):
+                profile[f"stage{stage}_{prefix}{key}_ms"] = _mean_ms(samples, metric, stage=str(stage), **kind)
+            for phase in PHASES:
+                value = _mean_ms(samples, "stage_step_phase_seconds", stage=str(stage), phase=phase, **kind)
+                if value == value:  # not NaN: the stage reports this phase
+                    profile[f"stage{stage}_{prefix}{phase}_ms"] = value
+    last = str(num_stages - 1)
+    for kind in ("decode", "prefill", "mixed"):
+        profile[f"{kind}_steps"] = sum(v for n, lbls, v in samples if n == "stageserve_stage_step_seconds_count"
+                                       and lbls.get("stage") == last and lbls.get("kind") == kind)
+    profile["steps"] = sum(profile[f"{kind}_steps"] for kind in ("decode", "prefill", "mixed"))
     return profile
 
 
@@ -214,14 +234,15 @@ def main() -> None:
               f"| {fmt(ratio.get('tpot_p50_vs_roofline'), '.2f')} | {fmt(hf.get('tok_s'))} "
               f"| {fmt(ratio.get('tok_s_vs_transformers'), '.1f')} "
               f"| {fmt(prof.get(f'stage{last}_compute_ms'), '.2f')} | {fmt(prof.get(f'stage{last}_result_ms'), '.2f')} |")
-    print("\nper-step phases of the last stage (ms, means over the run):")
-    for name, r in rows:
-        prof = (r or {}).get("step_profile") or {}
-        last = (r or {}).get("layout", {}).get("pp", 1) - 1
-        parts = [f"{p} {prof[f'stage{last}_{p}_ms']:.2f}"
-                 for p in ("prepare", "prepare.apply", "prepare.build", "launch", "launch.forward", "wait", "reply")
-                 if f"stage{last}_{p}_ms" in prof]
-        print(f"  {name}: {', '.join(parts) or '-'}")
+    for title, prefix in (("every step", ""), ("decode steps", "decode_")):
+        print(f"\nper-step phases of the last stage, {title} (ms, means over the run):")
+        for name, r in rows:
+            prof = (r or {}).get("step_profile") or {}
+            last = (r or {}).get("layout", {}).get("pp", 1) - 1
+            parts = [f"{p} {prof[f'stage{last}_{prefix}{p}_ms']:.2f}"
+                     for p in ("compute", "result", *PHASES) if f"stage{last}_{prefix}{p}_ms" in prof]
+            steps = ", ".join(f"{k} {prof.get(f'{k}_steps', 0):.0f}" for k in ("decode", "prefill", "mixed"))
+            print(f"  {name}: {', '.join(parts) or '-'} (steps: {steps})")
     if os.environ.get("OUT"):
         print(f"reports in {out}")
 

@@ -240,7 +240,7 @@ class Engine:
             if not self._inflight:
                 self._progress_at = time.monotonic()
             self._inflight[step.step_id] = batch
-            self.metrics.on_step_sent(step.step_id)
+            self.metrics.on_step_sent(step.step_id, batch.kind)
             for stage in self.stages:
                 stage.send_step(step)
             self.stats.steps += 1

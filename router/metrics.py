@@ -41,7 +41,14 @@ OUTCOMES = {
 REJECTIONS = ("invalid_argument", "failed_precondition", "resource_exhausted", "unavailable")
 # The phases a stage reports for each step (StepResult.phase_seconds); others are ignored,
 # so a stage cannot grow the label set.
-STEP_PHASES = ("prepare", "prepare.apply", "prepare.build", "launch", "launch.forward", "wait", "reply")
+STEP_PHASES = (
+    "prepare", "prepare.apply", "prepare.build", "prepare.upload", "launch", "launch.forward", "wait", "reply",
+)
+
+# What a step computes, a label on the step histograms: the eager prefill steps of a busy
+# deployment take tens of times a graph-replayed decode step, so one mean over both says
+# little about either. "unknown": a result whose step record was already dropped.
+STEP_KINDS = ("decode", "prefill", "mixed", "unknown")
 
 # Step-send records older than this many steps are dropped: a step whose last result never
 # comes (the pipeline failed) must not keep its record forever.
@@ -85,18 +92,21 @@ class RouterMetrics:
         )
         self.stage_latency = Histogram(
             "stage_result_latency_seconds", "Time from the router sending a step to a stage's "
-            "result for it (queueing behind earlier micro-batches and upstream stages included).",
-            ["stage"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
+            "result for it (queueing behind earlier micro-batches and upstream stages included), by "
+            "step kind.",
+            ["stage", "kind"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
         )
         self.stage_step = Histogram(
             "stage_step_seconds", "Time the stage's TP rank 0 spent executing a step, as the "
-            "stage reports it (for stages after the first, waiting for hidden states included).",
-            ["stage"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
+            "stage reports it (for stages after the first, waiting for hidden states included), by "
+            "step kind (decode: one new token per sequence; prefill: prompt chunks; mixed: both).",
+            ["stage", "kind"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
         )
         self.stage_phase = Histogram(
             "stage_step_phase_seconds", "Where stage_step_seconds went, by phase (prepare, "
-            "launch, wait, reply: see StepResult.phase_seconds in protos/stage_worker.proto).",
-            ["stage", "phase"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
+            "launch, wait, reply: see StepResult.phase_seconds in protos/stage_worker.proto) and "
+            "step kind.",
+            ["stage", "phase", "kind"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
         )
         self.hop = Histogram(
             "stage_hop_seconds", "Time from stage s-1's result to stage s's result for the same "
@@ -109,8 +119,8 @@ class RouterMetrics:
             namespace=ns, registry=r,
         )
         self._last_token_at: dict[int, float] = {}
-        # step id -> (send time, {stage index: arrival time of its result})
-        self._steps: OrderedDict[int, tuple[float, dict[int, float]]] = OrderedDict()
+        # step id -> (send time, step kind, {stage index: arrival time of its result})
+        self._steps: OrderedDict[int, tuple[float, str, dict[int, float]]] = OrderedDict()
         self._num_stages = 0
         self._collector: _EngineCollector | None = None
 
@@ -165,8 +175,9 @@ class RouterMetrics:
             },
         )
 
-    def on_step_sent(self, step_id: int) -> None:
-        self._steps[step_id] = (time.monotonic(), {})
+    def on_step_sent(self, step_id: int, kind: str) -> None:
+        assert kind in STEP_KINDS, kind
+        self._steps[step_id] = (time.monotonic(), kind, {})
         if len(self._steps) > _MAX_TRACKED_STEPS:
             self._steps.popitem(last=False)
 
@@ -174,15 +185,16 @@ class RouterMetrics:
         now = time.monotonic()
         stage_index = result.stage_index
         stage = str(stage_index)
-        self.stage_step.labels(stage).observe(result.compute_seconds)
+        record = self._steps.get(result.step_id)
+        kind = record[1] if record is not None else "unknown"
+        self.stage_step.labels(stage, kind).observe(result.compute_seconds)
         for phase, seconds in result.phase_seconds.items():
             if phase in STEP_PHASES:
-                self.stage_phase.labels(stage, phase).observe(seconds)
-        record = self._steps.get(result.step_id)
+                self.stage_phase.labels(stage, phase, kind).observe(seconds)
         if record is None:
             return
-        sent, arrivals = record
-        self.stage_latency.labels(stage).observe(now - sent)
+        sent, _, arrivals = record
+        self.stage_latency.labels(stage, kind).observe(now - sent)
         previous = arrivals.get(stage_index - 1)
         # Stage s finishes after stage s-1 sent, but their results travel different streams:
         # when s-1's result is the later one, the reporting jitter exceeded the hop and the

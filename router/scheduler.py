@@ -79,6 +79,12 @@ class ScheduledBatch:
     def seqs(self) -> list[Sequence]:
         return [e.seq for e in self.entries]
 
+    @property
+    def kind(self) -> str:
+        """decode (every entry one token past its prompt), prefill (none) or mixed."""
+        decodes = sum(e.num_tokens == 1 and e.start_position >= e.seq.num_prompt_tokens for e in self.entries)
+        return "decode" if decodes == len(self.entries) else "prefill" if decodes == 0 else "mixed"
+
 
 class Scheduler:
     def __init__(

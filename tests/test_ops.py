@@ -147,7 +147,9 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
 
 
 def metric(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum of `name`'s samples carrying `labels` (others summed over, as PromQL's sum by)."""
+    wanted = set(labels.items())
+    return sum(v for (n, lbls), v in samples.items() if n == name and wanted <= set(lbls))
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +295,10 @@ def test_metrics_move_after_a_request_and_the_log_names_it(system: Cluster) -> N
         phase_sum = sum(moved("stageserve_stage_step_phase_seconds_sum", stage=stage, phase=p) for p in phases)
         step_sum = moved("stageserve_stage_step_seconds_sum", stage=stage)
         assert 0.8 * step_sum <= phase_sum <= step_sum * 1.0001
+        # Labelled by what the step computed: the prompt's prefill, then one-token decodes.
+        assert moved("stageserve_stage_step_seconds_count", stage=stage, kind="prefill") >= 1
+        assert moved("stageserve_stage_step_seconds_count", stage=stage, kind="decode") >= 5
+        assert moved("stageserve_stage_result_latency_seconds_count", stage=stage, kind="decode") >= 5
     assert metric(after, "stageserve_router_serving") == 1
     assert metric(after, "stageserve_kv_blocks_total") > 0
     assert metric(after, "stageserve_prefix_cache_queries_total") > 0
@@ -372,7 +378,8 @@ def test_async_client_streams_and_honours_a_deadline(system: Cluster) -> None:
             return messages, code, info.model_name, [len(r.token_ids) for r in results]
 
     messages, code, model_name, lengths = asyncio.run(run())
-    assert len(messages) == 4 and messages[-1].finish_reason == gen.FINISH_REASON_LENGTH
+    # A message carries one token or, for a stream that reads behind the model, several.
+    assert sum(len(m.token_ids) for m in messages) == 4 and messages[-1].finish_reason == gen.FINISH_REASON_LENGTH
     assert lengths == [3, 3, 3, 3]
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert model_name == "model"
