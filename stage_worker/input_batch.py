@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,9 @@ class InputBatch:
     # Rows of the flattened batch whose logits are sampled (the last token of each sampled chunk).
     logits_indices: torch.Tensor
     sampled_seqs: list[StageSequence]
+    # perf_counter when the host-side lists were done and the upload began (for the stage's
+    # prepare.upload phase: Python work and device copies are told apart).
+    upload_started: float = 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -88,6 +92,7 @@ def build_input_batch(
         for row, table in zip(padded, block_tables):
             row[: len(table)] = table
         ints = [np.asarray(query_start_loc, dtype=np.int32), np.asarray(context_lens, dtype=np.int32), padded]
+    upload_started = time.perf_counter()
     uploaded = upload_packed([np.asarray(v, dtype=np.int64) for v in longs] + ints, device)
     long_tensors, int_tensors = uploaded[: len(longs)], uploaded[len(longs) :]
     positions_t, slots_t, logits_t = long_tensors[:3]
@@ -118,6 +123,7 @@ def build_input_batch(
         attn_metadata=metadata,
         logits_indices=logits_t,
         sampled_seqs=sampled,
+        upload_started=upload_started,
     )
 
 

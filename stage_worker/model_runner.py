@@ -243,6 +243,7 @@ class ModelRunner:
         mark = time.perf_counter()
         phases["prepare"] = mark - started
         phases["prepare.build"] = mark - applied
+        phases["prepare.upload"] = mark - batch.upload_started
         hidden = self._forward(batch)
         phases["launch.forward"] = time.perf_counter() - mark
         launched = LaunchedStep(result, started)
