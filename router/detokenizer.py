@@ -12,6 +12,10 @@ never of the whole output.
 
 Stop strings: the last ``max(len(stop)) - 1`` characters of final text are held back, so a
 stop string that arrives split across tokens is caught before any of it reaches the client.
+
+The router detokenizes every stream of a step together (`add_tokens_batch`): two calls of the
+tokenizer per step, not two per stream, and with a fast tokenizer both are one Rust
+`decode_batch` each (transformers' per-call wrapper cost more than the decode itself).
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+# Where transformers' fast tokenizers define _decode (v5, v4) and decode (which calls it): a
+# tokenizer whose two methods come from there decodes with the Rust tokenizer and nothing
+# else, so the Rust decode_batch gives the same texts.
+_FAST_DECODE_MODULES = ("transformers.tokenization_utils_tokenizers", "transformers.tokenization_utils_fast")
+_BASE_DECODE_MODULES = (*_FAST_DECODE_MODULES, "transformers.tokenization_utils_base")
 
 REPLACEMENT_CHAR = "\ufffd"
 # Prompt tokens decoded in front of the first output tokens, so the first token decodes as
@@ -38,6 +48,34 @@ class DetokenizerStep:
     stop_string: str | None = None
 
 
+class TokenDecoder:
+    """Decodes many id lists in one call: a fast tokenizer's Rust `decode_batch`, else one
+    `decode` each. Cleanup (" ." -> ".") is off: it rewrites text across the window
+    boundary, so the deltas would no longer add up."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        def defined_in(name: str) -> str:
+            return getattr(getattr(type(tokenizer), name, None), "__module__", "")
+
+        plain = defined_in("_decode") in _FAST_DECODE_MODULES and defined_in("decode") in _BASE_DECODE_MODULES
+        self._decode_batch = backend.decode_batch if plain and hasattr(backend, "decode_batch") else None
+
+    def decode(self, id_lists: Sequence[Sequence[int]]) -> list[str]:
+        if not id_lists:
+            return []
+        if self._decode_batch is not None:
+            return self._decode_batch([list(ids) for ids in id_lists], skip_special_tokens=self.skip_special_tokens)
+        return [
+            self.tokenizer.decode(
+                list(ids), skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False
+            )
+            for ids in id_lists
+        ]
+
+
 class IncrementalDetokenizer:
     """Turns one sequence's output tokens into text deltas; see the module docstring.
 
@@ -52,11 +90,14 @@ class IncrementalDetokenizer:
         prompt_token_ids: Sequence[int],
         stop: Sequence[str],
         skip_special_tokens: bool = True,
+        decoder: TokenDecoder | None = None,
     ) -> None:
+        """`decoder`: one shared by the detokenizers that are stepped together (it must
+        decode with `tokenizer` and `skip_special_tokens`); by default a new one."""
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
-        self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
+        self._decoder = decoder if decoder is not None else TokenDecoder(tokenizer, skip_special_tokens)
+        assert self._decoder.tokenizer is tokenizer and self._decoder.skip_special_tokens == skip_special_tokens
         self._stop = tuple(dict.fromkeys(stop))
         # Characters of final text that could be the start of a stop string still arriving.
         self._hold = max((len(s) for s in self._stop), default=1) - 1
@@ -66,14 +107,17 @@ class IncrementalDetokenizer:
         # A prompt that ends mid-character would make the context's decode end in U+FFFD,
         # which the first output tokens then turn into a real character: the length of the
         # context text would no longer mark where new text starts. Decode without context.
-        if self._decode(context).endswith(REPLACEMENT_CHAR):
-            context = []
+        context_text = self._decoder.decode([context])[0]
+        if context_text.endswith(REPLACEMENT_CHAR):
+            context, context_text = [], ""
         # Only the window is kept: ids before prefix_offset are dropped as the window slides.
         self._ids: list[int] = context
         self._read_offset = len(context)
-        self._prefix_text = self._decode(context)
+        self._prefix_text = context_text
         # Final text not yet emitted (the stop-string hold-back).
         self._held = ""
+        # New text of the current step, between _take and _release.
+        self._new_text = ""
 
     @property
     def finished(self) -> bool:
@@ -81,41 +125,33 @@ class IncrementalDetokenizer:
 
     def add_tokens(self, token_ids: Sequence[int]) -> DetokenizerStep:
         """Append output tokens; returns the text that became safe to emit."""
-        if self._finished:
-            raise RuntimeError("add_tokens called after the detokenizer finished")
-        self._ids.extend(token_ids)
-        return self._release(self._decode_new(force=False), final=False)
+        return add_tokens_batch([(self, token_ids)])[0]
 
     def finish(self) -> str:
         """Flush everything held back; for an end other than a stop string (length, eos, ...)."""
         if self._finished:
             return ""
-        return self._release(self._decode_new(force=True), final=True).text
+        return _step([self], force=True)[0].text
 
-    def _decode(self, ids: Sequence[int]) -> str:
-        # Cleanup (" ." -> ".") rewrites text across the window boundary; the deltas would no
-        # longer add up, so it is off.
-        return self._tokenizer.decode(
-            list(ids),
-            skip_special_tokens=self._skip_special_tokens,
-            clean_up_tokenization_spaces=False,
-        )
+    # The two halves of one decode step, so a batch of detokenizers shares each tokenizer call:
+    # decode the window; if its new text is complete (or forced), slide the window and
+    # decode the new context.
 
-    def _decode_new(self, force: bool) -> str:
-        """Text of the tokens after read_offset, if complete (or if force); slides the window."""
-        num_pending = len(self._ids) - self._read_offset
-        if num_pending == 0:
-            return ""
-        window_text = self._decode(self._ids)
+    def _has_pending(self) -> bool:
+        return len(self._ids) > self._read_offset
+
+    def _take(self, window_text: str, force: bool) -> bool:
+        """The window's decode is in; returns whether the window slid (its new context then
+        needs decoding). The new text waits in _new_text."""
         complete = len(window_text) > len(self._prefix_text) and not window_text.endswith(REPLACEMENT_CHAR)
-        if not (complete or force or num_pending > MAX_PENDING_TOKENS):
-            return ""
-        new_text = window_text[len(self._prefix_text) :]
+        if not (complete or force or len(self._ids) - self._read_offset > MAX_PENDING_TOKENS):
+            self._new_text = ""
+            return False
+        self._new_text = window_text[len(self._prefix_text) :]
         # The tokens just decoded become the context of the next window.
         del self._ids[: self._read_offset]
         self._read_offset = len(self._ids)
-        self._prefix_text = self._decode(self._ids)
-        return new_text
+        return True
 
     def _release(self, new_text: str, final: bool) -> DetokenizerStep:
         held = self._held + new_text
@@ -150,3 +186,31 @@ class IncrementalDetokenizer:
         if best is None:
             return None
         return best[1], best[2]
+
+
+def add_tokens_batch(
+    items: Sequence[tuple[IncrementalDetokenizer, Sequence[int]]],
+) -> list[DetokenizerStep]:
+    """`add_tokens` for several detokenizers at once (each at most once), in two tokenizer
+    calls per decoder instead of two per detokenizer; same results as one call each."""
+    assert len({id(detok) for detok, _ in items}) == len(items), "a detokenizer twice in one batch"
+    for detok, token_ids in items:
+        if detok._finished:
+            raise RuntimeError("add_tokens called after the detokenizer finished")
+        detok._ids.extend(token_ids)
+    return _step([detok for detok, _ in items], force=False)
+
+
+def _step(detoks: Sequence[IncrementalDetokenizer], force: bool) -> list[DetokenizerStep]:
+    by_decoder: dict[int, list[IncrementalDetokenizer]] = {}
+    for detok in detoks:
+        detok._new_text = ""
+        if detok._has_pending():
+            by_decoder.setdefault(id(detok._decoder), []).append(detok)
+    for group in by_decoder.values():
+        decoder = group[0]._decoder
+        windows = decoder.decode([d._ids for d in group])
+        slid = [d for d, text in zip(group, windows) if d._take(text, force)]
+        for detok, context_text in zip(slid, decoder.decode([d._ids for d in slid])):
+            detok._prefix_text = context_text
+    return [detok._release(detok._new_text, final=force) for detok in detoks]

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from router.detokenizer import IncrementalDetokenizer
+from router.detokenizer import DetokenizerStep, IncrementalDetokenizer, TokenDecoder, add_tokens_batch
 from router.metrics import RouterMetrics
 from router.request_validation import ValidatedRequest
 from router.scheduler import QueueFullError, ScheduledBatch, Scheduler
@@ -84,6 +84,8 @@ class Engine:
         self.scheduler = scheduler
         self.block_manager = scheduler.block_manager
         self.tokenizer = tokenizer
+        # Shared by every request's detokenizer, so a step's streams decode in one call.
+        self._decoder = TokenDecoder(tokenizer)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_context = max_context
         self.max_inflight = max_inflight
@@ -206,7 +208,7 @@ class Engine:
             seq=seq,
             request=request,
             detokenizer=IncrementalDetokenizer(
-                self.tokenizer, request.prompt_token_ids, request.sampling.stop
+                self.tokenizer, request.prompt_token_ids, request.sampling.stop, decoder=self._decoder
             ),
             sink=sink,
             stage_sampling=request.sampling.to_stage_proto(),
@@ -266,18 +268,23 @@ class Engine:
                 if req is not None:
                     self._end(req, gen.FINISH_REASON_ERROR, f"step failed: {result.error}")
             return
-        sampled = {t.seq_id: t.token_id for t in result.tokens}
-        self.scheduler.on_step_done(batch, sampled)
-        for token in result.tokens:
-            req = self._requests.get(token.seq_id)
-            if req is not None and not req.seq.is_finished:
-                self._emit_token(req, token)
+        tokens = list(result.tokens)
+        self.scheduler.on_step_done(batch, {t.seq_id: t.token_id for t in tokens})
+        live = [
+            (req, t) for t in tokens
+            if (req := self._requests.get(t.seq_id)) is not None and not req.seq.is_finished
+        ]
+        # Every stream of the step detokenized together: two tokenizer calls, not two per stream.
+        texts = add_tokens_batch([(req.detokenizer, [t.token_id]) for req, t in live])
+        now = time.monotonic()
+        for (req, token), text in zip(live, texts):
+            self._emit_token(req, token, text, now)
 
-    def _emit_token(self, req: _Request, token: pb.SampledToken) -> None:
+    def _emit_token(self, req: _Request, token: pb.SampledToken, step: DetokenizerStep, now: float) -> None:
         seq, sampling = req.seq, req.request.sampling
-        self.metrics.on_token(seq.seq_id, req.submitted)
+        self.metrics.on_token(seq.seq_id, req.submitted, now)
         if req.first_token_at is None:
-            req.first_token_at = time.monotonic()
+            req.first_token_at = now
         response = gen.GenerateResponse(token_ids=[token.token_id], request_id=seq.request_id)
         if sampling.return_logprob or sampling.top_logprobs:
             lp = response.logprobs.add(token_id=token.token_id, logprob=token.logprob)
@@ -289,7 +296,6 @@ class Engine:
             finish = gen.FINISH_REASON_EOS
         elif tid in sampling.stop_token_ids:
             finish, stop_reason = gen.FINISH_REASON_STOP, str(tid)
-        step = req.detokenizer.add_tokens([tid])
         response.text = step.text
         if finish == gen.FINISH_REASON_UNSPECIFIED:
             if step.stop_string is not None:

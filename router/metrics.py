@@ -145,8 +145,8 @@ class RouterMetrics:
         assert status in REJECTIONS, status
         self.requests.labels(status).inc()
 
-    def on_token(self, seq_id: int, submitted: float) -> None:
-        now = time.monotonic()
+    def on_token(self, seq_id: int, submitted: float, now: float) -> None:
+        """A token of `seq_id` streamed at `now` (time.monotonic; one reading per step)."""
         last = self._last_token_at.get(seq_id)
         if last is None:
             self.ttft.observe(now - submitted)

@@ -13,7 +13,13 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from router.detokenizer import MAX_PENDING_TOKENS, PROMPT_CONTEXT_TOKENS, IncrementalDetokenizer
+from router.detokenizer import (
+    MAX_PENDING_TOKENS,
+    PROMPT_CONTEXT_TOKENS,
+    IncrementalDetokenizer,
+    TokenDecoder,
+    add_tokens_batch,
+)
 
 CORPUS = [
     "Héllo wörld, café crème brûlée à la française. Ça va? Äpfel über Straße, naïve façade.",
@@ -151,6 +157,49 @@ def test_deltas_match_full_decode_on_random_streams(bl: ByteLevelFixture, seed: 
     assert emitted + tail == bl.decode(output)
     # Decoding works on a sliding window, not on the whole output.
     assert max(recorder.window_sizes) <= PROMPT_CONTEXT_TOKENS + 2 * 4 * 3
+
+
+def test_a_batch_of_streams_decodes_in_two_rust_calls_per_step(bl: ByteLevelFixture) -> None:
+    # The router steps every stream together: the same deltas as one stream at a time, with
+    # two tokenizer calls per step for all of them.
+    rng = random.Random(7)
+    decoder = TokenDecoder(bl.tokenizer)
+    assert decoder._decode_batch is not None  # a fast tokenizer: Rust decode_batch
+    calls = 0
+    rust_batch = decoder._decode_batch
+
+    def counting(id_lists: list[list[int]], **kwargs: bool) -> list[str]:
+        nonlocal calls
+        calls += 1
+        return rust_batch(id_lists, **kwargs)
+
+    decoder._decode_batch = counting
+    streams = []
+    for _ in range(6):
+        prompt = bl.tokenizer.encode(random_text(rng, 3))
+        output = bl.explode(bl.encode(random_text(rng, 30)), rng, p=0.4)
+        stop = [random_text(rng, 1)] if rng.random() < 0.5 else []
+        streams.append((prompt, output, stop))
+    batched = [IncrementalDetokenizer(bl.tokenizer, p, stop, decoder=decoder) for p, _, stop in streams]
+    alone = [IncrementalDetokenizer(bl.tokenizer, p, stop) for p, _, stop in streams]
+    texts = [["", ""] for _ in streams]
+    for i in range(max(len(o) for _, o, _ in streams)):
+        live = [k for k, (_, o, _) in enumerate(streams) if i < len(o) and not batched[k].finished]
+        calls = 0
+        steps = add_tokens_batch([(batched[k], [streams[k][1][i]]) for k in live])
+        assert calls <= 2
+        for k, step in zip(live, steps):
+            texts[k][0] += step.text
+            single = alone[k].add_tokens([streams[k][1][i]])
+            texts[k][1] += single.text
+            assert (step.text, step.stop_string) == (single.text, single.stop_string)
+    for k in range(len(streams)):
+        assert texts[k][0] + batched[k].finish() == texts[k][1] + alone[k].finish()
+    # The fallback (a tokenizer without decode_batch) decodes one list per call, same texts.
+    plain = TokenDecoder(RecordingTokenizer(bl.tokenizer))
+    assert plain._decode_batch is None
+    ids = [bl.encode("héllo"), bl.encode(" 世界"), []]
+    assert plain.decode(ids) == decoder.decode(ids) == ["héllo", " 世界", ""]
 
 
 @pytest.mark.parametrize("seed", range(6))

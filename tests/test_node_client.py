@@ -78,7 +78,8 @@ def test_node_client_streams_the_same_tokens_as_the_python_client(
     assert summary["finish_reason"] == "FINISH_REASON_LENGTH"
     assert summary["token_ids"] == expected.token_ids
     assert summary["text"] == expected.text
-    assert summary["messages"] == 8  # streamed: one message per token
+    # Streamed: a message per token, or fewer when tokens queued up for a slow reader.
+    assert 1 <= summary["messages"] <= 8
     assert summary["prompt_tokens"] == expected.prompt_tokens
 
 

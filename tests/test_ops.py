@@ -332,8 +332,9 @@ def test_metrics_move_after_a_request_and_the_log_names_it(system: Cluster) -> N
 
 def test_sync_client_streams_and_honours_a_deadline(system: Cluster) -> None:
     messages = list(system.client.stream("stream me", max_new_tokens=5, timeout=60))
-    assert len(messages) == 5 and all(len(m.token_ids) == 1 for m in messages)
-    assert [m.finish_reason for m in messages[:-1]] == [0] * 4
+    # A message per token, or several tokens in one when they queued up for a slow reader.
+    assert sum(len(m.token_ids) for m in messages) == 5 and all(m.token_ids for m in messages)
+    assert [m.finish_reason for m in messages[:-1]] == [0] * (len(messages) - 1)
     assert messages[-1].finish_reason == gen.FINISH_REASON_LENGTH
     cancelled_before = metric(scrape(system.metrics_port), "stageserve_requests_total", outcome="cancelled")
     received = 0
