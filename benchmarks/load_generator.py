@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import platform
+import queue
 import random
 import statistics
 import sys
@@ -135,14 +136,14 @@ async def _drive(stub: gen_grpc.GenerationStub, work: list[tuple[list[int], int]
                  concurrency: int) -> tuple[list[RequestTiming], float, float]:
     """`concurrency` clients taking requests off `work` until none is left; their timings and
     the load's start and end (time.monotonic, comparable across this host's processes)."""
-    queue: asyncio.Queue = asyncio.Queue()
+    pending: asyncio.Queue = asyncio.Queue()
     for item in work:
-        queue.put_nowait(item)
+        pending.put_nowait(item)
     timings: list[RequestTiming] = []
 
     async def client() -> None:
-        while not queue.empty():
-            p, out = queue.get_nowait()
+        while not pending.empty():
+            p, out = pending.get_nowait()
             timings.append(await _one(stub, p, out))
 
     start = time.monotonic()
@@ -157,7 +158,7 @@ def _client_process(addr: str, work: list[tuple[list[int], int]], concurrency: i
     async def run() -> tuple[list[RequestTiming], float, float]:
         async with grpc.aio.insecure_channel(addr, options=channel_options()) as channel:
             await channel.channel_ready()
-            barrier.wait()
+            barrier.wait(timeout=300)  # a sibling that never gets here breaks it, not hangs it
             return await _drive(gen_grpc.GenerationStub(channel), work, concurrency)
 
     timings, start, end = asyncio.run(run())
@@ -180,7 +181,17 @@ def _drive_in_processes(addr: str, work: list[tuple[list[int], int]], concurrenc
     ]
     for worker in workers:
         worker.start()
-    parts = [results.get() for _ in workers]
+    parts = []
+    while len(parts) < processes:
+        try:
+            parts.append(results.get(timeout=1.0))
+        except queue.Empty:
+            # A client process that died (its traceback is on stderr) must not hang the rest.
+            failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            if failed:
+                for worker in workers:
+                    worker.terminate()
+                raise RuntimeError(f"{len(failed)} client process(es) failed (exit codes {failed})") from None
     for worker in workers:
         worker.join()
     timings = [RequestTiming(**t) for part in parts for t in part[0]]

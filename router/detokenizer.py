@@ -57,6 +57,7 @@ class TokenDecoder:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         backend = getattr(tokenizer, "backend_tokenizer", None)
+
         def defined_in(name: str) -> str:
             return getattr(getattr(type(tokenizer), name, None), "__module__", "")
 
