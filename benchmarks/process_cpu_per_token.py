@@ -62,12 +62,14 @@ def main() -> None:
     p.add_argument("--prompt-len", default="8")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--no-async-scheduling", action="store_true")
+    p.add_argument("--stream-interval", type=int, default=1)
     args = p.parse_args()
     model = args.model or str(write_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "LlamaForCausalLM", seed=1))
     port = 50000 + os.getpid() % 10000
     cmd = [sys.executable, "-m", "shared.cli", "up", "--model", model, "--pp", str(args.pp), "--device", args.device,
            "--port", str(port), "--no-stage-token", "--max-num-seqs", str(args.concurrency),
-           "--max-num-batched-tokens", "8192", "--load-format", args.load_format]
+           "--max-num-batched-tokens", "8192", "--load-format", args.load_format,
+           "--stream-interval", str(args.stream_interval)]
     if args.no_async_scheduling:
         cmd.append("--no-async-scheduling")
     server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -96,7 +98,8 @@ def main() -> None:
         client_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
         tokens = requests * args.output_len
         print(f"{args.concurrency} streams, {tokens} tokens in {wall:.1f} s "
-              f"({'sync' if args.no_async_scheduling else 'async'} scheduling, {args.device})")
+              f"({'sync' if args.no_async_scheduling else 'async'} scheduling, {args.device}, "
+              f"stream interval {args.stream_interval})")
         print("| process | CPU s | CPU ms per token | CPU ms per 256 tokens |")
         print("| --- | --- | --- | --- |")
         for role, pid in roles.items():

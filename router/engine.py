@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from router.detokenizer import DetokenizerStep, IncrementalDetokenizer, TokenDecoder, add_tokens_batch
 from router.metrics import RouterMetrics
 from router.request_validation import ValidatedRequest
+from router.response_stream import merge_tokens
 from router.scheduler import QueueFullError, ScheduledBatch, Scheduler
 from router.sequence import Sequence
 from router.stage_client import StageClient
@@ -55,6 +56,9 @@ class _Request:
     stage_sampling: pb.StageSamplingParams
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    # Tokens held back by --stream-interval, as one response, and how many.
+    unsent: gen.GenerateResponse | None = None
+    num_unsent: int = 0
 
 
 @dataclass
@@ -77,9 +81,16 @@ class Engine:
         step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S,
         on_failure: Callable[[str], None] | None = None,
         forward_sampled_tokens: bool = False,
+        stream_interval: int = 1,
     ) -> None:
         if not step_timeout_s > 0:
             raise ValueError(f"step_timeout_s must be > 0 seconds, got {step_timeout_s}")
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1 token, got {stream_interval}")
+        # A stream's tokens go out this many per message (the first token and the last at
+        # once): fewer messages for the router to write and clients to read at high
+        # concurrency, for a burstier stream.
+        self.stream_interval = stream_interval
         self.stages = stages
         self.scheduler = scheduler
         self.block_manager = scheduler.block_manager
@@ -283,7 +294,8 @@ class Engine:
     def _emit_token(self, req: _Request, token: pb.SampledToken, step: DetokenizerStep, now: float) -> None:
         seq, sampling = req.seq, req.request.sampling
         self.metrics.on_token(seq.seq_id, req.submitted, now)
-        if req.first_token_at is None:
+        first = req.first_token_at is None
+        if first:
             req.first_token_at = now
         response = gen.GenerateResponse(token_ids=[token.token_id], request_id=seq.request_id)
         if sampling.return_logprob or sampling.top_logprobs:
@@ -303,7 +315,13 @@ class Engine:
             elif seq.num_output_tokens >= seq.max_new_tokens or seq.num_tokens >= self.max_context:
                 finish = gen.FINISH_REASON_LENGTH
         if finish == gen.FINISH_REASON_UNSPECIFIED:
-            req.sink(response)
+            if req.unsent is None:
+                req.unsent = response
+            else:
+                merge_tokens(req.unsent, response)
+            req.num_unsent += 1
+            if first or req.num_unsent >= self.stream_interval:
+                self._send_unsent(req)
             return
         if step.stop_string is None:
             response.text += req.detokenizer.finish()
@@ -323,12 +341,18 @@ class Engine:
     ) -> None:
         last.prompt_tokens = req.seq.num_prompt_tokens
         last.cached_prompt_tokens = req.seq.num_cached_prompt_tokens
+        self._send_unsent(req)
         self._requests.pop(req.seq.seq_id, None)
         self._release_pending()
         self.stats.requests_finished += 1
         self.metrics.on_finished(req.seq, req.submitted, last)
         req.sink(last)
         req.sink(end)
+
+    def _send_unsent(self, req: _Request) -> None:
+        if req.unsent is not None:
+            req.sink(req.unsent)
+            req.unsent, req.num_unsent = None, 0
 
     def _release_pending(self) -> None:
         with self._pending_lock:

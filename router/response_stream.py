@@ -64,6 +64,13 @@ def drain(stream: asyncio.Queue[StreamItem], first: StreamItem) -> list[StreamIt
     return items
 
 
+def merge_tokens(into: gen.GenerateResponse, more: gen.GenerateResponse) -> None:
+    """Appends `more`'s tokens, text and logprobs to `into` (two token responses of one stream)."""
+    into.token_ids.extend(more.token_ids)
+    into.text += more.text
+    into.logprobs.extend(more.logprobs)
+
+
 def coalesce(items: Iterable[StreamItem]) -> Iterator[StreamItem]:
     """`items` with each run of consecutive token responses (no finish_reason) merged into one
     response: token ids, text and logprobs appended in order. Ends and final responses pass
@@ -74,9 +81,7 @@ def coalesce(items: Iterable[StreamItem]) -> Iterator[StreamItem]:
             if merged is None:
                 merged = item
             else:
-                merged.token_ids.extend(item.token_ids)
-                merged.text += item.text
-                merged.logprobs.extend(item.logprobs)
+                merge_tokens(merged, item)
             continue
         if merged is not None:
             yield merged

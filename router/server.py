@@ -90,6 +90,8 @@ class RouterConfig:
     shuffle_blocks_seed: int | None = None
     # A step no stage answers for this long fails the pipeline (a stuck stage).
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    # Tokens per streamed message after the first (Engine.stream_interval).
+    stream_interval: int = 1
     # Prometheus endpoint on host:metrics_port; None serves none.
     metrics_port: int | None = None
     # TLS on the public API (None: plaintext).
@@ -326,6 +328,7 @@ class Router:
             forward_sampled_tokens=cfg.scheduler.async_scheduling and len(self.stages) > 1,
             max_pending=cfg.scheduler.max_queue_len,
             step_timeout_s=cfg.step_timeout_s,
+            stream_interval=cfg.stream_interval,
             on_failure=self._on_engine_failure,
         )
         self.metrics.attach(engine)

@@ -96,6 +96,13 @@ def _add_api_security_flags(p: argparse.ArgumentParser) -> None:
                         "health and reflection stay open (default: $STAGESERVE_AUTH_TOKEN_FILE, else no auth)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
@@ -107,6 +114,9 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="send each decode step only after the previous step's tokens reached the router "
                         "(slower: the control plane runs between GPU steps); for comparison and debugging")
+    p.add_argument("--stream-interval", type=_positive_int, default=1,
+                   help="tokens per streamed message after the first (the last is sent at once): fewer "
+                        "messages for the router and clients at high concurrency, for a burstier stream")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-bytes", type=int, default=0, help="fixed KV bytes per rank (default: profiled)")
@@ -124,7 +134,7 @@ def _router_flag_values(args: argparse.Namespace) -> list[str]:
         "--max-inflight-steps", str(args.max_inflight_steps),
         "--gpu-memory-utilization", str(args.gpu_memory_utilization),
         "--kv-cache-bytes", str(args.kv_cache_bytes), "--max-kv-blocks", str(args.max_kv_blocks),
-        "--step-timeout", str(args.step_timeout),
+        "--step-timeout", str(args.step_timeout), "--stream-interval", str(args.stream_interval),
     ]
     if args.no_prefix_caching:
         out.append("--no-prefix-caching")
@@ -436,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 kv_cache_bytes=args.kv_cache_bytes, max_kv_blocks=args.max_kv_blocks,
                 startup_timeout_s=args.startup_timeout, shuffle_blocks_seed=args.shuffle_blocks_seed,
-                step_timeout_s=args.step_timeout,
+                step_timeout_s=args.step_timeout, stream_interval=args.stream_interval,
                 metrics_port=args.metrics_port,
                 tls=_server_tls(args), auth_token_file=args.auth_token_file,
                 stage_access=StageAccess(

@@ -215,7 +215,7 @@ class Harness:
     def __init__(self, tokenizer, *, pp: int = 1, num_blocks: int = 64, block_size: int = 4,
                  budget: int = 64, max_num_seqs: int = 8, max_pending: int = 100, max_inflight: int | None = None,
                  max_context: int = 128, eos: tuple[int, ...] = (), step_timeout_s: float = 30.0,
-                 async_scheduling: bool = False) -> None:
+                 async_scheduling: bool = False, stream_interval: int = 1) -> None:
         self.tokenizer = tokenizer
         self.pipeline = FakePipeline(pp, num_blocks, block_size, max_context)
         self.limits = RequestLimits(vocab_size=VOCAB, max_context=max_context)
@@ -226,6 +226,7 @@ class Harness:
             self.pipeline.stages, scheduler, tokenizer, eos, max_context,
             max_inflight=max_inflight or config.inflight_steps(pp), max_pending=max_pending,
             step_timeout_s=step_timeout_s, forward_sampled_tokens=async_scheduling and pp > 1,
+            stream_interval=stream_interval,
         )
         self.engine.start()
 
@@ -299,6 +300,30 @@ def test_outputs_are_exact_with_chunked_prefill_preemption_and_pipelining(make, 
     assert last.wait().tokens == reference([0, 7, 8], 2)
     h.pipeline.wait_for_step(len(h.pipeline.steps))
     assert h.stage_sequences() == [{seq_id}, {seq_id}]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_stream_interval_groups_tokens_after_the_first(make, async_scheduling: bool) -> None:
+    h = make(async_scheduling=async_scheduling, stream_interval=4)
+    prompt = _prompt(9, 3)
+    sink = h.submit(prompt, max_new_tokens=11, ignore_eos=True, logprobs=1)[1].wait()
+    # The first token at once, then four per message; what is held goes out before the end.
+    assert [len(r.token_ids) for r in sink.responses] == [1, 4, 4, 1, 1]
+    assert sink.finish == "length" and sink.tokens == reference(prompt, 11)
+    assert [lp.token_id for r in sink.responses for lp in r.logprobs] == sink.tokens
+    assert sink.text == h.tokenizer.decode(sink.tokens)
+    # A stop string inside a held group: nothing after it reaches the client.
+    full = h.tokenizer.decode(reference(prompt, 11))
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    if stop.strip() and "\ufffd" not in stop:
+        cut = h.submit(prompt, max_new_tokens=11, ignore_eos=True, stop=[stop])[1].wait()
+        assert cut.finish == "stop" and cut.text == full[: full.index(stop)]
+    h.wait_idle()
+
+
+def test_stream_interval_must_be_positive(make) -> None:
+    with pytest.raises(ValueError, match="stream_interval"):
+        make(stream_interval=0)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
