@@ -59,6 +59,9 @@ SCENARIOS = (
     Scenario("batch1-pp1-sync", 1, 1, 1, 3, 128, 256, server_args=("--no-async-scheduling",)),
     Scenario("batch1-pp2-sync", 2, 1, 1, 3, 128, 256, server_args=("--no-async-scheduling",)),
     Scenario("c64-pp1-sync", 1, 1, 64, 128, 512, 256, server_args=("--no-async-scheduling",)),
+    # Four tokens per streamed message: what the router's per-message cost takes from 256 streams.
+    Scenario("c256-pp1-si4", 1, 1, 256, 256, 512, 256, server_args=("--stream-interval", "4")),
+    Scenario("c256-pp2-si4", 2, 1, 256, 256, 512, 256, server_args=("--stream-interval", "4")),
 )
 
 
