@@ -36,6 +36,9 @@ class LaunchedStep:
 
     result: pb.StepResult
     started: float
+    # When `launch` returned (None for a step rejected before launching): the "wait" phase
+    # runs from here to the result being ready.
+    launched_at: float | None = None
     # Last stage only: the sampler's output and its copy to the host, and for each sampled
     # row its sequence id and top-logprob count (read here, not from the sequence table,
     # which later steps change while this one finishes).
@@ -252,7 +255,8 @@ class ModelRunner:
             for seq in batch.sampled_seqs:
                 assert seq.pending_sample is not None
                 seq.pending_sample.tokens = tokens
-        phases["launch"] = time.perf_counter() - mark
+        launched.launched_at = time.perf_counter()
+        phases["launch"] = launched.launched_at - mark
         return launched
 
     def finish(self, launched: "LaunchedStep", report: bool = True) -> pb.StepResult:
@@ -260,13 +264,16 @@ class ModelRunner:
         False (ranks whose results nobody reads) skips both. Thread-safe against `launch` of
         later steps: it reads only what `launched` holds."""
         result = launched.result
-        if report and launched.output is not None and launched.host_copy is not None:
+        if report and launched.launched_at is not None:
+            # From launch to the result being ready: the sampled tokens reaching the host on
+            # the last stage (the device work still running, the steps queued before it
+            # included), and on every stage the time the step waited for this thread.
+            packed = launched.host_copy.values() if launched.host_copy is not None else None
             mark = time.perf_counter()
-            packed = launched.host_copy.values()
-            now = time.perf_counter()
-            result.phase_seconds["wait"], mark = now - mark, now
-            _fill_tokens(result, launched.seq_ids, launched.top_logprobs, launched.output, packed)
-            result.phase_seconds["reply"] = time.perf_counter() - mark
+            result.phase_seconds["wait"] = mark - launched.launched_at
+            if launched.output is not None and packed is not None:
+                _fill_tokens(result, launched.seq_ids, launched.top_logprobs, launched.output, packed)
+                result.phase_seconds["reply"] = time.perf_counter() - mark
         result.compute_seconds = time.perf_counter() - launched.started
         return result
 

@@ -288,13 +288,14 @@ def test_metrics_move_after_a_request_and_the_log_names_it(system: Cluster) -> N
     for stage in ("0", "1"):
         assert moved("stageserve_stage_step_seconds_count", stage=stage) >= 6
         assert moved("stageserve_stage_result_latency_seconds_count", stage=stage) >= 6
-        # The phases add up to the step time, as each stage measured it.
-        phases = ("prepare", "launch") + (("wait", "reply") if stage == "1" else ())
+        # The phases add up to the step time, as each stage measured it (the last stage also
+        # fills the reply with its sampled tokens).
+        phases = ("prepare", "launch", "wait") + (("reply",) if stage == "1" else ())
         for phase in phases:
             assert moved("stageserve_stage_step_phase_seconds_count", stage=stage, phase=phase) >= 6
         phase_sum = sum(moved("stageserve_stage_step_phase_seconds_sum", stage=stage, phase=p) for p in phases)
         step_sum = moved("stageserve_stage_step_seconds_sum", stage=stage)
-        assert 0.8 * step_sum <= phase_sum <= step_sum * 1.0001
+        assert 0.95 * step_sum <= phase_sum <= step_sum * 1.0001
         # Labelled by what the step computed: the prompt's prefill, then one-token decodes.
         assert moved("stageserve_stage_step_seconds_count", stage=stage, kind="prefill") >= 1
         assert moved("stageserve_stage_step_seconds_count", stage=stage, kind="decode") >= 5
