@@ -271,7 +271,8 @@ class ModelRunner:
             packed = launched.host_copy.values() if launched.host_copy is not None else None
             mark = time.perf_counter()
             result.phase_seconds["wait"] = mark - launched.launched_at
-            if launched.output is not None and packed is not None:
+            if packed is not None:
+                assert launched.output is not None  # set with host_copy, by the sampler
                 _fill_tokens(result, launched.seq_ids, launched.top_logprobs, launched.output, packed)
                 result.phase_seconds["reply"] = time.perf_counter() - mark
         result.compute_seconds = time.perf_counter() - launched.started

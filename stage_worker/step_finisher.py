@@ -19,8 +19,6 @@ import torch
 from shared.proto import stage_worker_pb2 as pb
 from stage_worker.model_runner import LaunchedStep, ModelRunner
 
-_STOP = None
-
 
 class StepFinisher:
     def __init__(
@@ -34,7 +32,7 @@ class StepFinisher:
         self._runner = runner
         self._reply = reply
         self._on_fatal = on_fatal
-        self._queue: queue.Queue[LaunchedStep | None] = queue.Queue()
+        self._queue: queue.Queue[LaunchedStep] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="step-finisher", daemon=True)
         self._thread.start()
 
@@ -45,10 +43,6 @@ class StepFinisher:
         """Returns once every submitted step is finished and its result sent."""
         self._queue.join()
 
-    def close(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join()
-
     def _run(self) -> None:
         if self._runner.device.type == "cuda":
             # Events belong to the rank's device; this thread starts on device 0.
@@ -56,8 +50,6 @@ class StepFinisher:
         while True:
             launched = self._queue.get()
             try:
-                if launched is _STOP:
-                    return
                 result = self._runner.finish(launched, report=self._reply is not None)
                 if self._reply is not None:
                     self._reply(result)
