@@ -36,6 +36,7 @@ from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
 from shared.rendezvous import EPOCH_KEY
 from shared.security import AsyncRequireToken, ServerTls, StageAccess, add_port, api_token_check
+from shared.switch_interval import apply_switch_interval
 
 log = logging.getLogger("stageserve.router")
 
@@ -446,4 +447,5 @@ async def serve_async(config: RouterConfig) -> None:
 
 
 def serve(config: RouterConfig) -> None:
+    apply_switch_interval()
     asyncio.run(serve_async(config))

@@ -20,6 +20,7 @@ import torch
 
 from shared.config import ModelConfig, ParallelConfig, dtype_from_name
 from shared.proto import stage_worker_pb2 as pb
+from shared.switch_interval import apply_switch_interval
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def rank_main(args: RankArgs, conn: Connection) -> None:
     """Entry point of a spawned rank process."""
     # `kill -USR1 <pid>` prints every thread's stack: where a stuck rank waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    apply_switch_interval()
     try:
         _run(args, conn)
     except (EOFError, BrokenPipeError):

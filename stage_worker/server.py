@@ -27,6 +27,7 @@ from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
 from shared.security import RequireToken, ServerTls, add_port, stage_token_check
 from shared.sharded_state import read_sharded_state
+from shared.switch_interval import apply_switch_interval
 from stage_worker.metrics import StageMetrics
 from stage_worker.distributed import read_epoch
 from stage_worker.layers.kernel_backend import KERNEL_BACKENDS
@@ -377,6 +378,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
 
 def serve(config: StageServerConfig) -> None:
     """Runs the stage until SIGTERM / SIGINT."""
+    apply_switch_interval()
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     # Checked before the ranks spawn: a bad token file fails the stage at once.
     interceptors = [RequireToken(stage_token_check(config.stage_token_file))] if config.stage_token_file else []
