@@ -113,6 +113,8 @@ class Engine:
         # Stage indices that have answered each step in flight, to name the stuck one.
         self._answered: dict[int, set[int]] = {}
         self._builder = StepBuilder(forward_sampled_tokens)
+        # Tokens applied to the scheduler whose responses are not built yet (_emit_tokens).
+        self._to_emit: list[tuple[_Request, pb.SampledToken, int, str]] = []
         self._ids = itertools.count(1)
         self._pending = 0
         self._pending_lock = threading.Lock()
@@ -179,9 +181,16 @@ class Engine:
                     self._handle(self._events.get_nowait())
                 except queue.Empty:
                     break
+            # The next steps leave before this round's responses are built: the stages
+            # compute while the router writes streams, instead of waiting for it.
+            self._schedule_steps()
+            self._emit_tokens()
 
     def _handle(self, event: tuple) -> None:
         kind = event[0]
+        if kind not in ("submit", "result"):
+            # An abort or a failure ends streams: their tokens already sampled go out first.
+            self._emit_tokens()
         if kind == "submit":
             self._admit(*event[1:])
         elif kind == "abort":
@@ -273,6 +282,7 @@ class Engine:
         self._progress_at = time.monotonic()
         if result.error:
             log.error("step %d rejected: %s", result.step_id, result.error)
+            self._emit_tokens()  # the tokens of earlier steps go out before the error
             for seq in self.scheduler.on_step_failed(batch, result.error):
                 self._builder.forget(seq.seq_id)
                 req = self._requests.get(seq.seq_id)
@@ -281,17 +291,54 @@ class Engine:
             return
         tokens = list(result.tokens)
         self.scheduler.on_step_done(batch, {t.seq_id: t.token_id for t in tokens})
-        live = [
-            (req, t) for t in tokens
-            if (req := self._requests.get(t.seq_id)) is not None and not req.seq.is_finished
-        ]
-        # Every stream of the step detokenized together: two tokenizer calls, not two per stream.
-        texts = add_tokens_batch([(req.detokenizer, [t.token_id]) for req, t in live])
-        now = time.monotonic()
-        for (req, token), text in zip(live, texts):
-            self._emit_token(req, token, text, now)
+        for token in tokens:
+            req = self._requests.get(token.seq_id)
+            if req is None or req.seq.is_finished:
+                continue
+            # What the token ids alone end (EOS, a stop token, the length) leaves the
+            # scheduler now, before the next step is scheduled; stop strings need the text,
+            # so they end a stream when its response is built.
+            finish, stop_reason = self._finish_by_id(req, token.token_id)
+            if finish != gen.FINISH_REASON_UNSPECIFIED:
+                self.scheduler.finish(req.seq)
+                self._builder.forget(req.seq.seq_id)
+            self._to_emit.append((req, token, finish, stop_reason))
 
-    def _emit_token(self, req: _Request, token: pb.SampledToken, step: DetokenizerStep, now: float) -> None:
+    def _finish_by_id(self, req: _Request, token_id: int) -> tuple[int, str]:
+        seq, sampling = req.seq, req.request.sampling
+        if token_id in self.eos_token_ids and not sampling.ignore_eos:
+            return gen.FINISH_REASON_EOS, ""
+        if token_id in sampling.stop_token_ids:
+            return gen.FINISH_REASON_STOP, str(token_id)
+        if seq.num_output_tokens >= seq.max_new_tokens or seq.num_tokens >= self.max_context:
+            return gen.FINISH_REASON_LENGTH, ""
+        return gen.FINISH_REASON_UNSPECIFIED, ""
+
+    def _emit_tokens(self) -> None:
+        """Builds and hands out the responses of the tokens applied since the last call."""
+        if not self._to_emit:
+            return
+        pending, self._to_emit = self._to_emit, []
+        while pending:
+            # One token per stream at a time, in order (a round can hold several steps of
+            # one stream); every stream detokenized together: two tokenizer calls, not two
+            # per stream.
+            wave, seen, later = [], set(), []
+            for item in pending:
+                (later if id(item[0]) in seen else wave).append(item)
+                seen.add(id(item[0]))
+            pending = later
+            # An abort, a failure or a stop string may have closed a stream since its token was applied.
+            live = [item for item in wave if self._requests.get(item[0].seq.seq_id) is item[0]]
+            texts = add_tokens_batch([(req.detokenizer, [token.token_id]) for req, token, _, _ in live])
+            now = time.monotonic()
+            for (req, token, finish, stop_reason), text in zip(live, texts):
+                self._emit_token(req, token, finish, stop_reason, text, now)
+
+    def _emit_token(
+        self, req: _Request, token: pb.SampledToken, finish: int, stop_reason: str,
+        step: DetokenizerStep, now: float,
+    ) -> None:
         seq, sampling = req.seq, req.request.sampling
         self.metrics.on_token(seq.seq_id, req.submitted, now)
         first = req.first_token_at is None
@@ -302,18 +349,10 @@ class Engine:
             lp = response.logprobs.add(token_id=token.token_id, logprob=token.logprob)
             for alt in token.top:
                 lp.top.add(token_id=alt.token_id, logprob=alt.logprob)
-        finish, stop_reason = gen.FINISH_REASON_UNSPECIFIED, ""
-        tid = token.token_id
-        if tid in self.eos_token_ids and not sampling.ignore_eos:
-            finish = gen.FINISH_REASON_EOS
-        elif tid in sampling.stop_token_ids:
-            finish, stop_reason = gen.FINISH_REASON_STOP, str(tid)
         response.text = step.text
-        if finish == gen.FINISH_REASON_UNSPECIFIED:
-            if step.stop_string is not None:
-                finish, stop_reason = gen.FINISH_REASON_STOP, step.stop_string
-            elif seq.num_output_tokens >= seq.max_new_tokens or seq.num_tokens >= self.max_context:
-                finish = gen.FINISH_REASON_LENGTH
+        # A stop string outranks the length; EOS and stop tokens outrank a stop string.
+        if step.stop_string is not None and finish in (gen.FINISH_REASON_UNSPECIFIED, gen.FINISH_REASON_LENGTH):
+            finish, stop_reason = gen.FINISH_REASON_STOP, step.stop_string
         if finish == gen.FINISH_REASON_UNSPECIFIED:
             if req.unsent is None:
                 req.unsent = response

@@ -377,9 +377,10 @@ def test_cancel_in_flight_frees_blocks_when_the_step_returns_and_drops_at_the_ne
 
 
 def test_cancel_running_between_steps_frees_blocks_at_once(make) -> None:
-    # Two steps in flight over one stage. While the engine thread is held inside X's sink,
-    # A's step returns and A is cancelled: the engine sees both before it schedules again, so
-    # A is cancelled while running but not in flight.
+    # Two steps in flight over one stage. While the engine thread is held inside X's sink
+    # (step 3, X's next, has left already: steps go out before responses are built), A's
+    # step returns and A is cancelled: the engine sees both before it schedules again, so A
+    # is cancelled while running but not in flight, and the next step drops it.
     h = make(max_inflight=2)
     h.pipeline.set_hold(True)
     x = Collector()
@@ -394,11 +395,13 @@ def test_cancel_running_between_steps_frees_blocks_at_once(make) -> None:
     h.engine.abort(a_id)
     x.gate.set()
     assert a.wait().finish == "cancelled" and len(a.tokens) == 1
-    step = h.pipeline.wait_for_step(3)
-    assert list(step.drop_seq_ids) == [a_id] and [s.seq_id for s in step.seqs] == [x_id]
-    # Only X's one block is taken while step 3 is still held: A's two came back at once.
+    assert [s.seq_id for s in h.pipeline.wait_for_step(3).seqs] == [x_id]
+    # Only X's one block is taken while step 3 is held: A's two came back at once.
     bm = h.engine.block_manager
     assert bm.num_free_blocks == bm.num_total_blocks - 1
+    h.pipeline.release()
+    step = h.pipeline.wait_for_step(4)
+    assert list(step.drop_seq_ids) == [a_id] and [s.seq_id for s in step.seqs] == [x_id]
     h.pipeline.set_hold(False)
     assert x.wait().tokens == reference([0, 5, 6], 3)
 
