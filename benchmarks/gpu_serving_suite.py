@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.process_cpu import cpu_snapshot, deployment_processes  # noqa: E402
 from shared.client import GenerationClient  # noqa: E402
 
 
@@ -127,13 +128,29 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
     if scenario.hf_baseline and not args.skip_baselines:
         cmd += ["--hf-baseline", args.model]
     try:
+        roles = deployment_processes(proc.pid)
+        cpu_before = cpu_snapshot(roles)
         with open(out / f"{scenario.name}.load.log", "wb") as log:
             subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=900)
+        cpu_after = cpu_snapshot(roles)
         profile = _step_profile(metrics_port, scenario.pp, out / f"{scenario.name}.metrics.txt")
     finally:
         _stop(proc)
     report = json.loads(report_path.read_text())
     report["step_profile"] = profile
+    wall_s = report["load"]["wall_s"]
+    tokens = report["load"]["output_tokens"]
+    # Cores each process kept busy over the measured load (the load generator's warm-up
+    # requests add a little CPU, none of the wall): ~1.0 for the router means it is the ceiling.
+    report["process_cpu"] = {
+        role: {"cpu_s": cpu_after[role] - cpu_before[role],
+               "cores_busy": (cpu_after[role] - cpu_before[role]) / wall_s if wall_s else None,
+               "ms_per_token": 1e3 * (cpu_after[role] - cpu_before[role]) / tokens if tokens else None}
+        for role in cpu_before if role in cpu_after
+    }
+    # Steps the router had in flight on average (each counted from its send to its result).
+    result_sum = profile.get("last_stage_result_seconds_sum", 0.0)
+    profile["mean_steps_in_flight"] = result_sum / wall_s if wall_s else float("nan")
     return report
 
 
@@ -183,7 +200,14 @@ def _step_profile(metrics_port: int, num_stages: int, path: Path) -> dict[str, f
         profile[f"{kind}_steps"] = sum(v for n, lbls, v in samples if n == "stageserve_stage_step_seconds_count"
                                        and lbls.get("stage") == last and lbls.get("kind") == kind)
     profile["steps"] = sum(profile[f"{kind}_steps"] for kind in ("decode", "prefill", "mixed"))
+    profile["last_stage_result_seconds_sum"] = sum(
+        v for n, lbls, v in samples
+        if n == "stageserve_stage_result_latency_seconds_sum" and lbls.get("stage") == last)
     return profile
+
+
+def fmt_float(value: object) -> str:
+    return f"{value:.2f}" if isinstance(value, float) and value == value else "-"
 
 
 def main() -> None:
@@ -246,6 +270,13 @@ def main() -> None:
                      for p in ("compute", "result", *PHASES) if f"stage{last}_{prefix}{p}_ms" in prof]
             steps = ", ".join(f"{k} {prof.get(f'{k}_steps', 0):.0f}" for k in ("decode", "prefill", "mixed"))
             print(f"  {name}: {', '.join(parts) or '-'} (steps: {steps})")
+    print("\nprocess CPU over the load run (cores busy / ms per output token) and the router's mean steps in flight:")
+    for name, r in rows:
+        cpu = (r or {}).get("process_cpu") or {}
+        parts = [f"{role} {v['cores_busy']:.2f} / {v['ms_per_token']:.3f}" for role, v in cpu.items()
+                 if v["cores_busy"] is not None and v["ms_per_token"] is not None]
+        in_flight = ((r or {}).get("step_profile") or {}).get("mean_steps_in_flight")
+        print(f"  {name}: {', '.join(parts) or '-'}; steps in flight {fmt_float(in_flight)}")
     if os.environ.get("OUT"):
         print(f"reports in {out}")
 

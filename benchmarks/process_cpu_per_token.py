@@ -26,29 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shared.client import GenerationClient  # noqa: E402
+from benchmarks.process_cpu import cpu_seconds, deployment_processes  # noqa: E402
 from shared.demo_model import write_tiny_model  # noqa: E402
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _processes(root: int) -> dict[str, int]:
-    """The router, stage and rank processes under `stageserve up` (pid `root`), by role."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
-    rows = [(int(pid), int(ppid), args) for pid, ppid, args in (line.split(None, 2) for line in out)]
-    roles: dict[str, int] = {}
-    for pid, ppid, args in rows:
-        if ppid == root and " router " in f" {args} ":
-            roles["router"] = pid
-        elif ppid == root and " stage " in f" {args} ":
-            index = args.split("--stage-index", 1)[1].split()[0]
-            roles[f"stage{index}"] = pid
-            for child, parent, child_args in rows:
-                if parent == pid and "spawn_main" in child_args:  # not the resource tracker
-                    roles[f"stage{index}-rank{len([r for r in roles if r.startswith(f'stage{index}-')])}"] = child
-    return roles
 
 
 def main() -> None:
@@ -81,8 +60,8 @@ def main() -> None:
                 raise SystemExit("stageserve up did not start")
             time.sleep(0.3)
         client.close()
-        roles = _processes(server.pid)
-        before = {role: _cpu_seconds(pid) for role, pid in roles.items()}
+        roles = deployment_processes(server.pid)
+        before = {role: cpu_seconds(pid) for role, pid in roles.items()}
         # The load generator is the only child waited for before the server: its CPU is the
         # growth of RUSAGE_CHILDREN (a client this busy would itself cap the figures).
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -103,7 +82,7 @@ def main() -> None:
         print("| process | CPU s | CPU ms per token | CPU ms per 256 tokens |")
         print("| --- | --- | --- | --- |")
         for role, pid in roles.items():
-            used = _cpu_seconds(pid) - before[role]
+            used = cpu_seconds(pid) - before[role]
             print(f"| {role} | {used:.2f} | {used / tokens * 1e3:.3f} | {used / tokens * 256e3:.1f} |")
         print(f"| load generator (client) | {client_cpu:.2f} | {client_cpu / tokens * 1e3:.3f} "
               f"| {client_cpu / tokens * 256e3:.1f} |")

@@ -51,7 +51,7 @@ def write_config(shape: str, out: Path) -> None:
 def worker(rank: int, args: argparse.Namespace, config_dir: str, port: int, results: dict) -> None:
     from shared.config import ModelConfig, ParallelConfig, StageLayout
     from stage_worker.attention_metadata import AttentionMetadata
-    from stage_worker.distributed import RankPlacement, declare_tp_placement, get_tp_group
+    from stage_worker.distributed import RankPlacement, declare_tp_placement
     from stage_worker.distributed import TensorParallelGroup, set_tp_group
     from stage_worker.models.registry import build_model
 
