@@ -31,12 +31,12 @@ from router.stage_client import StageClient
 from shared.client import LIVENESS_SERVICE
 from shared.config import CacheConfig, ModelConfig, SchedulerConfig
 from shared.grpc_options import channel_options
+from shared.interpreter import apply_interpreter_settings, freeze_startup_objects
 from shared.metrics import new_registry, serve_metrics
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
 from shared.rendezvous import EPOCH_KEY
 from shared.security import AsyncRequireToken, ServerTls, StageAccess, add_port, api_token_check
-from shared.switch_interval import apply_switch_interval
 
 log = logging.getLogger("stageserve.router")
 
@@ -429,6 +429,7 @@ async def serve_async(config: RouterConfig) -> None:
             await server.stop(grace=0)
             raise SystemExit(1)
         await router.set_serving(True)
+        freeze_startup_objects()  # the tokenizer, the protos, the stage clients
         log.info("router serving on %s", address)
         watcher = asyncio.ensure_future(router.watch_health(stop))
         await stop.wait()
@@ -447,5 +448,5 @@ async def serve_async(config: RouterConfig) -> None:
 
 
 def serve(config: RouterConfig) -> None:
-    apply_switch_interval()
+    apply_interpreter_settings()
     asyncio.run(serve_async(config))

@@ -19,8 +19,8 @@ from multiprocessing.connection import Connection
 import torch
 
 from shared.config import ModelConfig, ParallelConfig, dtype_from_name
+from shared.interpreter import apply_interpreter_settings, freeze_startup_objects
 from shared.proto import stage_worker_pb2 as pb
-from shared.switch_interval import apply_switch_interval
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def rank_main(args: RankArgs, conn: Connection) -> None:
     """Entry point of a spawned rank process."""
     # `kill -USR1 <pid>` prints every thread's stack: where a stuck rank waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    apply_switch_interval()
+    apply_interpreter_settings()
     try:
         _run(args, conn)
     except (EOFError, BrokenPipeError):
@@ -134,6 +134,8 @@ def _run(args: RankArgs, conn: Connection) -> None:
                 _reply(conn, pb.RankReply(profile=runner.profile(command.profile)))
             elif kind == "init_cache":
                 _reply(conn, pb.RankReply(init_cache=runner.init_cache(command.init_cache)))
+                # Weights, cache and graphs exist: keep them out of every later collection.
+                freeze_startup_objects()
             elif kind == "shutdown":
                 break
             else:

@@ -22,12 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shared.client import LIVENESS_SERVICE
 from shared.config import ConfigError, ModelConfig, ParallelConfig
 from shared.grpc_options import channel_options
+from shared.interpreter import apply_interpreter_settings
 from shared.metrics import serve_metrics
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
 from shared.security import RequireToken, ServerTls, add_port, stage_token_check
 from shared.sharded_state import read_sharded_state
-from shared.switch_interval import apply_switch_interval
 from stage_worker.metrics import StageMetrics
 from stage_worker.distributed import read_epoch
 from stage_worker.layers.kernel_backend import KERNEL_BACKENDS
@@ -378,7 +378,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
 
 def serve(config: StageServerConfig) -> None:
     """Runs the stage until SIGTERM / SIGINT."""
-    apply_switch_interval()
+    apply_interpreter_settings()
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     # Checked before the ranks spawn: a bad token file fails the stage at once.
     interceptors = [RequireToken(stage_token_check(config.stage_token_file))] if config.stage_token_file else []
