@@ -63,6 +63,8 @@ SCENARIOS = (
     # Four tokens per streamed message: what the router's per-message cost takes from 256 streams.
     Scenario("c256-pp1-si4", 1, 1, 256, 256, 512, 256, server_args=("--stream-interval", "4")),
     Scenario("c256-pp2-si4", 2, 1, 256, 256, 512, 256, server_args=("--stream-interval", "4")),
+    # Micro-batches as the timing of results groups them (before the even split).
+    Scenario("c256-pp2-uneven", 2, 1, 256, 256, 512, 256, server_args=("--no-even-micro-batches",)),
 )
 
 

@@ -3,7 +3,9 @@
 Policy: FCFS with chunked prefill and preemption by recompute.
 
 * A micro-batch holds only sequences that are not in flight, so with pipeline parallelism the
-  engine can keep several micro-batches (over disjoint sequences) in the pipe at once.
+  engine can keep several micro-batches (over disjoint sequences) in the pipe at once; with
+  P stages each takes at most 1/P of the sequences in the system, so the pipe holds P
+  micro-batches of even size.
 * Running sequences go first: decodes, then unfinished prefill chunks, both in arrival order.
   Decodes first keeps the inter-token latency of running requests steady while a long
   prompt is being prefilled in chunks.
@@ -92,8 +94,10 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.block_manager = block_manager
-        # Pipeline stages: decides where look-ahead steps go (see schedule).
+        # Pipeline stages: decides where look-ahead steps go (see schedule) and how many
+        # sequences a micro-batch takes (_micro_batch_seqs).
         self.num_stages = num_stages
+        self._seq_limit = config.max_num_seqs  # of the schedule() call in progress
         # The model's context length (0: unlimited): a look-ahead step never computes past it.
         self.max_context = max_context
         self._num_batches = 0
@@ -160,6 +164,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         entries: list[ScheduledEntry] = []
         preempted: list[Sequence] = []
+        self._seq_limit = self._micro_batch_seqs()
 
         candidates = [s for s in self._running if not s.in_flight]
         decodes = [s for s in candidates if s.num_uncomputed_tokens == 1]
@@ -172,7 +177,7 @@ class Scheduler:
         if look_ahead_first:
             budget = self._add_look_ahead(entries, budget)
         for seq in decodes + prefills:
-            if budget == 0 or len(entries) == self.config.max_num_seqs:
+            if budget == 0 or len(entries) == self._seq_limit:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -271,7 +276,7 @@ class Scheduler:
 
     def _add_look_ahead(self, entries: list[ScheduledEntry], budget: int) -> int:
         for seq in self._look_ahead_candidates():
-            if budget == 0 or len(entries) == self.config.max_num_seqs:
+            if budget == 0 or len(entries) == self._seq_limit:
                 break
             # A look-ahead step is an optimisation: it takes free blocks, never preempts.
             total = seq.num_scheduled_tokens + 1
@@ -281,6 +286,17 @@ class Scheduler:
             entries.append(self._entry(seq, 1, new_blocks, is_new=False))
             budget -= 1
         return budget
+
+    def _micro_batch_seqs(self) -> int:
+        """Sequences one micro-batch may hold. With pipeline stages, 1/num_stages of the
+        sequences in the system: otherwise the groups that share a micro-batch are whatever
+        the timing of results made them (two groups back at once merge into one), and one
+        large group leaves every stage idle while the others compute it, while many small
+        ones read the weights and pay a step's host work once per group."""
+        if self.num_stages == 1 or not self.config.even_micro_batches:
+            return self.config.max_num_seqs
+        total = len(self._running) + len(self._waiting)
+        return max(1, min(self.config.max_num_seqs, -(-total // self.num_stages)))
 
     def _look_ahead_candidates(self) -> list[Sequence]:
         """Sequences whose one step in flight samples their next token and that will surely
@@ -341,7 +357,7 @@ class Scheduler:
 
     def _admit(self, entries: list[ScheduledEntry], budget: int) -> int:
         bm = self.block_manager
-        while self._waiting and budget > 0 and len(entries) < self.config.max_num_seqs:
+        while self._waiting and budget > 0 and len(entries) < self._seq_limit:
             seq = self._waiting[0]
             if bm.num_blocks_for(seq.num_tokens) > bm.num_total_blocks:
                 self._waiting.popleft()

@@ -117,6 +117,9 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-interval", type=_positive_int, default=1,
                    help="tokens per streamed message after the first (the last is sent at once): fewer "
                         "messages for the router and clients at high concurrency, for a burstier stream")
+    p.add_argument("--no-even-micro-batches", action="store_true",
+                   help="with pipeline stages, let one micro-batch take up to --max-num-seqs of the sequences "
+                        "not in flight, instead of 1/stages of them; for comparison")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-bytes", type=int, default=0, help="fixed KV bytes per rank (default: profiled)")
@@ -140,6 +143,8 @@ def _router_flag_values(args: argparse.Namespace) -> list[str]:
         out.append("--no-prefix-caching")
     if args.no_async_scheduling:
         out.append("--no-async-scheduling")
+    if args.no_even_micro_batches:
+        out.append("--no-even-micro-batches")
     if args.shuffle_blocks_seed is not None:
         out += ["--shuffle-blocks-seed", str(args.shuffle_blocks_seed)]
     return out
@@ -441,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_queue_len=args.max_queue_len, max_inflight_steps=args.max_inflight_steps,
                     enable_prefix_caching=not args.no_prefix_caching,
                     async_scheduling=not args.no_async_scheduling,
+                    even_micro_batches=not args.no_even_micro_batches,
                 ),
                 cache=CacheConfig(block_size=args.block_size),
                 gpu_memory_utilization=args.gpu_memory_utilization,

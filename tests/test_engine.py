@@ -11,6 +11,7 @@ pool full and no request pending.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
@@ -109,6 +110,9 @@ class FakeStage:
         # for append_sampled (the fake's table holds a placeholder instead).
         self.sampled: dict[int, int] = {}
         self.held: deque[pb.StepRequest] = deque()
+        # With the pipeline's delay_s: steps waiting for the worker that answers them in order.
+        self._slow_steps: queue.Queue[pb.StepRequest] = queue.Queue()
+        self._slow_worker: threading.Thread | None = None
         self.mute = False
         self._on_result: Callable[[pb.StepResult], None] | None = None
         self._on_error: Callable[[str], None] | None = None
@@ -126,8 +130,18 @@ class FakeStage:
                 self.held.append(step)
                 return
         if p.delay_s:
-            threading.Timer(p.delay_s, self.answer, (step,)).start()
+            # A real stage computes its steps one after another, in the order they came.
+            if self._slow_worker is None:
+                self._slow_worker = threading.Thread(target=self._answer_slowly, daemon=True)
+                self._slow_worker.start()
+            self._slow_steps.put(step)
         else:
+            self.answer(step)
+
+    def _answer_slowly(self) -> None:
+        while True:
+            step = self._slow_steps.get()
+            time.sleep(self.pipeline.delay_s)
             self.answer(step)
 
     def answer(self, step: pb.StepRequest) -> None:

@@ -38,6 +38,7 @@ def make_scheduler(
     async_scheduling: bool = False,
     max_context: int = 0,
     num_stages: int = 1,
+    even_micro_batches: bool = True,
 ) -> Scheduler:
     """Synchronous by default: most tests here pin down the policy step by step; the
     look-ahead tests at the end turn asynchronous scheduling on."""
@@ -47,6 +48,7 @@ def make_scheduler(
         max_queue_len=max_queue_len,
         enable_prefix_caching=prefix_caching,
         async_scheduling=async_scheduling,
+        even_micro_batches=even_micro_batches,
     )
     block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     return Scheduler(config, block_manager, max_context=max_context, num_stages=num_stages)
@@ -542,3 +544,50 @@ def test_in_a_pipeline_an_independent_micro_batch_goes_before_a_look_ahead() -> 
     fourth = sched.schedule()
     assert fourth is not None and fourth.seqs == [b] and fourth.entries[0].append_sampled
     assert sched.schedule() is None
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_in_a_pipeline_micro_batches_stay_even_when_results_come_back_together(async_scheduling: bool) -> None:
+    # Two stages, eight decoding sequences: each micro-batch takes half of them. Without the
+    # limit, two micro-batches returning before the next schedule() would merge into one of
+    # eight, which leaves one stage idle while the other computes it.
+    sched = make_scheduler(
+        num_blocks=256, max_num_batched_tokens=256, max_num_seqs=16, async_scheduling=async_scheduling, num_stages=2
+    )
+    seqs = [make_seq(4, max_new_tokens=40) for _ in range(8)]
+    for seq in seqs:
+        sched.add(seq)
+    inflight: deque[ScheduledBatch] = deque()
+    sizes: list[int] = []
+    for _ in range(30):
+        while len(inflight) < (4 if async_scheduling else 2) and (batch := sched.schedule()) is not None:
+            inflight.append(batch)
+            sizes.append(len(batch.entries))
+        # Every step in flight comes back before the next schedule() call.
+        while inflight:
+            complete(sched, inflight.popleft())
+    assert max(sizes) == 4 and sizes.count(4) == len(sizes)
+
+
+def test_the_micro_batch_limit_follows_the_sequences_in_the_system() -> None:
+    sched = make_scheduler(num_blocks=256, max_num_batched_tokens=256, max_num_seqs=16, num_stages=2)
+    for _ in range(3):
+        sched.add(make_seq(4, max_new_tokens=40))
+    first = sched.schedule()
+    second = sched.schedule()
+    assert first is not None and second is not None
+    # Three sequences over two stages: two, then one; never a micro-batch of all three.
+    assert (len(first.entries), len(second.entries)) == (2, 1)
+    # One stage: the whole max_num_seqs is one micro-batch.
+    single = make_scheduler(num_blocks=256, max_num_batched_tokens=256, max_num_seqs=16)
+    for _ in range(3):
+        single.add(make_seq(4, max_new_tokens=40))
+    batch = single.schedule()
+    assert batch is not None and len(batch.entries) == 3
+    # Two stages with the limit off (--no-even-micro-batches): the same as one stage.
+    uneven = make_scheduler(num_blocks=256, max_num_batched_tokens=256, max_num_seqs=16, num_stages=2,
+                            even_micro_batches=False)
+    for _ in range(3):
+        uneven.add(make_seq(4, max_new_tokens=40))
+    batch = uneven.schedule()
+    assert batch is not None and len(batch.entries) == 3
