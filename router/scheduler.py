@@ -301,8 +301,8 @@ class Scheduler:
     def _look_ahead_candidates(self) -> list[Sequence]:
         """Sequences whose one step in flight samples their next token and that will surely
         need the token after it (not at max_new_tokens or the context end), from the oldest
-        step in flight only: with pipeline stages, each micro-batch's next step follows it
-        alone instead of waiting for two."""
+        step in flight: with pipeline stages, each micro-batch's next step follows it alone
+        instead of waiting for two, unless both fit in the even share together."""
         if not self.config.async_scheduling:
             return []
         ready = [
@@ -315,8 +315,20 @@ class Scheduler:
         ]
         if not ready:
             return []
-        oldest = min(s.last_batch_index for s in ready)
-        return [s for s in ready if s.last_batch_index == oldest]
+        by_step: dict[int, list[Sequence]] = {}
+        for s in ready:
+            by_step.setdefault(s.last_batch_index, []).append(s)
+        steps = sorted(by_step)
+        chosen = by_step[steps[0]]
+        if self.num_stages > 1 and self.config.even_micro_batches:
+            # Micro-batches smaller than the even share (requests that arrived apart) join the
+            # oldest one's next step, which then waits once for their tokens too: otherwise
+            # each fragment keeps its own step, every round, for the rest of its requests.
+            for index in steps[1:]:
+                if len(chosen) + len(by_step[index]) > self._seq_limit:
+                    break
+                chosen = chosen + by_step[index]
+        return chosen
 
     def _remove(self, seq: Sequence) -> None:
         """Takes an unfinished sequence out of the queues and releases its blocks (now, or

@@ -591,3 +591,30 @@ def test_the_micro_batch_limit_follows_the_sequences_in_the_system() -> None:
         uneven.add(make_seq(4, max_new_tokens=40))
     batch = uneven.schedule()
     assert batch is not None and len(batch.entries) == 3
+
+
+def test_in_a_pipeline_look_ahead_merges_micro_batches_smaller_than_the_even_share() -> None:
+    # a and b arrived one by one (a micro-batch each), then c and d together: the look-ahead
+    # of a takes b along (together they are the even share, 4 sequences / 2 stages), so the
+    # pipe settles at two micro-batches of two instead of three.
+    sched = make_scheduler(async_scheduling=True, num_stages=2, max_num_seqs=16)
+    a, b, c, d = (make_seq(4, max_new_tokens=8) for _ in range(4))
+    sched.add(a)
+    assert sched.schedule().seqs == [a]  # type: ignore[union-attr]
+    sched.add(b)
+    assert sched.schedule().seqs == [b]  # type: ignore[union-attr]
+    sched.add(c)
+    sched.add(d)
+    assert sched.schedule().seqs == [c, d]  # type: ignore[union-attr]
+    merged = sched.schedule()
+    assert merged is not None and merged.seqs == [a, b] and all(e.append_sampled for e in merged.entries)
+    # c and d together fill the share: their look-ahead takes nobody else.
+    assert sched.schedule().seqs == [c, d]  # type: ignore[union-attr]
+    # Without the even split the oldest micro-batch's look-ahead goes alone.
+    uneven = make_scheduler(async_scheduling=True, num_stages=2, max_num_seqs=16, even_micro_batches=False)
+    x, y = make_seq(4, max_new_tokens=8), make_seq(4, max_new_tokens=8)
+    uneven.add(x)
+    uneven.schedule()
+    uneven.add(y)
+    uneven.schedule()
+    assert uneven.schedule().seqs == [x]  # type: ignore[union-attr]
