@@ -7,7 +7,10 @@ load generator's JSON report. Prints one table at the end and writes every repor
     python3 benchmarks/gpu_serving_suite.py --model docs/model-configs/llama-3-8b \\
         --out /tmp/bench [--only batch1-pp1,batch1-pp2]
 
-Scenarios needing two GPUs are skipped on a one-GPU host. Prints figures; asserts nothing.
+Scenarios needing two GPUs are skipped on a one-GPU host. The `cpu-*` scenarios (run only when
+--only names them) serve the tiny demo model on the CPU: what they show is the step
+composition (decode steps, the pipeline's micro-batches), not speed. Prints figures; asserts
+nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.process_cpu import cpu_snapshot, deployment_processes  # noqa: E402
 from shared.client import GenerationClient  # noqa: E402
+from shared.demo_model import write_tiny_model  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -42,10 +46,11 @@ class Scenario:
     # Also time transformers `generate` at this batch on the same GPU, in the same run.
     hf_baseline: bool = False
     server_args: tuple[str, ...] = field(default_factory=tuple)
+    device: str = "cuda"
 
     @property
     def gpus(self) -> int:
-        return self.pp * self.tp
+        return self.pp * self.tp if self.device == "cuda" else 0
 
 
 SCENARIOS = (
@@ -63,8 +68,11 @@ SCENARIOS = (
     # Four tokens per streamed message: what the router's per-message cost takes from 256 streams.
     Scenario("c256-pp1-si4", 1, 1, 256, 256, 512, 256, server_args=("--stream-interval", "4")),
     Scenario("c256-pp2-si4", 2, 1, 256, 256, 512, 256, server_args=("--stream-interval", "4")),
-    # Micro-batches as the timing of results groups them (before the even split).
+    # Micro-batches as the timing of results groups them (before the lanes).
     Scenario("c256-pp2-uneven", 2, 1, 256, 256, 512, 256, server_args=("--no-even-micro-batches",)),
+    # The tiny demo model on the CPU: a pipeline's micro-batches with and without lanes.
+    Scenario("cpu-pp2", 2, 1, 64, 64, 16, 64, device="cpu"),
+    Scenario("cpu-pp2-uneven", 2, 1, 64, 64, 16, 64, server_args=("--no-even-micro-batches",), device="cpu"),
 )
 
 
@@ -80,7 +88,8 @@ def _serve(
     port = _free_port()
     cmd = [
         sys.executable, "-m", "shared.cli", "up", "--model", model, "--load-format", "dummy",
-        "--pp", str(scenario.pp), "--tp", str(scenario.tp), "--device", "cuda", "--dtype", "bfloat16",
+        "--pp", str(scenario.pp), "--tp", str(scenario.tp), "--device", scenario.device,
+        "--dtype", "bfloat16" if scenario.device == "cuda" else "float32",
         "--port", str(port), "--max-num-seqs", str(max(scenario.concurrency, 1)),
         "--max-num-batched-tokens", "8192", "--gpu-memory-utilization", str(memory_utilization),
         "--startup-timeout", "600", "--metrics-port", str(metrics_port), *scenario.server_args,
@@ -115,7 +124,12 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
     utilization = 0.45 if scenario.hf_baseline and not args.skip_baselines else 0.9
     # Router metrics on metrics_port, stage i's on metrics_port + 1 + i (as `up` assigns them).
     metrics_port = _free_port()
-    proc, address = _serve(args.model, scenario, out / f"{scenario.name}.server.log", utilization, metrics_port)
+    model = args.model
+    if scenario.device == "cpu":
+        model = str(out / "tiny-model")
+        if not Path(model).exists():
+            write_tiny_model(Path(model), "LlamaForCausalLM", seed=1)
+    proc, address = _serve(model, scenario, out / f"{scenario.name}.server.log", utilization, metrics_port)
     report_path = out / f"{scenario.name}.json"
     cmd = [
         sys.executable, str(REPO / "benchmarks" / "load_generator.py"), "--addr", address,
@@ -229,7 +243,7 @@ def main() -> None:
     wanted = set(filter(None, args.only.split(",")))
     rows = []
     for scenario in SCENARIOS:
-        if wanted and scenario.name not in wanted:
+        if wanted and scenario.name not in wanted or not wanted and scenario.device == "cpu":
             continue
         if scenario.gpus > gpus:
             print(f"{scenario.name}: skipped, needs {scenario.gpus} GPUs, host has {gpus}", flush=True)

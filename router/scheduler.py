@@ -3,9 +3,15 @@
 Policy: FCFS with chunked prefill and preemption by recompute.
 
 * A micro-batch holds only sequences that are not in flight, so with pipeline parallelism the
-  engine can keep several micro-batches (over disjoint sequences) in the pipe at once; with
-  P stages each takes at most 1/P of the sequences in the system, so the pipe holds P
-  micro-batches of even size.
+  engine can keep several micro-batches (over disjoint sequences) in the pipe at once.
+* Lanes (pipelines, SchedulerConfig.even_micro_batches): with P stages every sequence is
+  admitted into one of P lanes, the one being scheduled while it holds less than 1/P of
+  the sequences in the system, and a micro-batch holds one lane's sequences: its
+  look-ahead, its other runnable sequences and new admissions. Each lane has at most one
+  step in flight (two with asynchronous scheduling), and lanes take turns. So the pipe
+  holds P micro-batches of even size, whatever the timing of arrivals and results;
+  without lanes, the sequences not in flight at a schedule() call share a micro-batch, and
+  groups split by staggered arrivals keep their own steps for good.
 * Running sequences go first: decodes, then unfinished prefill chunks, both in arrival order.
   Decodes first keeps the inter-token latency of running requests steady while a long
   prompt is being prefilled in chunks.
@@ -72,6 +78,8 @@ class ScheduledBatch:
     # Sequences preempted while building this batch (or an earlier empty one): the stages
     # must drop them, before the batch's new sequences since one may be re-admitted here.
     preempted: list[Sequence] = field(default_factory=list)
+    # The lane whose sequences the batch holds (0 without lanes).
+    lane: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -94,10 +102,12 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.block_manager = block_manager
-        # Pipeline stages: decides where look-ahead steps go (see schedule) and how many
-        # sequences a micro-batch takes (_micro_batch_seqs).
+        # Pipeline stages: decides where look-ahead steps go and whether lanes are used.
         self.num_stages = num_stages
-        self._seq_limit = config.max_num_seqs  # of the schedule() call in progress
+        self.num_lanes = num_stages if num_stages > 1 and config.even_micro_batches else 0
+        # Steps in flight per lane, and the lane whose turn comes next.
+        self._lane_steps = [0] * self.num_lanes
+        self._next_lane = 0
         # The model's context length (0: unlimited): a look-ahead step never computes past it.
         self.max_context = max_context
         self._num_batches = 0
@@ -161,23 +171,44 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         """Builds one micro-batch from sequences not in flight; None if there is nothing to run."""
+        if not self.num_lanes:
+            return self._schedule(lane=None)
+        # Lanes take turns. One at its limit of steps in flight keeps its turn until a step
+        # comes back, so the first stage always sees the lanes in turn: a lane's look-ahead
+        # step never follows its own step directly, which would leave the first stage idle
+        # while that step's tokens come round. A lane with nothing to run passes its turn.
+        steps_per_lane = 2 if self.config.async_scheduling else 1
+        for turn in range(self.num_lanes):
+            lane = (self._next_lane + turn) % self.num_lanes
+            if self._lane_steps[lane] >= steps_per_lane:
+                return None
+            batch = self._schedule(lane)
+            if batch is not None:
+                self._lane_steps[lane] += 1
+                self._next_lane = (lane + 1) % self.num_lanes
+                return batch
+        return None
+
+    def _schedule(self, lane: int | None) -> ScheduledBatch | None:
+        """One micro-batch of `lane`'s sequences and admissions into it (None: no lanes)."""
         budget = self.config.max_num_batched_tokens
         entries: list[ScheduledEntry] = []
         preempted: list[Sequence] = []
-        self._seq_limit = self._micro_batch_seqs()
 
-        candidates = [s for s in self._running if not s.in_flight]
+        candidates = [s for s in self._running if not s.in_flight and (lane is None or s.lane == lane)]
         decodes = [s for s in candidates if s.num_uncomputed_tokens == 1]
         prefills = [s for s in candidates if s.num_uncomputed_tokens > 1]
-        # One stage: the look-ahead decodes lead the step, new work rides along. A pipeline:
-        # a look-ahead step cannot start on the first stage before the last stage sampled
-        # the tokens it continues from, so a micro-batch of other sequences goes first
-        # whenever there is one, and look-ahead only fills an otherwise empty slot.
-        look_ahead_first = self.num_stages == 1
+        # One stage, or a lane: the look-ahead decodes lead the step, new work rides along.
+        # A pipeline without lanes: a look-ahead step cannot start on the first stage before
+        # the last stage sampled the tokens it continues from, so a micro-batch of other
+        # sequences goes first whenever there is one, and look-ahead only fills an otherwise
+        # empty slot. (A lane's look-ahead follows the other lanes' steps on the first stage,
+        # which is the time its tokens take to come round.)
+        look_ahead_first = self.num_stages == 1 or lane is not None
         if look_ahead_first:
-            budget = self._add_look_ahead(entries, budget)
+            budget = self._add_look_ahead(entries, budget, lane)
         for seq in decodes + prefills:
-            if budget == 0 or len(entries) == self._seq_limit:
+            if budget == 0 or len(entries) == self.config.max_num_seqs:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -194,16 +225,16 @@ class Scheduler:
         # Admitting right after a preemption would hand the freed blocks to a newcomer and
         # preempt again next step; let the running sequences use them first.
         if not preempted:
-            budget = self._admit(entries, budget)
+            budget = self._admit(entries, budget, lane)
         if not look_ahead_first and not entries and not preempted:
-            budget = self._add_look_ahead(entries, budget)
+            budget = self._add_look_ahead(entries, budget, lane)
 
         self.num_preemptions += len(preempted)
         self._num_batches += 1
         if not entries:
             self._pending_preempted.extend(preempted)
             return None
-        batch = ScheduledBatch(entries=entries, preempted=self._pending_preempted + preempted)
+        batch = ScheduledBatch(entries=entries, preempted=self._pending_preempted + preempted, lane=lane or 0)
         self._pending_preempted = []
         return batch
 
@@ -212,6 +243,7 @@ class Scheduler:
 
         The engine decides afterwards which sequences finished (and calls `finish`).
         """
+        self._step_returned(batch)
         for entry in batch.entries:
             seq = entry.seq
             assert seq.in_flight, f"sequence {seq.seq_id} returned from a step twice"
@@ -233,6 +265,7 @@ class Scheduler:
     ) -> list[Sequence]:
         """Ends every sequence of a failed step with `error`; returns those the engine must
         report (sequences already finished or aborted are freed silently)."""
+        self._step_returned(batch)
         failed: list[Sequence] = []
         for entry in batch.entries:
             seq = entry.seq
@@ -261,6 +294,11 @@ class Scheduler:
 
     # ---------------------------------------------------------------- internal
 
+    def _step_returned(self, batch: ScheduledBatch) -> None:
+        if self.num_lanes:
+            assert self._lane_steps[batch.lane] > 0, f"lane {batch.lane} has no step in flight"
+            self._lane_steps[batch.lane] -= 1
+
     def _returned(self, entry: ScheduledEntry) -> bool:
         """Takes `entry`'s step off its sequence; True when the sequence already ended (its
         blocks are freed once its last step in flight is back) and the result is ignored."""
@@ -274,9 +312,9 @@ class Scheduler:
             self.block_manager.free(seq)
         return True
 
-    def _add_look_ahead(self, entries: list[ScheduledEntry], budget: int) -> int:
-        for seq in self._look_ahead_candidates():
-            if budget == 0 or len(entries) == self._seq_limit:
+    def _add_look_ahead(self, entries: list[ScheduledEntry], budget: int, lane: int | None) -> int:
+        for seq in self._look_ahead_candidates(lane):
+            if budget == 0 or len(entries) == self.config.max_num_seqs:
                 break
             # A look-ahead step is an optimisation: it takes free blocks, never preempts.
             total = seq.num_scheduled_tokens + 1
@@ -287,27 +325,17 @@ class Scheduler:
             budget -= 1
         return budget
 
-    def _micro_batch_seqs(self) -> int:
-        """Sequences one micro-batch may hold. With pipeline stages, 1/num_stages of the
-        sequences in the system: otherwise the groups that share a micro-batch are whatever
-        the timing of results made them (two groups back at once merge into one), and one
-        large group leaves every stage idle while the others compute it, while many small
-        ones read the weights and pay a step's host work once per group."""
-        if self.num_stages == 1 or not self.config.even_micro_batches:
-            return self.config.max_num_seqs
-        total = len(self._running) + len(self._waiting)
-        return max(1, min(self.config.max_num_seqs, -(-total // self.num_stages)))
-
-    def _look_ahead_candidates(self) -> list[Sequence]:
+    def _look_ahead_candidates(self, lane: int | None) -> list[Sequence]:
         """Sequences whose one step in flight samples their next token and that will surely
         need the token after it (not at max_new_tokens or the context end), from the oldest
-        step in flight: with pipeline stages, each micro-batch's next step follows it alone
-        instead of waiting for two, unless both fit in the even share together."""
+        step in flight (of `lane`, with lanes: a lane's only one): with pipeline stages, each
+        micro-batch's next step follows it alone instead of waiting for two."""
         if not self.config.async_scheduling:
             return []
         ready = [
             s for s in self._running
             if s.num_inflight_steps == 1
+            and (lane is None or s.lane == lane)
             and s.num_scheduled_tokens == s.num_tokens
             # After the step in flight the sequence has one more output and one more token.
             and s.num_output_tokens + 1 < s.max_new_tokens
@@ -315,20 +343,8 @@ class Scheduler:
         ]
         if not ready:
             return []
-        by_step: dict[int, list[Sequence]] = {}
-        for s in ready:
-            by_step.setdefault(s.last_batch_index, []).append(s)
-        steps = sorted(by_step)
-        chosen = by_step[steps[0]]
-        if self.num_stages > 1 and self.config.even_micro_batches:
-            # Micro-batches smaller than the even share (requests that arrived apart) join the
-            # oldest one's next step, which then waits once for their tokens too: otherwise
-            # each fragment keeps its own step, every round, for the rest of its requests.
-            for index in steps[1:]:
-                if len(chosen) + len(by_step[index]) > self._seq_limit:
-                    break
-                chosen = chosen + by_step[index]
-        return chosen
+        oldest = min(s.last_batch_index for s in ready)
+        return [s for s in ready if s.last_batch_index == oldest]
 
     def _remove(self, seq: Sequence) -> None:
         """Takes an unfinished sequence out of the queues and releases its blocks (now, or
@@ -367,9 +383,14 @@ class Scheduler:
         # The front, since it arrived before everything still waiting (FCFS).
         self._waiting.appendleft(seq)
 
-    def _admit(self, entries: list[ScheduledEntry], budget: int) -> int:
+    def _admit(self, entries: list[ScheduledEntry], budget: int, lane: int | None) -> int:
         bm = self.block_manager
-        while self._waiting and budget > 0 and len(entries) < self._seq_limit:
+        room = self.config.max_num_seqs - len(entries)
+        if lane is not None:
+            # The lane fills up to its share of every sequence in the system.
+            share = -(-(len(self._running) + len(self._waiting)) // self.num_lanes)
+            room = min(room, share - sum(1 for s in self._running if s.lane == lane))
+        while self._waiting and budget > 0 and room > 0:
             seq = self._waiting[0]
             if bm.num_blocks_for(seq.num_tokens) > bm.num_total_blocks:
                 self._waiting.popleft()
@@ -381,6 +402,8 @@ class Scheduler:
                 break
             self._waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            seq.lane = lane or 0
+            room -= 1
             bisect.insort(self._running, seq, key=lambda s: s.arrival)
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             entries.append(self._entry(seq, num_tokens, list(seq.block_ids), is_new=True))

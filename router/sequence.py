@@ -50,6 +50,8 @@ class Sequence:
     num_inflight_tokens: int = 0
     # The scheduler's batch counter at the sequence's latest step (groups look-ahead steps).
     last_batch_index: int = -1
+    # The scheduler's lane (pipelines: router/scheduler.py), set at each admission.
+    lane: int = 0
     # Cancelled by the client (or failed); its blocks are released at the next safe point.
     aborted: bool = False
     # Why the sequence ended with an error (a failed step), for the engine to report.

@@ -118,8 +118,8 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens per streamed message after the first (the last is sent at once): fewer "
                         "messages for the router and clients at high concurrency, for a burstier stream")
     p.add_argument("--no-even-micro-batches", action="store_true",
-                   help="with pipeline stages, let one micro-batch take up to --max-num-seqs of the sequences "
-                        "not in flight, instead of 1/stages of them; for comparison")
+                   help="with pipeline stages, let a micro-batch take any sequences not in flight (up to "
+                        "--max-num-seqs) instead of one of pp even lanes taking turns; for comparison")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-bytes", type=int, default=0, help="fixed KV bytes per rank (default: profiled)")

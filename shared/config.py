@@ -255,9 +255,9 @@ class SchedulerConfig:
     # NCCL), so the router, gRPC and the stages' host work overlap the GPU instead of
     # running between its steps. Off: every step waits for the tokens it appends.
     async_scheduling: bool = True
-    # With pipeline stages, a micro-batch takes at most 1/num_stages of the sequences in the
-    # system, so the stages get num_stages micro-batches of even size (router/scheduler.py).
-    # Off: a micro-batch takes up to max_num_seqs of whatever is not in flight.
+    # With pipeline stages, every sequence joins one of num_stages lanes of even size and a
+    # micro-batch holds one lane, the lanes taking turns (router/scheduler.py). Off: a
+    # micro-batch takes up to max_num_seqs of whatever is not in flight.
     even_micro_batches: bool = True
 
     def __post_init__(self) -> None:

@@ -548,9 +548,9 @@ def test_in_a_pipeline_an_independent_micro_batch_goes_before_a_look_ahead() -> 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_in_a_pipeline_micro_batches_stay_even_when_results_come_back_together(async_scheduling: bool) -> None:
-    # Two stages, eight decoding sequences: each micro-batch takes half of them. Without the
-    # limit, two micro-batches returning before the next schedule() would merge into one of
-    # eight, which leaves one stage idle while the other computes it.
+    # Two stages, eight decoding sequences: each lane holds half of them. Without lanes, two
+    # micro-batches returning before the next schedule() merge into one of eight, which
+    # leaves one stage idle while the other computes it.
     sched = make_scheduler(
         num_blocks=256, max_num_batched_tokens=256, max_num_seqs=16, async_scheduling=async_scheduling, num_stages=2
     )
@@ -559,17 +559,21 @@ def test_in_a_pipeline_micro_batches_stay_even_when_results_come_back_together(a
         sched.add(seq)
     inflight: deque[ScheduledBatch] = deque()
     sizes: list[int] = []
+    lanes: list[int] = []
     for _ in range(30):
         while len(inflight) < (4 if async_scheduling else 2) and (batch := sched.schedule()) is not None:
             inflight.append(batch)
             sizes.append(len(batch.entries))
+            lanes.append(batch.lane)
         # Every step in flight comes back before the next schedule() call.
         while inflight:
             complete(sched, inflight.popleft())
     assert max(sizes) == 4 and sizes.count(4) == len(sizes)
+    # The lanes take turns: no lane's step follows its own on the first stage.
+    assert all(a != b for a, b in zip(lanes, lanes[1:]))
 
 
-def test_the_micro_batch_limit_follows_the_sequences_in_the_system() -> None:
+def test_lanes_fill_up_to_their_share_of_the_sequences_in_the_system() -> None:
     sched = make_scheduler(num_blocks=256, max_num_batched_tokens=256, max_num_seqs=16, num_stages=2)
     for _ in range(3):
         sched.add(make_seq(4, max_new_tokens=40))
@@ -593,28 +597,35 @@ def test_the_micro_batch_limit_follows_the_sequences_in_the_system() -> None:
     assert batch is not None and len(batch.entries) == 3
 
 
-def test_in_a_pipeline_look_ahead_merges_micro_batches_smaller_than_the_even_share() -> None:
-    # a and b arrived one by one (a micro-batch each), then c and d together: the look-ahead
-    # of a takes b along (together they are the even share, 4 sequences / 2 stages), so the
-    # pipe settles at two micro-batches of two instead of three.
+def test_in_a_pipeline_later_arrivals_join_the_lanes_instead_of_new_micro_batches() -> None:
+    # a and b arrived one by one (a lane each), then c and d together: they join the lanes'
+    # next steps (the look-aheads of a and b), so the pipe holds two micro-batches of two
+    # instead of three.
     sched = make_scheduler(async_scheduling=True, num_stages=2, max_num_seqs=16)
     a, b, c, d = (make_seq(4, max_new_tokens=8) for _ in range(4))
     sched.add(a)
-    assert sched.schedule().seqs == [a]  # type: ignore[union-attr]
+    first = sched.schedule()
+    assert first is not None and first.seqs == [a]
     sched.add(b)
     assert sched.schedule().seqs == [b]  # type: ignore[union-attr]
     sched.add(c)
     sched.add(d)
-    assert sched.schedule().seqs == [c, d]  # type: ignore[union-attr]
-    merged = sched.schedule()
-    assert merged is not None and merged.seqs == [a, b] and all(e.append_sampled for e in merged.entries)
-    # c and d together fill the share: their look-ahead takes nobody else.
-    assert sched.schedule().seqs == [c, d]  # type: ignore[union-attr]
-    # Without the even split the oldest micro-batch's look-ahead goes alone.
+    third, fourth = sched.schedule(), sched.schedule()
+    assert third is not None and fourth is not None
+    assert third.seqs == [a, c] and third.entries[0].append_sampled and third.entries[1].is_new
+    assert fourth.seqs == [b, d] and fourth.entries[0].append_sampled and fourth.entries[1].is_new
+    # Every lane has two steps in flight (asynchronous scheduling): nothing more to send.
+    assert sched.schedule() is None
+    # The lanes keep their sequences: a's step back, its lane's next step is a and c again.
+    complete(sched, first)
+    again = sched.schedule()
+    assert again is not None and sorted(s.seq_id for s in again.seqs) == sorted([a.seq_id, c.seq_id])
+    # Without lanes the independent micro-batch of c and d goes first, a third group.
     uneven = make_scheduler(async_scheduling=True, num_stages=2, max_num_seqs=16, even_micro_batches=False)
-    x, y = make_seq(4, max_new_tokens=8), make_seq(4, max_new_tokens=8)
+    x, y, z = (make_seq(4, max_new_tokens=8) for _ in range(3))
     uneven.add(x)
     uneven.schedule()
     uneven.add(y)
     uneven.schedule()
-    assert uneven.schedule().seqs == [x]  # type: ignore[union-attr]
+    uneven.add(z)
+    assert uneven.schedule().seqs == [z]  # type: ignore[union-attr]
