@@ -26,9 +26,10 @@ Policy: FCFS with chunked prefill and preemption by recompute.
   (`append_sampled`: the stages append the token they sampled themselves). The router learns
   the token a step later; a sequence that turns out to have stopped (EOS, a stop string)
   wastes that one look-ahead token, which is dropped. Look-ahead steps never preempt. With
-  one stage they lead every step; in a pipeline they go out only when no micro-batch of
-  other sequences can (a look-ahead step waits on the first stage for its tokens, while an
-  independent micro-batch keeps that stage busy).
+  one stage, and in a lane, they lead every step; in a pipeline without lanes they go out
+  only when no micro-batch of other sequences can (a look-ahead step waits on the first
+  stage for its tokens, while an independent micro-batch keeps that stage busy; lanes get
+  the same by taking turns).
 * A sequence that cannot fit in the whole KV pool is never admitted: `schedule()` moves it to
   an unschedulable list that the engine drains with `pop_unschedulable()` and reports as an
   error to its client. This covers both over-long prompts and sequences that outgrew the
