@@ -428,8 +428,9 @@ async def serve_async(config: RouterConfig) -> None:
             log.error("bring-up failed: %s", startup.exception())
             await server.stop(grace=0)
             raise SystemExit(1)
+        # Before the first request: the tokenizer, the protos, the stage clients.
+        freeze_startup_objects()
         await router.set_serving(True)
-        freeze_startup_objects()  # the tokenizer, the protos, the stage clients
         log.info("router serving on %s", address)
         watcher = asyncio.ensure_future(router.watch_health(stop))
         await stop.wait()
