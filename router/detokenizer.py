@@ -146,8 +146,7 @@ class IncrementalDetokenizer:
         needs decoding). The new text waits in _new_text."""
         complete = len(window_text) > len(self._prefix_text) and not window_text.endswith(REPLACEMENT_CHAR)
         if not (complete or force or len(self._ids) - self._read_offset > MAX_PENDING_TOKENS):
-            self._new_text = ""
-            return False
+            return False  # _new_text stays "" (_step cleared it)
         self._new_text = window_text[len(self._prefix_text) :]
         # The tokens just decoded become the context of the next window.
         del self._ids[: self._read_offset]

@@ -364,8 +364,9 @@ class Engine:
             return
         if step.stop_string is None:
             response.text += req.detokenizer.finish()
-        self.scheduler.finish(seq)
-        self._builder.forget(seq.seq_id)
+        if not seq.is_finished:  # a stop string: the ids alone ended it in _on_result otherwise
+            self.scheduler.finish(seq)
+            self._builder.forget(seq.seq_id)
         response.finish_reason = finish
         response.stop_reason = stop_reason
         self._close(req, response)

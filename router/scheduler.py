@@ -386,6 +386,8 @@ class Scheduler:
 
     def _admit(self, entries: list[ScheduledEntry], budget: int, lane: int | None) -> int:
         bm = self.block_manager
+        if not self._waiting:
+            return budget
         room = self.config.max_num_seqs - len(entries)
         if lane is not None:
             # The lane fills up to its share of every sequence in the system.
