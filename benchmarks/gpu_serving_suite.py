@@ -7,8 +7,9 @@ load generator's JSON report. Prints one table at the end and writes every repor
     python3 benchmarks/gpu_serving_suite.py --model docs/model-configs/llama-3-8b \\
         --out /tmp/bench [--only batch1-pp1,batch1-pp2]
 
-Scenarios needing two GPUs are skipped on a one-GPU host. The `cpu-*` scenarios (run only when
---only names them) serve the tiny demo model on the CPU: what they show is the step
+Scenarios needing two GPUs are skipped on a one-GPU host. The `*-long` scenarios (four times
+the requests, for attaching a profiler) and the `cpu-*` ones run only when --only names them;
+the `cpu-*` ones serve the tiny demo model on the CPU: what they show is the step
 composition (decode steps, the pipeline's micro-batches), not speed. Prints figures; asserts
 nothing.
 """
@@ -47,6 +48,8 @@ class Scenario:
     hf_baseline: bool = False
     server_args: tuple[str, ...] = field(default_factory=tuple)
     device: str = "cuda"
+    # Run only when --only names it (diagnostic scenarios, not targets).
+    on_request_only: bool = False
 
     @property
     def gpus(self) -> int:
@@ -70,9 +73,13 @@ SCENARIOS = (
     Scenario("c256-pp2-si4", 2, 1, 256, 256, 512, 256, server_args=("--stream-interval", "4")),
     # Micro-batches as the timing of results groups them (before the lanes).
     Scenario("c256-pp2-uneven", 2, 1, 256, 256, 512, 256, server_args=("--no-even-micro-batches",)),
+    # Four times the requests: a load long enough to attach a profiler to (py-spy) mid-run.
+    Scenario("c256-pp1-long", 1, 1, 256, 1024, 512, 256, on_request_only=True),
+    Scenario("c256-pp2-long", 2, 1, 256, 1024, 512, 256, on_request_only=True),
     # The tiny demo model on the CPU: a pipeline's micro-batches with and without lanes.
-    Scenario("cpu-pp2", 2, 1, 64, 64, 16, 64, device="cpu"),
-    Scenario("cpu-pp2-uneven", 2, 1, 64, 64, 16, 64, server_args=("--no-even-micro-batches",), device="cpu"),
+    Scenario("cpu-pp2", 2, 1, 64, 64, 16, 64, device="cpu", on_request_only=True),
+    Scenario("cpu-pp2-uneven", 2, 1, 64, 64, 16, 64, server_args=("--no-even-micro-batches",), device="cpu",
+             on_request_only=True),
 )
 
 
@@ -173,6 +180,7 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
 
 PHASES = (
     "prepare", "prepare.apply", "prepare.build", "prepare.upload", "launch", "launch.forward", "wait", "reply",
+    "device",
 )
 
 
@@ -244,7 +252,7 @@ def main() -> None:
     wanted = set(filter(None, args.only.split(",")))
     rows = []
     for scenario in SCENARIOS:
-        if wanted and scenario.name not in wanted or not wanted and scenario.device == "cpu":
+        if wanted and scenario.name not in wanted or not wanted and scenario.on_request_only:
             continue
         if scenario.gpus > gpus:
             print(f"{scenario.name}: skipped, needs {scenario.gpus} GPUs, host has {gpus}", flush=True)

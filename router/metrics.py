@@ -43,6 +43,7 @@ REJECTIONS = ("invalid_argument", "failed_precondition", "resource_exhausted", "
 # so a stage cannot grow the label set.
 STEP_PHASES = (
     "prepare", "prepare.apply", "prepare.build", "prepare.upload", "launch", "launch.forward", "wait", "reply",
+    "device",
 )
 
 # What a step computes, a label on the step histograms: the eager prefill steps of a busy

@@ -67,8 +67,12 @@ def drain(stream: asyncio.Queue[StreamItem], first: StreamItem) -> list[StreamIt
 def merge_tokens(into: gen.GenerateResponse, more: gen.GenerateResponse) -> None:
     """Appends `more`'s tokens, text and logprobs to `into` (two token responses of one stream)."""
     into.token_ids.extend(more.token_ids)
-    into.text += more.text
-    into.logprobs.extend(more.logprobs)
+    if more.text:
+        into.text += more.text
+    # Extending a repeated message field costs even when empty, and most streams ask for no
+    # logprobs: a router profile at 256 streams had 9% of its time on this line unguarded.
+    if more.logprobs:
+        into.logprobs.extend(more.logprobs)
 
 
 def coalesce(items: Iterable[StreamItem]) -> Iterator[StreamItem]:

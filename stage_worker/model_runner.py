@@ -46,6 +46,8 @@ class LaunchedStep:
     host_copy: SamplerHostCopy | None = None
     seq_ids: list[int] = field(default_factory=list)
     top_logprobs: list[int] = field(default_factory=list)
+    # Last stage on CUDA: events around the step's device work, for the "device" phase.
+    device_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,10 @@ class ModelRunner:
         phases["prepare"] = mark - started
         phases["prepare.build"] = mark - applied
         phases["prepare.upload"] = mark - batch.upload_started
+        # The last stage's result waits for its device work anyway, so only there is the
+        # device time read (elsewhere reading it would hold the result back).
+        timed = self.layout.is_last and self.device.type == "cuda"
+        device_start = _timing_event() if timed else None
         hidden = self._forward(batch)
         phases["launch.forward"] = time.perf_counter() - mark
         launched = LaunchedStep(result, started)
@@ -255,6 +261,8 @@ class ModelRunner:
             for seq in batch.sampled_seqs:
                 assert seq.pending_sample is not None
                 seq.pending_sample.tokens = tokens
+        if device_start is not None:
+            launched.device_span = (device_start, _timing_event())
         launched.launched_at = time.perf_counter()
         phases["launch"] = launched.launched_at - mark
         return launched
@@ -275,6 +283,10 @@ class ModelRunner:
                 assert launched.output is not None  # set with host_copy, by the sampler
                 _fill_tokens(result, launched.seq_ids, launched.top_logprobs, launched.output, packed)
                 result.phase_seconds["reply"] = time.perf_counter() - mark
+            if launched.device_span is not None:
+                start, end = launched.device_span
+                end.synchronize()  # recorded after the host copy's event: no wait in practice
+                result.phase_seconds["device"] = start.elapsed_time(end) / 1e3
         result.compute_seconds = time.perf_counter() - launched.started
         return result
 
@@ -358,6 +370,12 @@ class ModelRunner:
             [s.prompt_token_ids for s in seqs],
             [s.output_token_ids for s in seqs],
         )
+
+
+def _timing_event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def _fill_tokens(
