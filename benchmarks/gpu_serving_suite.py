@@ -73,6 +73,8 @@ SCENARIOS = (
     Scenario("c256-pp2-si4", 2, 1, 256, 256, 512, 256, server_args=("--stream-interval", "4")),
     # Micro-batches as the timing of results groups them (before the lanes).
     Scenario("c256-pp2-uneven", 2, 1, 256, 256, 512, 256, server_args=("--no-even-micro-batches",)),
+    # Two steps of a sequence in flight with one stage (the default is three since 2026-11-30).
+    Scenario("c256-pp1-2ahead", 1, 1, 256, 256, 512, 256, server_args=("--steps-in-flight-per-seq", "2")),
     # Four times the requests: a load long enough to attach a profiler to (py-spy) mid-run.
     Scenario("c256-pp1-long", 1, 1, 256, 1024, 512, 256, on_request_only=True),
     Scenario("c256-pp2-long", 2, 1, 256, 1024, 512, 256, on_request_only=True),
@@ -225,6 +227,8 @@ def _step_profile(metrics_port: int, num_stages: int, path: Path) -> dict[str, f
         profile[f"{kind}_steps"] = sum(v for n, lbls, v in samples if n == "stageserve_stage_step_seconds_count"
                                        and lbls.get("stage") == last and lbls.get("kind") == kind)
     profile["steps"] = sum(profile[f"{kind}_steps"] for kind in ("decode", "prefill", "mixed"))
+    profile["router_result_queue_ms"] = _mean_ms(samples, "router_result_queue_seconds")
+    profile["router_turnaround_ms"] = _mean_ms(samples, "router_turnaround_seconds")
     profile["last_stage_result_seconds_sum"] = sum(
         v for n, lbls, v in samples
         if n == "stageserve_stage_result_latency_seconds_sum" and lbls.get("stage") == last)
@@ -295,13 +299,16 @@ def main() -> None:
                      for p in ("compute", "result", *PHASES) if f"stage{last}_{prefix}{p}_ms" in prof]
             steps = ", ".join(f"{k} {prof.get(f'{k}_steps', 0):.0f}" for k in ("decode", "prefill", "mixed"))
             print(f"  {name}: {', '.join(parts) or '-'} (steps: {steps})")
-    print("\nprocess CPU over the load run (cores busy / ms per output token) and the router's mean steps in flight:")
+    print("\nprocess CPU over the load run (cores busy / ms per output token), the router's mean steps in flight,"
+          "\nand its mean turnaround (a result in to the next step out; of it, the result queued for the engine):")
     for name, r in rows:
         cpu = (r or {}).get("process_cpu") or {}
         parts = [f"{role} {v['cores_busy']:.2f} / {v['ms_per_token']:.3f}" for role, v in cpu.items()
                  if v["cores_busy"] is not None and v["ms_per_token"] is not None]
-        in_flight = ((r or {}).get("step_profile") or {}).get("mean_steps_in_flight")
-        print(f"  {name}: {', '.join(parts) or '-'}; steps in flight {fmt_float(in_flight)}")
+        prof = (r or {}).get("step_profile") or {}
+        print(f"  {name}: {', '.join(parts) or '-'}; steps in flight {fmt_float(prof.get('mean_steps_in_flight'))}; "
+              f"turnaround {fmt_float(prof.get('router_turnaround_ms'))} ms "
+              f"(queued {fmt_float(prof.get('router_result_queue_ms'))} ms)")
     if os.environ.get("OUT"):
         print(f"reports in {out}")
 

@@ -113,6 +113,9 @@ class Engine:
         # Stage indices that have answered each step in flight, to name the stuck one.
         self._answered: dict[int, set[int]] = {}
         self._builder = StepBuilder(forward_sampled_tokens)
+        # When the oldest last-stage result not yet followed by a new step arrived: what the
+        # router's turnaround (result in, next step out) is measured from.
+        self._turnaround_from: float | None = None
         # Tokens applied to the scheduler whose responses are not built yet (_emit_tokens).
         self._to_emit: list[tuple[_Request, pb.SampledToken, int, str]] = []
         self._ids = itertools.count(1)
@@ -131,7 +134,7 @@ class Engine:
         last = len(self.stages) - 1
         for index, stage in enumerate(self.stages):
             stage.open_execute(
-                on_result=lambda r, i=index: self._events.put(("result", i == last, r)),
+                on_result=lambda r, i=index: self._events.put(("result", i == last, r, time.monotonic())),
                 on_error=lambda msg: self._events.put(("stage_error", msg)),
             )
         self._thread.start()
@@ -196,7 +199,7 @@ class Engine:
         elif kind == "abort":
             self._abort(event[1])
         elif kind == "result":
-            self._on_result(event[1], event[2])
+            self._on_result(event[1], event[2], event[3])
         elif kind == "stage_error":
             self._fail_all(event[1])
         elif kind == "stop":
@@ -266,8 +269,11 @@ class Engine:
             for stage in self.stages:
                 stage.send_step(step)
             self.stats.steps += 1
+            if self._turnaround_from is not None:
+                self.metrics.on_turnaround(time.monotonic() - self._turnaround_from)
+                self._turnaround_from = None
 
-    def _on_result(self, from_last_stage: bool, result: pb.StepResult) -> None:
+    def _on_result(self, from_last_stage: bool, result: pb.StepResult, arrived: float) -> None:
         self.metrics.on_stage_result(result)
         if not from_last_stage:
             if result.error:
@@ -280,6 +286,9 @@ class Engine:
             return
         self._answered.pop(result.step_id, None)
         self._progress_at = time.monotonic()
+        self.metrics.on_result_handled(self._progress_at - arrived)
+        if self._turnaround_from is None:
+            self._turnaround_from = arrived
         if result.error:
             log.error("step %d rejected: %s", result.step_id, result.error)
             self._emit_tokens()  # the tokens of earlier steps go out before the error

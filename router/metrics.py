@@ -115,6 +115,17 @@ class RouterMetrics:
             "they arrived (steps whose results came back out of order are not counted).",
             ["stage"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
         )
+        self.result_queue = Histogram(
+            "router_result_queue_seconds", "Time a last stage's step result waited for the "
+            "router's engine thread after it arrived.",
+            namespace=ns, registry=r, buckets=STEP_BUCKETS,
+        )
+        self.turnaround = Histogram(
+            "router_turnaround_seconds", "Time from a last stage's step result arriving to the "
+            "router sending its next step: the router's share of the pipeline's critical path "
+            "(steps sent with no result in between are not counted).",
+            namespace=ns, registry=r, buckets=STEP_BUCKETS,
+        )
         self.serving = Gauge(
             "router_serving", "1 while the router reports SERVING on the health service.",
             namespace=ns, registry=r,
@@ -175,6 +186,12 @@ class RouterMetrics:
                 "error": last.error_message,
             },
         )
+
+    def on_result_handled(self, queued_s: float) -> None:
+        self.result_queue.observe(queued_s)
+
+    def on_turnaround(self, seconds: float) -> None:
+        self.turnaround.observe(seconds)
 
     def on_step_sent(self, step_id: int, kind: str) -> None:
         assert kind in STEP_KINDS, kind

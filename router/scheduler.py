@@ -8,7 +8,8 @@ Policy: FCFS with chunked prefill and preemption by recompute.
   admitted into one of P lanes, the one being scheduled while it holds less than 1/P of
   the sequences in the system, and a micro-batch holds one lane's sequences: its
   look-ahead, its other runnable sequences and new admissions. Each lane has at most one
-  step in flight (two with asynchronous scheduling), and lanes take turns. So the pipe
+  step in flight (with asynchronous scheduling, as many as a sequence may have), and lanes
+  take turns. So the pipe
   holds P micro-batches of even size, whatever the timing of arrivals and results;
   without lanes, the sequences not in flight at a schedule() call share a micro-batch, and
   groups split by staggered arrivals keep their own steps for good.
@@ -21,11 +22,12 @@ Policy: FCFS with chunked prefill and preemption by recompute.
   running sequence that is not in flight is preempted (possibly the one asking): its blocks
   are freed and it goes back to the front of the waiting queue, to be recomputed (prompt and
   outputs; its full blocks usually come back as prefix-cache hits).
-* Asynchronous scheduling (SchedulerConfig.async_scheduling): a sequence whose only step in
-  flight samples its next token may be scheduled again at once, for the token after it
-  (`append_sampled`: the stages append the token they sampled themselves). The router learns
-  the token a step later; a sequence that turns out to have stopped (EOS, a stop string)
-  wastes that one look-ahead token, which is dropped. Look-ahead steps never preempt. With
+* Asynchronous scheduling (SchedulerConfig.async_scheduling): a sequence whose steps in
+  flight each sample its next token may be scheduled again at once, for the token after
+  them (`append_sampled`: the stages append the token they sampled themselves), up to
+  SchedulerConfig.steps_in_flight_per_seq steps in flight (three with one stage, two in a pipeline).
+  The router learns each token later; a sequence that turns out to have stopped (EOS, a
+  stop string) wastes its look-ahead tokens, which are dropped. Look-ahead steps never preempt. With
   one stage, and in a lane, they lead every step; in a pipeline without lanes they go out
   only when no micro-batch of other sequences can (a look-ahead step waits on the first
   stage for its tokens, while an independent micro-batch keeps that stage busy; lanes get
@@ -106,6 +108,9 @@ class Scheduler:
         # Pipeline stages: decides where look-ahead steps go and whether lanes are used.
         self.num_stages = num_stages
         self.num_lanes = num_stages if num_stages > 1 and config.even_micro_batches else 0
+        # Steps one sequence may have in flight: 1, or with asynchronous scheduling 1 plus
+        # its look-ahead steps (SchedulerConfig.steps_in_flight_per_seq).
+        self.steps_per_seq = config.steps_per_seq(num_stages)
         # Steps in flight per lane, and the lane whose turn comes next.
         self._lane_steps = [0] * self.num_lanes
         self._next_lane = 0
@@ -178,7 +183,7 @@ class Scheduler:
         # comes back, so the first stage always sees the lanes in turn: a lane's look-ahead
         # step never follows its own step directly, which would leave the first stage idle
         # while that step's tokens come round. A lane with nothing to run passes its turn.
-        steps_per_lane = 2 if self.config.async_scheduling else 1
+        steps_per_lane = self.steps_per_seq
         for turn in range(self.num_lanes):
             lane = (self._next_lane + turn) % self.num_lanes
             if self._lane_steps[lane] >= steps_per_lane:
@@ -327,20 +332,22 @@ class Scheduler:
         return budget
 
     def _look_ahead_candidates(self, lane: int | None) -> list[Sequence]:
-        """Sequences whose one step in flight samples their next token and that will surely
-        need the token after it (not at max_new_tokens or the context end), from the oldest
-        step in flight (of `lane`, with lanes: a lane's only one): with pipeline stages, each
+        """Sequences below their limit of steps in flight, whose steps in flight all sample,
+        and that will surely need the token after them (not at max_new_tokens or the context
+        end), from the oldest micro-batch (of `lane`, with lanes): with pipeline stages, each
         micro-batch's next step follows it alone instead of waiting for two."""
-        if not self.config.async_scheduling:
+        if self.steps_per_seq < 2:
             return []
         ready = [
             s for s in self._running
-            if s.num_inflight_steps == 1
+            if 0 < s.num_inflight_steps < self.steps_per_seq
             and (lane is None or s.lane == lane)
-            and s.num_scheduled_tokens == s.num_tokens
-            # After the step in flight the sequence has one more output and one more token.
-            and s.num_output_tokens + 1 < s.max_new_tokens
-            and (self.max_context == 0 or s.num_tokens + 1 < self.max_context)
+            # Every step in flight samples: the oldest computes the last known token, each
+            # later one the token sampled before it.
+            and s.num_scheduled_tokens == s.num_tokens + s.num_inflight_steps - 1
+            # After the steps in flight the sequence has that many more outputs and tokens.
+            and s.num_output_tokens + s.num_inflight_steps < s.max_new_tokens
+            and (self.max_context == 0 or s.num_tokens + s.num_inflight_steps < self.max_context)
         ]
         if not ready:
             return []
@@ -417,8 +424,8 @@ class Scheduler:
         self, seq: Sequence, num_tokens: int, new_block_ids: list[int], is_new: bool
     ) -> ScheduledEntry:
         start = seq.num_scheduled_tokens
-        # A look-ahead step starts one past the known tokens: at the token being sampled.
-        append_sampled = start == seq.num_tokens
+        # A look-ahead step starts past the known tokens: at the token being sampled.
+        append_sampled = start >= seq.num_tokens
         entry = ScheduledEntry(
             seq=seq,
             start_position=start,

@@ -74,7 +74,7 @@ class StepBuilder:
             elif entry.append_sampled:
                 # The stages append the token their previous step samples; the router has
                 # not seen it yet, so it counts it as sent.
-                assert view.tokens_sent == seq.num_tokens, f"sequence {seq.seq_id}: look-ahead on stale tokens"
+                assert view.tokens_sent == entry.start_position, f"sequence {seq.seq_id}: look-ahead on stale tokens"
                 view.tokens_sent += 1
             else:
                 unsent = seq.num_tokens - view.tokens_sent

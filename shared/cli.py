@@ -110,7 +110,11 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue-len", type=int, default=4096,
                    help="requests held (waiting + running) before new ones get RESOURCE_EXHAUSTED")
     p.add_argument("--max-inflight-steps", type=int, default=0,
-                   help="micro-batches in flight (0: one per stage, two with async scheduling)")
+                   help="micro-batches in flight (0: one per stage, times --steps-in-flight-per-seq "
+                        "with async scheduling)")
+    p.add_argument("--steps-in-flight-per-seq", type=int, default=0,
+                   help="with async scheduling, steps one sequence may have in flight at once (0: 3 with "
+                        "one stage, 2 with a pipeline); more hide a longer router-stage round trip")
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="send each decode step only after the previous step's tokens reached the router "
                         "(slower: the control plane runs between GPU steps); for comparison and debugging")
@@ -135,6 +139,7 @@ def _router_flag_values(args: argparse.Namespace) -> list[str]:
         "--block-size", str(args.block_size), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         "--max-num-seqs", str(args.max_num_seqs), "--max-queue-len", str(args.max_queue_len),
         "--max-inflight-steps", str(args.max_inflight_steps),
+        "--steps-in-flight-per-seq", str(args.steps_in_flight_per_seq),
         "--gpu-memory-utilization", str(args.gpu_memory_utilization),
         "--kv-cache-bytes", str(args.kv_cache_bytes), "--max-kv-blocks", str(args.max_kv_blocks),
         "--step-timeout", str(args.step_timeout), "--stream-interval", str(args.stream_interval),
@@ -447,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                     enable_prefix_caching=not args.no_prefix_caching,
                     async_scheduling=not args.no_async_scheduling,
                     even_micro_batches=not args.no_even_micro_batches,
+                    steps_in_flight_per_seq=args.steps_in_flight_per_seq,
                 ),
                 cache=CacheConfig(block_size=args.block_size),
                 gpu_memory_utilization=args.gpu_memory_utilization,

@@ -247,7 +247,8 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     # Waiting requests past which new ones get RESOURCE_EXHAUSTED.
     max_queue_len: int = 4096
-    # Micro-batches in flight; 0 means one per pipeline stage, two with async_scheduling.
+    # Micro-batches in flight; 0 means one per pipeline stage, times steps_per_seq with
+    # async_scheduling.
     max_inflight_steps: int = 0
     enable_prefix_caching: bool = True
     # Send a decode step before the previous step's token has come back: the stages take
@@ -259,6 +260,14 @@ class SchedulerConfig:
     # micro-batch holds one lane, the lanes taking turns (router/scheduler.py). Off: a
     # micro-batch takes up to max_num_seqs of whatever is not in flight.
     even_micro_batches: bool = True
+    # With async_scheduling, how many steps one sequence may have in flight at once (each
+    # after the first samples from the one before it on the device). 0: three with one
+    # stage, two with a pipeline. Three lets a single stage's GPU run step n while the
+    # router and the stage's host prepare step n+2, which a 256-stream decode step (12 ms
+    # on an H200) needs: the round trip router -> stage -> router takes longer than one
+    # step. A pipeline gains nothing from it: the first stage would wait on the device for
+    # tokens the last stage has not sampled yet, stalling the other lanes' steps behind.
+    steps_in_flight_per_seq: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -269,13 +278,23 @@ class SchedulerConfig:
             raise ConfigError("max_queue_len must be at least 1")
         if self.max_inflight_steps < 0:
             raise ConfigError("max_inflight_steps must be >= 0")
+        if self.steps_in_flight_per_seq < 0:
+            raise ConfigError("steps_in_flight_per_seq must be >= 0")
+
+    def steps_per_seq(self, num_stages: int) -> int:
+        """Steps one sequence may have in flight at once (see steps_in_flight_per_seq)."""
+        if not self.async_scheduling:
+            return 1
+        if self.steps_in_flight_per_seq:
+            return self.steps_in_flight_per_seq
+        return 3 if num_stages == 1 else 2
 
     def inflight_steps(self, num_stages: int) -> int:
-        """Steps the router keeps in flight: each stage busy, and with async scheduling one
-        more queued behind each, so a stage never waits for the router between steps."""
+        """Steps the router keeps in flight: each stage busy, and with async scheduling more
+        queued behind each, so a stage never waits for the router between steps."""
         if self.max_inflight_steps:
             return self.max_inflight_steps
-        return num_stages * (2 if self.async_scheduling else 1)
+        return num_stages * self.steps_per_seq(num_stages)
 
 
 def replace(obj: Any, **changes: Any) -> Any:

@@ -39,6 +39,7 @@ def make_scheduler(
     max_context: int = 0,
     num_stages: int = 1,
     even_micro_batches: bool = True,
+    steps_in_flight_per_seq: int = 0,
 ) -> Scheduler:
     """Synchronous by default: most tests here pin down the policy step by step; the
     look-ahead tests at the end turn asynchronous scheduling on."""
@@ -49,6 +50,7 @@ def make_scheduler(
         enable_prefix_caching=prefix_caching,
         async_scheduling=async_scheduling,
         even_micro_batches=even_micro_batches,
+        steps_in_flight_per_seq=steps_in_flight_per_seq,
     )
     block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     return Scheduler(config, block_manager, max_context=max_context, num_stages=num_stages)
@@ -370,6 +372,7 @@ def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int, a
         async_scheduling=async_scheduling, num_stages=1 + seed % 2,
     )
     stopped_early: set[int] = set()
+    max_in_flight = sched.config.inflight_steps(1 + seed % 2)
     bm = sched.block_manager
     kv: dict[int, dict[int, tuple[int, ...]]] = {}
     prefixes = [[rng.randrange(3) for _ in range(rng.randrange(1, 12))] for _ in range(3)]
@@ -390,14 +393,17 @@ def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int, a
     for _ in range(5000):
         if len(created) < num_requests and rng.random() < 0.3:
             new_request()
-        if len(in_flight) < 2:
+        if len(in_flight) < max_in_flight:
             batch = sched.schedule()
             if batch is not None:
-                busy = {s for b in in_flight for s in b.seqs}
+                busy = [s for b in in_flight for s in b.seqs]
                 for e in batch.entries:
                     if e.seq in busy:
                         assert async_scheduling and e.append_sampled, "a sequence is in two micro-batches"
-                        assert e.start_position == e.seq.num_tokens and e.num_tokens == 1 and e.sample
+                        # One past the known tokens per step of it still in flight.
+                        ahead = busy.count(e.seq)
+                        assert ahead < sched.steps_per_seq
+                        assert e.start_position == e.seq.num_tokens + ahead - 1 and e.num_tokens == 1 and e.sample
                 assert batch.num_tokens <= sched.config.max_num_batched_tokens
                 assert len(batch.entries) <= sched.config.max_num_seqs
                 owners: dict[int, int] = {}
@@ -413,7 +419,7 @@ def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int, a
                         assert owners[e.seq.block_ids[pos // bs]] == 1, "writing a shared block"
                     assert e.sample == (e.start_position + e.num_tokens >= e.seq.num_tokens)
                 in_flight.append(batch)
-        if in_flight and (len(in_flight) == 2 or rng.random() < 0.5):
+        if in_flight and (len(in_flight) == max_in_flight or rng.random() < 0.5):
             batch = in_flight.popleft()
             for e in batch.entries:
                 if e.seq.is_finished:
@@ -451,7 +457,7 @@ def test_random_simulation_with_pipelined_steps_ends_with_pool_free(seed: int, a
 
 
 def test_look_ahead_schedules_the_next_decode_before_the_token_is_back() -> None:
-    sched = make_scheduler(block_size=4, async_scheduling=True)
+    sched = make_scheduler(block_size=4, async_scheduling=True, steps_in_flight_per_seq=2)
     seq = make_seq(4, max_new_tokens=5)
     sched.add(seq)
     prefill = sched.schedule()
@@ -471,6 +477,32 @@ def test_look_ahead_schedules_the_next_decode_before_the_token_is_back() -> None
     # Not in flight any more: an ordinary decode step, whose token the router appends.
     last = sched.schedule()
     assert last is not None and shape(last) == [(seq.seq_id, 6, 1, True)] and not last.entries[0].append_sampled
+
+
+def test_one_stage_keeps_three_steps_of_a_sequence_in_flight_by_default() -> None:
+    sched = make_scheduler(block_size=4, async_scheduling=True)
+    assert sched.steps_per_seq == 3 and make_scheduler(async_scheduling=True, num_stages=2).steps_per_seq == 2
+    seq = make_seq(4, max_new_tokens=6)
+    sched.add(seq)
+    prefill, first, second = sched.schedule(), sched.schedule(), sched.schedule()
+    # Positions 4 and 5 hold the tokens the prefill and the first look-ahead sample.
+    assert prefill is not None and shape(prefill) == [(seq.seq_id, 0, 4, True)]
+    assert first is not None and shape(first) == [(seq.seq_id, 4, 1, True)] and first.entries[0].append_sampled
+    assert second is not None and shape(second) == [(seq.seq_id, 5, 1, True)] and second.entries[0].append_sampled
+    assert second.entries[0].new_block_ids == []  # position 5 is in the block the first one took
+    assert sched.schedule() is None  # three in flight: its limit
+    complete(sched, prefill, token=11)
+    third = sched.schedule()
+    assert third is not None and shape(third) == [(seq.seq_id, 6, 1, True)] and third.entries[0].append_sampled
+    for batch, token in ((first, 12), (second, 13), (third, 14)):
+        complete(sched, batch, token=token)
+    assert seq.output_token_ids == [11, 12, 13, 14] and seq.num_computed_tokens == 7
+    # Two more tokens reach max_new_tokens: one more look-ahead at most, never past the end.
+    last = sched.schedule()
+    assert last is not None and shape(last) == [(seq.seq_id, 7, 1, True)] and not last.entries[0].append_sampled
+    ahead = sched.schedule()
+    assert ahead is not None and shape(ahead) == [(seq.seq_id, 8, 1, True)]
+    assert sched.schedule() is None  # a third would sample a seventh token
 
 
 def test_no_look_ahead_past_max_new_tokens_or_the_context() -> None:
