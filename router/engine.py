@@ -247,6 +247,10 @@ class Engine:
     def _schedule_steps(self) -> None:
         while not self.failed and len(self._inflight) < self.max_inflight:
             batch = self.scheduler.schedule()
+            if batch is None:
+                # The result let no step out (nothing to run, or a lane waits for its own):
+                # an idle gap is not the router's turnaround.
+                self._turnaround_from = None
             for seq in self.scheduler.pop_unschedulable():
                 req = self._requests.get(seq.seq_id)
                 if req is not None:

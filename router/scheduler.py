@@ -9,8 +9,8 @@ Policy: FCFS with chunked prefill and preemption by recompute.
   the sequences in the system, and a micro-batch holds one lane's sequences: its
   look-ahead, its other runnable sequences and new admissions. Each lane has at most one
   step in flight (with asynchronous scheduling, as many as a sequence may have), and lanes
-  take turns. So the pipe
-  holds P micro-batches of even size, whatever the timing of arrivals and results;
+  take turns. So the pipe holds P micro-batches of even size, whatever the timing of
+  arrivals and results;
   without lanes, the sequences not in flight at a schedule() call share a micro-batch, and
   groups split by staggered arrivals keep their own steps for good.
 * Running sequences go first: decodes, then unfinished prefill chunks, both in arrival order.
@@ -25,13 +25,13 @@ Policy: FCFS with chunked prefill and preemption by recompute.
 * Asynchronous scheduling (SchedulerConfig.async_scheduling): a sequence whose steps in
   flight each sample its next token may be scheduled again at once, for the token after
   them (`append_sampled`: the stages append the token they sampled themselves), up to
-  SchedulerConfig.steps_in_flight_per_seq steps in flight (three with one stage, two in a pipeline).
-  The router learns each token later; a sequence that turns out to have stopped (EOS, a
-  stop string) wastes its look-ahead tokens, which are dropped. Look-ahead steps never preempt. With
-  one stage, and in a lane, they lead every step; in a pipeline without lanes they go out
-  only when no micro-batch of other sequences can (a look-ahead step waits on the first
-  stage for its tokens, while an independent micro-batch keeps that stage busy; lanes get
-  the same by taking turns).
+  SchedulerConfig.steps_in_flight_per_seq steps in flight (three with one stage, two in a
+  pipeline). The router learns each token later; a sequence that turns out to have stopped
+  (EOS, a stop string) wastes its look-ahead tokens, which are dropped. Look-ahead steps
+  never preempt. With one stage, and in a lane, they lead every step; in a pipeline without
+  lanes they go out only when no micro-batch of other sequences can (a look-ahead step waits
+  on the first stage for its tokens, while an independent micro-batch keeps that stage busy;
+  lanes get the same by taking turns).
 * A sequence that cannot fit in the whole KV pool is never admitted: `schedule()` moves it to
   an unschedulable list that the engine drains with `pop_unschedulable()` and reports as an
   error to its client. This covers both over-long prompts and sequences that outgrew the

@@ -265,8 +265,9 @@ class SchedulerConfig:
     # stage, two with a pipeline. Three lets a single stage's GPU run step n while the
     # router and the stage's host prepare step n+2, which a 256-stream decode step (12 ms
     # on an H200) needs: the round trip router -> stage -> router takes longer than one
-    # step. A pipeline gains nothing from it: the first stage would wait on the device for
-    # tokens the last stage has not sampled yet, stalling the other lanes' steps behind.
+    # step. Not the default with a pipeline (not measured there): a lane's second look-ahead
+    # would wait on the first stage's device for tokens the last stage has not sampled
+    # yet, stalling the other lanes' steps queued behind it.
     steps_in_flight_per_seq: int = 0
 
     def __post_init__(self) -> None:

@@ -249,9 +249,10 @@ class ModelRunner:
         phases["prepare"] = mark - started
         phases["prepare.build"] = mark - applied
         phases["prepare.upload"] = mark - batch.upload_started
-        # The last stage's result waits for its device work anyway, so only there is the
-        # device time read (elsewhere reading it would hold the result back).
-        timed = self.layout.is_last and self.device.type == "cuda"
+        # Only where the result waits for the step's device work anyway (the last stage's
+        # sampled tokens) is its device time read: elsewhere reading it would hold back a
+        # result that is otherwise ready at launch.
+        timed = self.layout.is_last and self.device.type == "cuda" and bool(batch.sampled_seqs)
         device_start = _timing_event() if timed else None
         hidden = self._forward(batch)
         phases["launch.forward"] = time.perf_counter() - mark

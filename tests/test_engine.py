@@ -289,12 +289,16 @@ def _prompt(n: int, salt: int) -> list[int]:
 # ---- outputs ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pp", [1, 2])
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
-def test_outputs_are_exact_with_chunked_prefill_preemption_and_pipelining(make, async_scheduling: bool) -> None:
+def test_outputs_are_exact_with_chunked_prefill_preemption_and_pipelining(
+    make, async_scheduling: bool, pp: int
+) -> None:
     # 16 blocks of 4 tokens for 10 sequences of up to 32 tokens: preemption is certain; a
     # budget of 8 tokens chunks every prompt; two stages keep two micro-batches in flight
-    # (four with asynchronous scheduling: each micro-batch's look-ahead step too).
-    h = make(pp=2, num_blocks=16, block_size=4, budget=8, max_num_seqs=4, async_scheduling=async_scheduling)
+    # (four with asynchronous scheduling: each micro-batch's look-ahead step too); one stage
+    # with asynchronous scheduling keeps three steps of a sequence in flight.
+    h = make(pp=pp, num_blocks=16, block_size=4, budget=8, max_num_seqs=4, async_scheduling=async_scheduling)
     prompts = [_prompt(3 + 2 * i, i) for i in range(10)]
     sinks = [h.submit(p, max_new_tokens=12, ignore_eos=True)[1] for p in prompts]
     for prompt, sink in zip(prompts, sinks):
@@ -306,14 +310,28 @@ def test_outputs_are_exact_with_chunked_prefill_preemption_and_pipelining(make, 
     assert h.engine.stats.preemptions > 0
     if async_scheduling:
         assert any(s.append_sampled for step in h.pipeline.steps for s in step.seqs)
-        assert all(step.forward_sampled_tokens for step in h.pipeline.steps)
+        assert all(step.forward_sampled_tokens == (pp > 1) for step in h.pipeline.steps)
     h.wait_idle()
     # The stages forgot every finished and preempted sequence: after one more request, it is
     # the only one they hold.
     seq_id, last = h.submit([0, 7, 8], max_new_tokens=2, ignore_eos=True)
     assert last.wait().tokens == reference([0, 7, 8], 2)
     h.pipeline.wait_for_step(len(h.pipeline.steps))
-    assert h.stage_sequences() == [{seq_id}, {seq_id}]
+    assert h.stage_sequences() == [{seq_id}] * pp
+
+
+def test_the_turnaround_metric_leaves_out_idle_gaps(make) -> None:
+    h = make(async_scheduling=True)
+    registry = h.engine.metrics.registry
+    h.submit(_prompt(5, 1), max_new_tokens=6, ignore_eos=True)[1].wait()
+    h.wait_idle()
+    time.sleep(0.5)  # nothing to run: the last result lets no step out
+    h.submit(_prompt(5, 2), max_new_tokens=6, ignore_eos=True)[1].wait()
+    count = registry.get_sample_value("stageserve_router_turnaround_seconds_count")
+    total = registry.get_sample_value("stageserve_router_turnaround_seconds_sum")
+    # Each scheduling pass after results counts once; the idle half second is none of them.
+    assert count >= 2 and total < 0.25, (count, total)
+    assert registry.get_sample_value("stageserve_router_result_queue_seconds_count") >= count
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
@@ -502,6 +520,20 @@ def test_drops_carried_by_a_rejected_step_still_reach_the_stages(make) -> None:
     last.wait()
     h.pipeline.wait_for_step(len(h.pipeline.steps))
     assert h.stage_sequences() == [{seq_id}, {seq_id}]
+
+
+def test_the_turnaround_metric_leaves_out_idle_gaps(make) -> None:
+    h = make(async_scheduling=True)
+    registry = h.engine.metrics.registry
+    h.submit(_prompt(5, 1), max_new_tokens=6, ignore_eos=True)[1].wait()
+    h.wait_idle()
+    time.sleep(0.5)  # nothing to run: the last result lets no step out
+    h.submit(_prompt(5, 2), max_new_tokens=6, ignore_eos=True)[1].wait()
+    count = registry.get_sample_value("stageserve_router_turnaround_seconds_count")
+    total = registry.get_sample_value("stageserve_router_turnaround_seconds_sum")
+    # Each scheduling pass after results counts once; the idle half second is none of them.
+    assert count >= 2 and total < 0.25, (count, total)
+    assert registry.get_sample_value("stageserve_router_result_queue_seconds_count") >= count
 
 
 def test_broken_stream_fails_everything_and_refuses_new_requests(make) -> None:
