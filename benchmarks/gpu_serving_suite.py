@@ -152,29 +152,41 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
         cmd += ["--measure-bandwidth"]
     if scenario.hf_baseline and not args.skip_baselines:
         cmd += ["--hf-baseline", args.model]
+    # The warm-up (one 2-token request per stream, all at once: every prefill shape and the
+    # first graphs and kernels) runs as its own invocation, so the step histograms, CPU
+    # times and steps in flight below cover the measured load alone.
+    warmup = [
+        sys.executable, str(REPO / "benchmarks" / "load_generator.py"), "--addr", address,
+        "--concurrency", str(scenario.concurrency), "--requests", str(scenario.concurrency),
+        "--prompt-len", str(scenario.prompt_len), "--output-len", "2", "--warmup-requests", "0",
+    ]
+    cmd += ["--warmup-requests", "0"]
     try:
         roles = deployment_processes(proc.pid)
-        cpu_before = cpu_snapshot(roles)
         with open(out / f"{scenario.name}.load.log", "wb") as log:
+            subprocess.run(warmup, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=900)
+            metrics_before = _scrape(metrics_port)
+            cpu_before = cpu_snapshot(roles)
             subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=900)
         cpu_after = cpu_snapshot(roles)
-        profile = _step_profile(metrics_port, scenario.pp, out / f"{scenario.name}.metrics.txt")
+        metrics_after = _scrape(metrics_port)
+        (out / f"{scenario.name}.metrics.txt").write_text(metrics_after)
+        profile = _step_profile(_samples_delta(metrics_before, metrics_after), scenario.pp)
     finally:
         _stop(proc)
     report = json.loads(report_path.read_text())
     report["step_profile"] = profile
     wall_s = report["load"]["wall_s"]
     tokens = report["load"]["output_tokens"]
-    # Cores each process kept busy over the measured load (the load generator's warm-up
-    # requests add a little CPU, none of the wall): ~1.0 for the router means it is the ceiling.
+    # Cores each process kept busy over the measured load: ~1.0 for the router means it is
+    # the ceiling.
     report["process_cpu"] = {
         role: {"cpu_s": cpu_after[role] - cpu_before[role],
                "cores_busy": (cpu_after[role] - cpu_before[role]) / wall_s if wall_s else None,
                "ms_per_token": 1e3 * (cpu_after[role] - cpu_before[role]) / tokens if tokens else None}
         for role in cpu_before if role in cpu_after
     }
-    # Steps the router had in flight on average, each counted from its send to its result
-    # (the load generator's warm-up steps count too, so it can pass the limit slightly).
+    # Steps the router had in flight on average, each counted from its send to its result.
     result_sum = profile.get("last_stage_result_seconds_sum", 0.0)
     profile["mean_steps_in_flight"] = result_sum / wall_s if wall_s else float("nan")
     return report
@@ -203,16 +215,25 @@ def _mean_ms(samples: list[tuple[str, dict[str, str], float]], metric: str, **la
     return 1e3 * total("sum") / count if count else float("nan")
 
 
-def _step_profile(metrics_port: int, num_stages: int, path: Path) -> dict[str, float]:
-    """Mean per-step times from the router's Prometheus histograms, over every step and over
-    decode steps alone (`decode_` keys): the stage's own compute (rank 0's step) against the
-    router's send-to-result time; the difference is the control plane (gRPC, the stage's rank
-    pipe, queueing). Per phase too (StepResult.phase_seconds)."""
+def _scrape(metrics_port: int) -> str:
     import urllib.request
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    path.write_text(text)
-    samples = _samples(text)
+    return urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+
+
+def _samples_delta(before: str, after: str) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of `after` less those of `before` (counters and histogram sums and
+    counts grow only, so the difference is what happened in between)."""
+    base = {(n, tuple(sorted(lbls.items()))): v for n, lbls, v in _samples(before)}
+    return [(n, lbls, v - base.get((n, tuple(sorted(lbls.items()))), 0.0)) for n, lbls, v in _samples(after)]
+
+
+def _step_profile(samples: list[tuple[str, dict[str, str], float]], num_stages: int) -> dict[str, float]:
+    """Mean per-step times from the router's Prometheus histograms (`samples`: the measured
+    load's share), over every step and over decode steps alone (`decode_` keys): the stage's
+    own compute (rank 0's step) against the router's send-to-result time; the difference is
+    the control plane (gRPC, the stage's rank pipe, queueing). Per phase too
+    (StepResult.phase_seconds)."""
     profile: dict[str, float] = {}
     for stage in range(num_stages):
         for prefix, kind in (("", {}), ("decode_", {"kind": "decode"})):
