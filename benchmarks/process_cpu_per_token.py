@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from shared.client import GenerationClient  # noqa: E402
-from benchmarks.process_cpu import cpu_seconds, deployment_processes  # noqa: E402
+from benchmarks.process_cpu import cpu_snapshot, deployment_processes  # noqa: E402
 from shared.demo_model import write_tiny_model  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main() -> None:
             time.sleep(0.3)
         client.close()
         roles = deployment_processes(server.pid)
-        before = {role: cpu_seconds(pid) for role, pid in roles.items()}
+        before = cpu_snapshot(roles)
         # The load generator is the only child waited for before the server: its CPU is the
         # growth of RUSAGE_CHILDREN (a client this busy would itself cap the figures).
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -73,6 +73,7 @@ def main() -> None:
                         "--warmup-requests", "0", "--hbm-bytes-per-s", "1e12"],
                        cwd=REPO, check=True, capture_output=True)
         wall = time.perf_counter() - started
+        cpu_after = cpu_snapshot(roles)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         client_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
         tokens = requests * args.output_len
@@ -81,8 +82,8 @@ def main() -> None:
               f"stream interval {args.stream_interval})")
         print("| process | CPU s | CPU ms per token | CPU ms per 256 tokens |")
         print("| --- | --- | --- | --- |")
-        for role, pid in roles.items():
-            used = cpu_seconds(pid) - before[role]
+        for role in cpu_after:
+            used = cpu_after[role] - before[role]
             print(f"| {role} | {used:.2f} | {used / tokens * 1e3:.3f} | {used / tokens * 256e3:.1f} |")
         print(f"| load generator (client) | {client_cpu:.2f} | {client_cpu / tokens * 1e3:.3f} "
               f"| {client_cpu / tokens * 256e3:.1f} |")

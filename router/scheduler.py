@@ -10,9 +10,8 @@ Policy: FCFS with chunked prefill and preemption by recompute.
   look-ahead, its other runnable sequences and new admissions. Each lane has at most one
   step in flight (with asynchronous scheduling, as many as a sequence may have), and lanes
   take turns. So the pipe holds P micro-batches of even size, whatever the timing of
-  arrivals and results;
-  without lanes, the sequences not in flight at a schedule() call share a micro-batch, and
-  groups split by staggered arrivals keep their own steps for good.
+  arrivals and results; without lanes, the sequences not in flight at a schedule() call
+  share a micro-batch, and groups split by staggered arrivals keep their own steps for good.
 * Running sequences go first: decodes, then unfinished prefill chunks, both in arrival order.
   Decodes first keeps the inter-token latency of running requests steady while a long
   prompt is being prefilled in chunks.
@@ -183,10 +182,9 @@ class Scheduler:
         # comes back, so the first stage always sees the lanes in turn: a lane's look-ahead
         # step never follows its own step directly, which would leave the first stage idle
         # while that step's tokens come round. A lane with nothing to run passes its turn.
-        steps_per_lane = self.steps_per_seq
         for turn in range(self.num_lanes):
             lane = (self._next_lane + turn) % self.num_lanes
-            if self._lane_steps[lane] >= steps_per_lane:
+            if self._lane_steps[lane] >= self.steps_per_seq:
                 return None
             batch = self._schedule(lane)
             if batch is not None:

@@ -247,8 +247,8 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     # Waiting requests past which new ones get RESOURCE_EXHAUSTED.
     max_queue_len: int = 4096
-    # Micro-batches in flight; 0 means one per pipeline stage, times steps_per_seq with
-    # async_scheduling.
+    # Micro-batches in flight; 0 means one per pipeline stage, times steps_in_flight_per_seq
+    # with async_scheduling.
     max_inflight_steps: int = 0
     enable_prefix_caching: bool = True
     # Send a decode step before the previous step's token has come back: the stages take

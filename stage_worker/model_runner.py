@@ -46,7 +46,7 @@ class LaunchedStep:
     host_copy: SamplerHostCopy | None = None
     seq_ids: list[int] = field(default_factory=list)
     top_logprobs: list[int] = field(default_factory=list)
-    # Last stage on CUDA: events around the step's device work, for the "device" phase.
+    # Last stage on CUDA, a step that samples: events around its device work ("device" phase).
     device_span: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
 

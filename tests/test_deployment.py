@@ -217,11 +217,13 @@ def test_up_passes_its_router_knobs_through_to_the_router() -> None:
     from shared.cli import _router_flag_values
 
     up = build_parser().parse_args(
-        ["up", "--stream-interval", "4", "--no-async-scheduling", "--no-even-micro-batches", "--max-num-seqs", "7"]
+        ["up", "--stream-interval", "4", "--no-async-scheduling", "--no-even-micro-batches", "--max-num-seqs", "7",
+         "--steps-in-flight-per-seq", "2"]
     )
     router = build_parser().parse_args(["router", "--model", "m", "--stages", "a:1", *_router_flag_values(up)])
     assert (router.stream_interval, router.no_async_scheduling, router.no_even_micro_batches, router.max_num_seqs) == (
         4, True, True, 7,
     )
+    assert router.steps_in_flight_per_seq == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--stream-interval", "0"])
