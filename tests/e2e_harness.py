@@ -160,3 +160,14 @@ def assert_matches_reference(got, ref: Reference, tol: float) -> tuple[int, floa
         assert diff < tol, f"step {step}: logprob differs by {diff:.3g} (tolerance {tol:g})"
         max_diff = max(max_diff, diff)
     return n, max_diff
+
+
+def agreement_with_reference(tokens: Sequence[int], logprobs: Sequence[float], ref: Reference) -> tuple[int, float]:
+    """Steps agreeing with `ref`'s greedy path, and the largest logprob error over them."""
+    agree, worst = 0, 0.0
+    for step, token in enumerate(tokens):
+        if token != ref.token_ids[step]:
+            break
+        agree += 1
+        worst = max(worst, abs(logprobs[step] - float(ref.logprobs[step, token])))
+    return agree, worst

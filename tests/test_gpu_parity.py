@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from shared.demo_model import write_tiny_model
-from tests.e2e_harness import ServingSystem, assert_matches_reference, hf_greedy
+from tests.e2e_harness import ServingSystem, agreement_with_reference, assert_matches_reference, hf_greedy
 
 pytestmark = [
     pytest.mark.gpu,
@@ -72,17 +72,6 @@ def test_float32_over_nccl_equals_transformers(models: dict[str, Path], name: st
         system.stop()
 
 
-def _errors(tokens: list[int], logprobs: list[float], ref) -> tuple[int, float]:
-    """Steps agreeing with the float32 greedy path, and the max logprob error over them."""
-    agree, worst = 0, 0.0
-    for step, token in enumerate(tokens):
-        if token != ref.token_ids[step]:
-            break
-        agree += 1
-        worst = max(worst, abs(logprobs[step] - float(ref.logprobs[step, token])))
-    return agree, worst
-
-
 @pytest.mark.parametrize("name,layout", [("llama", (1, 2)), ("qwen2", (2, 1))], ids=["llama-tp2", "qwen2-pp2"])
 def test_bfloat16_error_is_transformers_bf16_error(models: dict[str, Path], name: str, layout: tuple[int, int]) -> None:
     pp, tp = layout
@@ -94,10 +83,10 @@ def test_bfloat16_error_is_transformers_bf16_error(models: dict[str, Path], name
             got = system.client.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1, timeout=300)
             ref = hf_greedy(models[name], prompt, NEW_TOKENS, dtype=torch.float32, device="cuda:0")
             hf16 = hf_greedy(models[name], prompt, NEW_TOKENS, dtype=torch.bfloat16, device="cuda:0")
-            a, w = _errors(got.token_ids, [lp.logprob for lp in got.logprobs], ref)
+            a, w = agreement_with_reference(got.token_ids, [lp.logprob for lp in got.logprobs], ref)
             ours_agree, ours_worst = ours_agree + a, max(ours_worst, w)
             hf_lps = [float(hf16.logprobs[i, t]) for i, t in enumerate(hf16.token_ids)]
-            a, w = _errors(hf16.token_ids, hf_lps, ref)
+            a, w = agreement_with_reference(hf16.token_ids, hf_lps, ref)
             hf_agree, hf_worst = hf_agree + a, max(hf_worst, w)
         print(f"\n{name} pp={pp} tp={tp} bfloat16 vs float32 reference: stageserve agrees for {ours_agree} "
               f"steps (max logprob error {ours_worst:.3f}); transformers-bf16 for {hf_agree} "
