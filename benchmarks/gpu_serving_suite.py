@@ -75,6 +75,7 @@ SCENARIOS = (
     Scenario("c256-pp2-uneven", 2, 1, 256, 256, 512, 256, server_args=("--no-even-micro-batches",)),
     # Two steps of a sequence in flight with one stage (the default is three since 2026-11-30).
     Scenario("c256-pp1-2ahead", 1, 1, 256, 256, 512, 256, server_args=("--steps-in-flight-per-seq", "2")),
+    Scenario("c256-pp2-3ahead", 2, 1, 256, 256, 512, 256, server_args=("--steps-in-flight-per-seq", "3")),
     # Four times the requests: a load long enough to attach a profiler to (py-spy) mid-run.
     Scenario("c256-pp1-long", 1, 1, 256, 1024, 512, 256, on_request_only=True),
     Scenario("c256-pp2-long", 2, 1, 256, 1024, 512, 256, on_request_only=True),
@@ -128,6 +129,38 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+# The measured load's prompts and the warm-up's come from different seeds: with one seed the
+# warm-up's prompts would be the measured ones, whose KV the prefix cache then still holds, and
+# the measured run would skip nearly all its prefill (it did, once: 1.5x the honest tok/s).
+MEASURED_SEED = 0
+WARMUP_SEED = 1
+
+
+def load_commands(args: argparse.Namespace, scenario: Scenario, address: str,
+                  report_path: Path) -> tuple[list[str], list[str]]:
+    """The warm-up's load-generator command line and the measured load's."""
+    load_generator = [sys.executable, str(REPO / "benchmarks" / "load_generator.py"), "--addr", address,
+                      "--concurrency", str(scenario.concurrency), "--prompt-len", str(scenario.prompt_len),
+                      "--warmup-requests", "0"]
+    cmd = load_generator + [
+        "--requests", str(scenario.requests), "--output-len", str(scenario.output_len),
+        "--seed", str(MEASURED_SEED), "--json", str(report_path),
+    ]
+    if args.hbm_bytes_per_s:
+        cmd += ["--hbm-bytes-per-s", str(args.hbm_bytes_per_s)]
+    else:
+        cmd += ["--measure-bandwidth"]
+    if scenario.hf_baseline and not args.skip_baselines:
+        cmd += ["--hf-baseline", args.model]
+    # The warm-up (one 2-token request per stream, all at once: every prefill shape and the
+    # first graphs and kernels) runs as its own invocation, so the step histograms, CPU
+    # times and steps in flight below cover the measured load alone.
+    warmup = load_generator + [
+        "--requests", str(scenario.concurrency), "--output-len", "2", "--seed", str(WARMUP_SEED),
+    ]
+    return warmup, cmd
+
+
 def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dict:
     # Leave room on GPU 0 for the transformers baseline, which runs beside the server.
     utilization = 0.45 if scenario.hf_baseline and not args.skip_baselines else 0.9
@@ -140,27 +173,7 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
             write_tiny_model(Path(model), "LlamaForCausalLM", seed=1)
     proc, address = _serve(model, scenario, out / f"{scenario.name}.server.log", utilization, metrics_port)
     report_path = out / f"{scenario.name}.json"
-    cmd = [
-        sys.executable, str(REPO / "benchmarks" / "load_generator.py"), "--addr", address,
-        "--concurrency", str(scenario.concurrency), "--requests", str(scenario.requests),
-        "--prompt-len", str(scenario.prompt_len), "--output-len", str(scenario.output_len),
-        "--json", str(report_path),
-    ]
-    if args.hbm_bytes_per_s:
-        cmd += ["--hbm-bytes-per-s", str(args.hbm_bytes_per_s)]
-    else:
-        cmd += ["--measure-bandwidth"]
-    if scenario.hf_baseline and not args.skip_baselines:
-        cmd += ["--hf-baseline", args.model]
-    # The warm-up (one 2-token request per stream, all at once: every prefill shape and the
-    # first graphs and kernels) runs as its own invocation, so the step histograms, CPU
-    # times and steps in flight below cover the measured load alone.
-    warmup = [
-        sys.executable, str(REPO / "benchmarks" / "load_generator.py"), "--addr", address,
-        "--concurrency", str(scenario.concurrency), "--requests", str(scenario.concurrency),
-        "--prompt-len", str(scenario.prompt_len), "--output-len", "2", "--warmup-requests", "0",
-    ]
-    cmd += ["--warmup-requests", "0"]
+    warmup, cmd = load_commands(args, scenario, address, report_path)
     try:
         roles = deployment_processes(proc.pid)
         with open(out / f"{scenario.name}.load.log", "wb") as log:

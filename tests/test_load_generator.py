@@ -58,3 +58,23 @@ def test_transformers_baseline_makes_every_token(tmp_path: Path) -> None:
     assert result["weights"] == "checkpoint" and result["tokens_made"] == 12
     assert result["tok_s"] == pytest.approx(12 / result["wall_s"])
     assert result["ttft_ms"] > 0 and result["tpot_ms"] > 0
+
+
+def test_gpu_suite_warms_up_on_other_prompts_than_it_measures(tmp_path: Path) -> None:
+    # The same prompts in both would leave the measured ones in the prefix cache: the
+    # measured run would skip its prefill and report inflated tok/s.
+    spec = importlib.util.spec_from_file_location("gpu_serving_suite", REPO / "benchmarks" / "gpu_serving_suite.py")
+    suite = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_serving_suite"] = suite  # dataclasses look their module up there
+    spec.loader.exec_module(suite)
+    args = suite.argparse.Namespace(hbm_bytes_per_s=4.15e12, skip_baselines=True, model="unused")
+    scenario = next(s for s in suite.SCENARIOS if s.name == "c256-pp2")
+    warmup, measured = suite.load_commands(args, scenario, "localhost:1", tmp_path / "r.json")
+
+    def flag(cmd: list[str], name: str) -> str:
+        return cmd[cmd.index(name) + 1]
+
+    assert flag(warmup, "--seed") != flag(measured, "--seed")
+    assert flag(warmup, "--prompt-len") == flag(measured, "--prompt-len") == str(scenario.prompt_len)
+    assert flag(warmup, "--concurrency") == flag(measured, "--concurrency") == str(scenario.concurrency)
+    assert flag(measured, "--requests") == str(scenario.requests)
