@@ -5,7 +5,7 @@ runs against a stage that answers every step at once with a fixed token, so all 
 measured is the router's own. At hundreds of streams this per-token cost, together with the
 gRPC streams on the event loop, is what bounds tokens/s (docs/benchmarks.md).
 
-    python3 benchmarks/router_engine_cpu.py --streams 256 --prompt-len 512 --output-len 128 [--tokenizer DIR] [--profile]
+    python3 benchmarks/router_engine_cpu.py --streams 256 --prompt-len 512 --output-len 128 [--pp 2] [--tokenizer DIR] [--profile]
 
 Without --tokenizer the engine serves token ids only (as a config-only model folder does);
 with one, every token is detokenized. Prints figures; asserts nothing.
@@ -36,16 +36,24 @@ VOCAB = 32000
 
 
 class InstantStage:
-    """Answers each step at once: one token (id 7) for every sequence the step samples."""
+    """Answers each step at once: the last stage with one token (id 7) for every sequence the
+    step samples, the others with an empty result."""
 
     address = "instant"
+
+    def __init__(self, stage_index: int = 0, is_last: bool = True) -> None:
+        self.stage_index = stage_index
+        self.is_last = is_last
 
     def open_execute(self, on_result, on_error) -> None:
         self._on_result = on_result
 
     def send_step(self, step: pb.StepRequest) -> None:
-        result = pb.StepResult(step_id=step.step_id, stage_index=0)
-        result.tokens.extend(pb.SampledToken(seq_id=s.seq_id, token_id=7, logprob=-1.0) for s in step.seqs if s.sample)
+        result = pb.StepResult(step_id=step.step_id, stage_index=self.stage_index)
+        if self.is_last:
+            result.tokens.extend(
+                pb.SampledToken(seq_id=s.seq_id, token_id=7, logprob=-1.0) for s in step.seqs if s.sample
+            )
         self._on_result(result)
 
     def close(self) -> None:
@@ -59,6 +67,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--tokenizer", default=None, help="a folder AutoTokenizer reads (default: token ids only)")
     p.add_argument("--sync", action="store_true", help="--no-async-scheduling")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (their micro-batches take turns in lanes)")
     p.add_argument("--profile", action="store_true", help="cProfile the engine thread; print the top functions")
     args = p.parse_args()
     tokenizer = TokenIdsOnly()
@@ -70,9 +79,10 @@ def main() -> None:
     blocks = args.streams * (max_context // block_size + 2)
     config = SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=args.streams,
                              max_queue_len=args.streams, async_scheduling=not args.sync)
-    scheduler = Scheduler(config, BlockManager(blocks, block_size), max_context=max_context, num_stages=1)
-    engine = Engine([InstantStage()], scheduler, tokenizer, (), max_context,
-                    max_inflight=config.inflight_steps(1), max_pending=args.streams)
+    scheduler = Scheduler(config, BlockManager(blocks, block_size), max_context=max_context, num_stages=args.pp)
+    stages = [InstantStage(i, i == args.pp - 1) for i in range(args.pp)]
+    engine = Engine(stages, scheduler, tokenizer, (), max_context,
+                    max_inflight=config.inflight_steps(args.pp), max_pending=args.streams)
     limits = RequestLimits(vocab_size=VOCAB, max_context=max_context)
     done = threading.Semaphore(0)
     tokens = 0
@@ -111,7 +121,7 @@ def main() -> None:
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     engine.stop()
     steps = engine.stats.steps
-    print(f"{args.streams} streams x {args.output_len} tokens ({args.prompt_len}-token prompts), "
+    print(f"{args.streams} streams x {args.output_len} tokens ({args.prompt_len}-token prompts), pp={args.pp}, "
           f"{'sync' if args.sync else 'async'} scheduling, "
           f"{'tokenizer ' + args.tokenizer if args.tokenizer else 'token ids only'}")
     print("| tokens | steps | wall s | CPU s | CPU us per token | CPU ms per step |")
