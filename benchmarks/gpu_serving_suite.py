@@ -76,6 +76,10 @@ SCENARIOS = (
     # Two steps of a sequence in flight with one stage (the default is three since 2026-11-30).
     Scenario("c256-pp1-2ahead", 1, 1, 256, 256, 512, 256, server_args=("--steps-in-flight-per-seq", "2")),
     Scenario("c256-pp2-3ahead", 2, 1, 256, 256, 512, 256, server_args=("--steps-in-flight-per-seq", "3")),
+    # Stage 0 lighter than the last stage: with two lanes, stage 0 may start a lane's next step
+    # only once the last stage has sampled its current one, so it needs slack to keep up.
+    Scenario("c256-pp2-15-17", 2, 1, 256, 256, 512, 256, server_args=("--layer-partition", "15,17"),
+             on_request_only=True),
     # Four times the requests: a load long enough to attach a profiler to (py-spy) mid-run.
     Scenario("c256-pp1-long", 1, 1, 256, 1024, 512, 256, on_request_only=True),
     Scenario("c256-pp2-long", 2, 1, 256, 1024, 512, 256, on_request_only=True),
