@@ -78,3 +78,20 @@ def test_gpu_suite_warms_up_on_other_prompts_than_it_measures(tmp_path: Path) ->
     assert flag(warmup, "--prompt-len") == flag(measured, "--prompt-len") == str(scenario.prompt_len)
     assert flag(warmup, "--concurrency") == flag(measured, "--concurrency") == str(scenario.concurrency)
     assert flag(measured, "--requests") == str(scenario.requests)
+
+
+def test_suite_plot_splits_a_decode_step_into_parts_that_add_up(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("plot_suite", REPO / "benchmarks" / "plot_suite.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    profile = {"stage1_decode_device_ms": 5.0, "stage1_decode_wait_ms": 6.0, "stage1_decode_prepare_ms": 2.5,
+               "stage1_decode_launch_ms": 2.0, "stage1_decode_result_ms": 23.5,
+               # stage 0's figures must not be read for a two-stage layout
+               "stage0_decode_device_ms": 99.0, "stage0_decode_result_ms": 99.0}
+    report = {"layout": {"pp": 2}, "step_profile": profile}
+    parts = plot.decode_breakdown(report)
+    assert list(parts.values()) == [5.0, 1.0, 4.5, 13.0]
+    assert sum(parts.values()) == 23.5
+    (tmp_path / "a.json").write_text('{"x": {"v": 1}, "y": {"v": 2}}')
+    (tmp_path / "b.json").write_text('{"y": {"v": 3}}')
+    assert plot.load_reports([tmp_path / "a.json", tmp_path / "b.json"]) == {"x": {"v": 1}, "y": {"v": 3}}
