@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU tests on a CUDA host, one pytest per file, each file's output written to OUTDIR as it
+# runs (a run cut short by a time limit still leaves what it printed) and a summary line per
+# file at the end. Exit status: 0 only if every file passed.
+#
+#   bash scripts/gpu_tests.sh [OUTDIR] [TEST_FILE ...]
+#
+# Default OUTDIR: gpu-test-logs; default files: the kernels, the fast path, the NCCL parity
+# (about 0.5 + 2.5 + 5.5 minutes on 2 x H200). PER_FILE_TIMEOUT (seconds, default 900) stops a
+# file that hangs. Parity needs 2 GPUs; its tests skip themselves on one.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-gpu-test-logs}
+shift || true
+files=("$@")
+if [ ${#files[@]} -eq 0 ]; then
+  files=(tests/test_triton_attention.py tests/test_triton_fused.py tests/test_kernel_backends.py
+         tests/test_gpu_fast_path.py tests/test_gpu_parity.py)
+fi
+if ! "${PYTHON:-python3}" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "no CUDA device: the GPU tests would all skip" >&2
+  exit 2
+fi
+mkdir -p "$out"
+status=0
+summary=()
+for f in "${files[@]}"; do
+  log="$out/$(basename "$f" .py).txt"
+  timeout "${PER_FILE_TIMEOUT:-900}" "${PYTHON:-python3}" -m pytest -v -s -rs "$f" > "$log" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && status=1
+  summary+=("$f: exit $rc, $(grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$log" | tail -1 | tr -d '=')")
+done
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+exit $status
