@@ -30,9 +30,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.merge_timeline import read_events, summarize  # noqa: E402
 from benchmarks.process_cpu import cpu_snapshot, deployment_processes  # noqa: E402
 from shared.client import GenerationClient  # noqa: E402
 from shared.demo_model import write_tiny_model  # noqa: E402
+from shared.step_timeline import TIMELINE_DIR_ENV  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ def _free_port() -> int:
 
 
 def _serve(
-    model: str, scenario: Scenario, log_path: Path, memory_utilization: float, metrics_port: int
+    model: str, scenario: Scenario, log_path: Path, memory_utilization: float, metrics_port: int,
+    timeline_dir: Path | None = None,
 ) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [
@@ -109,7 +112,10 @@ def _serve(
         "--startup-timeout", "600", "--metrics-port", str(metrics_port), *scenario.server_args,
     ]
     log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ)
+    if timeline_dir is not None:
+        env[TIMELINE_DIR_ENV] = str(timeline_dir)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     address = f"127.0.0.1:{port}"
     client = GenerationClient(address)
     deadline = time.monotonic() + 600
@@ -175,7 +181,9 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
         model = str(out / "tiny-model")
         if not Path(model).exists():
             write_tiny_model(Path(model), "LlamaForCausalLM", seed=1)
-    proc, address = _serve(model, scenario, out / f"{scenario.name}.server.log", utilization, metrics_port)
+    timeline_dir = out / f"{scenario.name}.timeline" if args.timeline else None
+    proc, address = _serve(model, scenario, out / f"{scenario.name}.server.log", utilization, metrics_port,
+                           timeline_dir)
     report_path = out / f"{scenario.name}.json"
     warmup, cmd = load_commands(args, scenario, address, report_path)
     try:
@@ -206,6 +214,11 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
     # Steps the router had in flight on average, each counted from its send to its result.
     result_sum = profile.get("last_stage_result_seconds_sum", 0.0)
     profile["mean_steps_in_flight"] = result_sum / wall_s if wall_s else float("nan")
+    if timeline_dir is not None:
+        # The warm-up's steps are on it too: a few dozen, next to hundreds of the load's.
+        events = read_events(timeline_dir)
+        (out / f"{scenario.name}.trace.json").write_text(json.dumps({"traceEvents": events}))
+        report["timeline"] = summarize(events)
     return report
 
 
@@ -285,6 +298,9 @@ def main() -> None:
     p.add_argument("--skip-baselines", action="store_true", help="no transformers runs (faster)")
     p.add_argument("--hbm-bytes-per-s", type=float, default=0.0,
                    help="device copy rate for the roofline (0: each load generator measures it)")
+    p.add_argument("--timeline", action="store_true",
+                   help="record the step timeline of every process (shared/step_timeline.py): "
+                        "<scenario>.trace.json for Perfetto, and a per-hop summary below")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,6 +363,12 @@ def main() -> None:
         print(f"  {name}: {', '.join(parts) or '-'}; steps in flight {fmt_float(prof.get('mean_steps_in_flight'))}; "
               f"turnaround {fmt_float(prof.get('router_turnaround_ms'))} ms "
               f"(queued {fmt_float(prof.get('router_result_queue_ms'))} ms)")
+    timelines = [(name, r["timeline"]) for name, r in rows if r and r.get("timeline")]
+    if timelines:
+        print("\nstep timeline (benchmarks/merge_timeline.py; ms, device busy as a share of the run):")
+        for name, summary in timelines:
+            print(f"  {name}: " + ", ".join(
+                f"{k} {v:.0%}" if k.endswith("busy") else f"{k} {v:.2f}" for k, v in summary.items()))
     if os.environ.get("OUT"):
         print(f"reports in {out}")
 

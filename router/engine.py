@@ -28,6 +28,7 @@ from router.stage_client import StageClient
 from router.step_builder import StepBuilder
 from shared.proto import generation_pb2 as gen
 from shared.proto import stage_worker_pb2 as pb
+from shared.step_timeline import open_timeline, seconds_to_ns
 
 log = logging.getLogger("stageserve.router")
 
@@ -125,6 +126,8 @@ class Engine:
         # Told once, from the engine thread, when the pipeline fails (not on stop): the
         # router's recovery starts from here.
         self._on_failure = on_failure
+        # STAGESERVE_TIMELINE_DIR set: steps sent, results in, responses built (step_timeline.py).
+        self._timeline = open_timeline("router")
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._stop = False
 
@@ -272,6 +275,9 @@ class Engine:
             self.metrics.on_step_sent(step.step_id, batch.kind)
             for stage in self.stages:
                 stage.send_step(step)
+            if self._timeline is not None:
+                self._timeline.instant("engine", "send", time.monotonic_ns(), step=step.step_id, kind=batch.kind,
+                                       seqs=len(batch.entries), lane=batch.lane)
             self.stats.steps += 1
             if self._turnaround_from is not None:
                 self.metrics.on_turnaround(time.monotonic() - self._turnaround_from)
@@ -279,6 +285,9 @@ class Engine:
 
     def _on_result(self, from_last_stage: bool, result: pb.StepResult, arrived: float) -> None:
         self.metrics.on_stage_result(result)
+        if self._timeline is not None:
+            self._timeline.span("results", f"stage {result.stage_index}", seconds_to_ns(arrived), time.monotonic_ns(),
+                                step=result.step_id)
         if not from_last_stage:
             if result.error:
                 log.warning("stage %d rejected step %d: %s", result.stage_index, result.step_id, result.error)
@@ -331,6 +340,7 @@ class Engine:
         """Builds and hands out the responses of the tokens applied since the last call."""
         if not self._to_emit:
             return
+        started_ns = time.monotonic_ns() if self._timeline is not None else 0
         pending, self._to_emit = self._to_emit, []
         while pending:
             # One token per stream at a time, in order (a round can hold several steps of
@@ -347,6 +357,8 @@ class Engine:
             now = time.monotonic()
             for (req, token, finish, stop_reason), text in zip(live, texts):
                 self._emit_token(req, token, finish, stop_reason, text, now)
+        if self._timeline is not None:
+            self._timeline.span("engine", "responses", started_ns, time.monotonic_ns())
 
     def _emit_token(
         self, req: _Request, token: pb.SampledToken, finish: int, stop_reason: str,

@@ -13,6 +13,7 @@ import torch
 
 from shared.config import ModelConfig, StageLayout
 from shared.proto import stage_worker_pb2 as pb
+from shared.step_timeline import open_timeline
 from stage_worker.attention_metadata import AttentionMetadata
 from stage_worker.cuda_graphs import DecodeGraphs
 from stage_worker.distributed import RankPlacement, StageHop, get_tp_group
@@ -23,6 +24,7 @@ from stage_worker.layers.sampler import Sampler, SamplerOutput, uses_penalties
 from stage_worker.layers.sequence_parallel import padded_num_tokens, shard_rows
 from stage_worker.loader import load_weights
 from stage_worker.models.registry import build_model
+from stage_worker.rank_timeline import RankTimeline
 from stage_worker.sampled_tokens import SampledTokens, SamplerHostCopy, TokenForward
 from stage_worker.sequence_state import SequenceTable, StageSequence, StepLimits, StepRejected
 
@@ -100,6 +102,9 @@ class ModelRunner:
         self.hop: StageHop | None = None
         # Last stage -> first stage, for sampled ids (pipelines only; see sampled_tokens.py).
         self.token_forward: TokenForward | None = None
+        # STAGESERVE_TIMELINE_DIR set: this rank's rows of the step timeline.
+        timeline = open_timeline(f"stage{layout.stage_index}-rank{placement.tp_rank}")
+        self.timeline = RankTimeline(timeline, device) if timeline is not None else None
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -254,6 +259,7 @@ class ModelRunner:
         # result that is otherwise ready at launch.
         timed = self.layout.is_last and self.device.type == "cuda" and bool(batch.sampled_seqs)
         device_start = _timing_event() if timed else None
+        timeline_start = self.timeline.device_start() if self.timeline is not None else None
         hidden = self._forward(batch)
         phases["launch.forward"] = time.perf_counter() - mark
         launched = LaunchedStep(result, started)
@@ -266,6 +272,8 @@ class ModelRunner:
             launched.device_span = (device_start, _timing_event())
         launched.launched_at = time.perf_counter()
         phases["launch"] = launched.launched_at - mark
+        if self.timeline is not None:
+            self.timeline.launched(step.step_id, len(step.seqs), started, mark, launched.launched_at, timeline_start)
         return launched
 
     def finish(self, launched: "LaunchedStep", report: bool = True) -> pb.StepResult:
@@ -289,6 +297,8 @@ class ModelRunner:
                 end.synchronize()  # recorded after the host copy's event: no wait in practice
                 result.phase_seconds["device"] = start.elapsed_time(end) / 1e3
         result.compute_seconds = time.perf_counter() - launched.started
+        if self.timeline is not None and launched.launched_at is not None:
+            self.timeline.finished(result.step_id, launched.launched_at, launched.started + result.compute_seconds)
         return result
 
     def _sampled_tokens(

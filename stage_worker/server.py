@@ -12,6 +12,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from shared.metrics import serve_metrics
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
 from shared.security import RequireToken, ServerTls, add_port, stage_token_check
+from shared.step_timeline import open_timeline
 from shared.sharded_state import read_sharded_state
 from stage_worker.metrics import StageMetrics
 from stage_worker.distributed import read_epoch
@@ -324,6 +326,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
         assert pool is not None, "SERVING without ranks"
         results: queue.Queue[pb.StepResult | str | None] = queue.Queue()
         pool.set_step_sink(results.put)
+        timeline = open_timeline(f"stage{self.config.stage_index}")
         sent = 0
         pump_done = threading.Event()
 
@@ -338,6 +341,8 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                     last_step = step.step_id
                     sent += 1
                     self.metrics.on_step_sent(step.step_id)
+                    if timeline is not None:
+                        timeline.instant("execute", "step in", time.monotonic_ns(), step=step.step_id)
                     pool.send(pb.RankCommand(step=step))
             except RankFailure as exc:
                 results.put(str(exc))
@@ -362,6 +367,8 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                 if item is not None:
                     received += 1
                     self.metrics.on_step_done(item)
+                    if timeline is not None:
+                        timeline.instant("execute", "result out", time.monotonic_ns(), step=item.step_id)
                     yield item
         finally:
             pool.set_step_sink(None)
