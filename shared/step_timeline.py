@@ -78,7 +78,10 @@ def open_timeline(process: str) -> StepTimeline | None:
         return None
     with _OPEN_LOCK:
         if process not in _OPEN:
-            _OPEN[process] = StepTimeline(Path(directory), process)
+            try:
+                _OPEN[process] = StepTimeline(Path(directory), process)
+            except OSError as exc:
+                raise RuntimeError(f"{TIMELINE_DIR_ENV}={directory}: cannot write the step timeline there: {exc}") from exc
         return _OPEN[process]
 
 

@@ -31,6 +31,13 @@ def test_unset_means_no_timeline(monkeypatch: pytest.MonkeyPatch) -> None:
     assert open_timeline("router") is None
 
 
+def test_an_unwritable_directory_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(TIMELINE_DIR_ENV, str(tmp_path / "file" / "below"))
+    with pytest.raises(RuntimeError, match="cannot write the step timeline there"):
+        open_timeline("unwritable-test")
+
+
 def test_events_are_chrome_trace_lines(tmp_path: Path) -> None:
     timeline = StepTimeline(tmp_path, "router")
     timeline.span("engine", "responses", 1_000_000, 3_500_000, step=7)
