@@ -8,10 +8,12 @@ on the network.
 from __future__ import annotations
 
 import faulthandler
+import multiprocessing
 import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -52,8 +54,26 @@ def _reply(conn: Connection, reply: pb.RankReply) -> None:
         conn.send_bytes(data)
 
 
+def exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
+    """Ends this process once `parent_pid` is no longer its parent.
+
+    A stage process killed hard (SIGKILL, the OOM killer) cannot stop its ranks, and a rank
+    blocked in the rendezvous or a collective would otherwise live on until a timeout of up
+    to half an hour, holding its GPU memory. (PR_SET_PDEATHSIG would fire when the *thread*
+    that spawned the rank ends, and the stage spawns ranks from short-lived threads.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def rank_main(args: RankArgs, conn: Connection) -> None:
     """Entry point of a spawned rank process."""
+    parent = multiprocessing.parent_process()
+    exit_with_parent(parent.pid if parent is not None and parent.pid is not None else os.getppid())
     # `kill -USR1 <pid>` prints every thread's stack: where a stuck rank waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     apply_interpreter_settings()
