@@ -10,8 +10,8 @@ chrome://tracing and prints how busy each rank's device was. Unset (the default)
 is recorded and no extra event is timed.
 
 One clock: `time.monotonic_ns` (CLOCK_MONOTONIC, shared by every process of a host). A rank's
-device work is timed with CUDA events and placed on that clock through one reference event
-synchronised when the timeline opens.
+device work is timed with CUDA events and placed on that clock through one reference event,
+synchronised before the rank's first timed step.
 """
 
 from __future__ import annotations
