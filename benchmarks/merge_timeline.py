@@ -30,7 +30,7 @@ def read_events(directory: Path) -> list[dict]:
     return events
 
 
-def _names(events: list[dict]) -> tuple[dict[int, str], dict[tuple[int, int], str]]:
+def names(events: list[dict]) -> tuple[dict[int, str], dict[tuple[int, int], str]]:
     processes = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
     rows = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
     return processes, rows
@@ -38,7 +38,7 @@ def _names(events: list[dict]) -> tuple[dict[int, str], dict[tuple[int, int], st
 
 def summarize(events: list[dict]) -> dict[str, float]:
     """Figures in ms (busy shares as fractions), keyed by what they measure."""
-    processes, rows = _names(events)
+    processes, rows = names(events)
     # (process, row, event name) -> step id -> (start us, duration us)
     by_step: dict[tuple[str, str, str], dict[int, tuple[float, float]]] = defaultdict(dict)
     device_spans: dict[str, list[tuple[float, float]]] = defaultdict(list)

@@ -10,8 +10,8 @@ chrome://tracing and prints how busy each rank's device was. Unset (the default)
 is recorded and no extra event is timed.
 
 One clock: `time.monotonic_ns` (CLOCK_MONOTONIC, shared by every process of a host). A rank's
-device work is timed with CUDA events and placed on that clock through one reference event,
-synchronised before the rank's first timed step.
+device work is timed with CUDA events and placed on that clock
+(stage_worker/rank_timeline.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -89,21 +88,3 @@ def seconds_to_ns(seconds: float) -> int:
     """A time.monotonic() or time.perf_counter() reading on the timeline's clock (both are
     CLOCK_MONOTONIC on Linux)."""
     return int(seconds * 1e9)
-
-
-class DeviceClock:
-    """Places CUDA events on the timeline's clock: a reference event is recorded and
-    synchronised once; an event's time is the reference's plus the elapsed time between them
-    (exact on the device; the reference itself is off by the synchronisation's latency, tens
-    of microseconds, the same for every event)."""
-
-    def __init__(self) -> None:
-        import torch
-
-        self._reference = torch.cuda.Event(enable_timing=True)
-        self._reference.record()
-        self._reference.synchronize()
-        self._reference_ns = time.monotonic_ns()
-
-    def to_ns(self, event) -> int:
-        return self._reference_ns + int(self._reference.elapsed_time(event) * 1e6)

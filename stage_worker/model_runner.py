@@ -24,7 +24,7 @@ from stage_worker.layers.sampler import Sampler, SamplerOutput, uses_penalties
 from stage_worker.layers.sequence_parallel import padded_num_tokens, shard_rows
 from stage_worker.loader import load_weights
 from stage_worker.models.registry import build_model
-from stage_worker.rank_timeline import RankTimeline
+from stage_worker.rank_timeline import RankTimeline, timing_event
 from stage_worker.sampled_tokens import SampledTokens, SamplerHostCopy, TokenForward
 from stage_worker.sequence_state import SequenceTable, StageSequence, StepLimits, StepRejected
 
@@ -258,8 +258,9 @@ class ModelRunner:
         # sampled tokens) is its device time read: elsewhere reading it would hold back a
         # result that is otherwise ready at launch.
         timed = self.layout.is_last and self.device.type == "cuda" and bool(batch.sampled_seqs)
-        device_start = _timing_event() if timed else None
-        timeline_start = self.timeline.device_start() if self.timeline is not None else None
+        # The step timeline (when on) brackets every step's device work, with the same events.
+        timeline_device = self.timeline is not None and self.timeline.wants_device_span()
+        device_start = timing_event() if timed or timeline_device else None
         hidden = self._forward(batch)
         phases["launch.forward"] = time.perf_counter() - mark
         launched = LaunchedStep(result, started)
@@ -268,12 +269,13 @@ class ModelRunner:
             for seq in batch.sampled_seqs:
                 assert seq.pending_sample is not None
                 seq.pending_sample.tokens = tokens
-        if device_start is not None:
-            launched.device_span = (device_start, _timing_event())
+        device_span = (device_start, timing_event()) if device_start is not None else None
+        if timed:
+            launched.device_span = device_span
         launched.launched_at = time.perf_counter()
         phases["launch"] = launched.launched_at - mark
         if self.timeline is not None:
-            self.timeline.launched(step.step_id, len(step.seqs), started, mark, launched.launched_at, timeline_start)
+            self.timeline.launched(step.step_id, len(step.seqs), started, mark, launched.launched_at, device_span)
         return launched
 
     def finish(self, launched: "LaunchedStep", report: bool = True) -> pb.StepResult:
@@ -381,12 +383,6 @@ class ModelRunner:
             [s.prompt_token_ids for s in seqs],
             [s.output_token_ids for s in seqs],
         )
-
-
-def _timing_event() -> torch.cuda.Event:
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
 
 
 def _fill_tokens(

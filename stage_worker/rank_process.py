@@ -72,8 +72,10 @@ def exit_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
 
 def rank_main(args: RankArgs, conn: Connection) -> None:
     """Entry point of a spawned rank process."""
+    # The stage process's pid as multiprocessing recorded it at spawn, not getppid(): the
+    # stage may already be gone by now.
     parent = multiprocessing.parent_process()
-    exit_with_parent(parent.pid if parent is not None and parent.pid is not None else os.getppid())
+    exit_with_parent(parent.pid if parent is not None else os.getppid())
     # `kill -USR1 <pid>` prints every thread's stack: where a stuck rank waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     apply_interpreter_settings()

@@ -10,17 +10,34 @@ when later steps finish: reading them never holds a result back.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import torch
 
-from shared.step_timeline import DeviceClock, StepTimeline, seconds_to_ns
+from shared.step_timeline import StepTimeline, seconds_to_ns
 
 
-def _event() -> torch.cuda.Event:
+def timing_event() -> torch.cuda.Event:
+    """A timing event recorded now on the current stream."""
     event = torch.cuda.Event(enable_timing=True)
     event.record()
     return event
+
+
+class DeviceClock:
+    """Places CUDA events on the timeline's clock: a reference event is recorded and
+    synchronised once; an event's time is the reference's plus the elapsed time between them
+    (exact on the device; the reference itself is off by the synchronisation's latency, tens
+    of microseconds, the same for every event)."""
+
+    def __init__(self) -> None:
+        self._reference = timing_event()
+        self._reference.synchronize()
+        self._reference_ns = time.monotonic_ns()
+
+    def to_ns(self, event: torch.cuda.Event) -> int:
+        return self._reference_ns + int(self._reference.elapsed_time(event) * 1e6)
 
 
 class RankTimeline:
@@ -31,22 +48,22 @@ class RankTimeline:
         # (step id, start, end) of steps whose device span is not written yet, in launch order.
         self._pending: deque[tuple[int, torch.cuda.Event, torch.cuda.Event]] = deque()
 
-    def device_start(self) -> torch.cuda.Event | None:
-        """Recorded on the current stream right before a step's device work (None off CUDA)."""
-        if not self._cuda:
-            return None
-        if self._clock is None:
+    def wants_device_span(self) -> bool:
+        """Whether the step about to launch should be bracketed by timing events (on CUDA);
+        called before its start event, so the clock's reference comes first."""
+        if self._cuda and self._clock is None:
             self._clock = DeviceClock()
-        return _event()
+        return self._cuda
 
     def launched(self, step_id: int, num_seqs: int, started_s: float, prepared_s: float, launched_s: float,
-                 device_start: torch.cuda.Event | None) -> None:
-        """The step's host work (times from time.perf_counter), and the end of its device work."""
+                 device_span: tuple[torch.cuda.Event, torch.cuda.Event] | None) -> None:
+        """The step's host work (times from time.perf_counter), and the events around its
+        device work (None off CUDA)."""
         self.timeline.span("host", "prepare", seconds_to_ns(started_s), seconds_to_ns(prepared_s),
                            step=step_id, seqs=num_seqs)
         self.timeline.span("host", "launch", seconds_to_ns(prepared_s), seconds_to_ns(launched_s), step=step_id)
-        if device_start is not None:
-            self._pending.append((step_id, device_start, _event()))
+        if device_span is not None:
+            self._pending.append((step_id, *device_span))
 
     def finished(self, step_id: int, launched_s: float, ready_s: float) -> None:
         """The finisher's wait for the step's result; writes the device spans completed so far."""

@@ -69,7 +69,7 @@ def test_a_pipeline_writes_one_timeline(tmp_path: Path, monkeypatch: pytest.Monk
     assert files == {"router", "stage0", "stage1", "stage0-rank0", "stage1-rank0"}, files
 
     events = merge.read_events(directory)
-    processes, _ = merge._names(events)
+    processes, _ = merge.names(events)
 
     def steps(process: str, name: str) -> set[int]:
         return {e["args"]["step"] for e in events
