@@ -141,7 +141,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 # The measured load's prompts and the warm-up's come from different seeds: with one seed the
 # warm-up's prompts would be the measured ones, whose KV the prefix cache then still holds, and
-# the measured run would skip nearly all its prefill (it did, once: 1.5x the honest tok/s).
+# the measured run would skip nearly all its prefill (it did, once: 1.5x the honest tok/s at
+# pp=1, 1.65x at tp=2).
 MEASURED_SEED = 0
 WARMUP_SEED = 1
 
@@ -215,7 +216,7 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
     result_sum = profile.get("last_stage_result_seconds_sum", 0.0)
     profile["mean_steps_in_flight"] = result_sum / wall_s if wall_s else float("nan")
     if timeline_dir is not None:
-        # The warm-up's steps are on it too: a few dozen, next to hundreds of the load's.
+        # The warm-up's steps (its prompts' prefill, a decode step or two) are on it too.
         events = read_events(timeline_dir)
         (out / f"{scenario.name}.trace.json").write_text(json.dumps({"traceEvents": events}))
         report["timeline"] = summarize(events)
