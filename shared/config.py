@@ -14,6 +14,10 @@ from typing import Any
 
 import torch
 
+from shared.errors import ConfigError
+from shared.quantization import QuantizationConfig, parse_quantization
+
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 DTYPES: dict[str, torch.dtype] = {
@@ -21,10 +25,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-class ConfigError(ValueError):
-    """A configuration the user gave (or a checkpoint holds) that we cannot serve."""
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -66,8 +66,11 @@ class ModelConfig:
     rope_parameters: dict[str, Any]
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    # dtype the checkpoint was saved in ("bfloat16", ...).
+    # dtype the checkpoint was saved in ("bfloat16", ...); with quantization, the dtype of
+    # what stays unquantized and of the activations.
     checkpoint_dtype: str
+    # None: plain weights; else how the linear weights are quantized (shared/quantization.py).
+    quantization: QuantizationConfig | None = None
     # The transformers config object, for code that defers to transformers (rope init).
     hf_config: Any = field(default=None, compare=False, repr=False)
 
@@ -104,6 +107,8 @@ class ModelConfig:
                 f"{path}/config.json names architectures {archs}; supported: "
                 + ", ".join(SUPPORTED_ARCHITECTURES)
             )
+        # Before AutoConfig: transformers may reject or rewrite a quantization it knows.
+        quantization = parse_quantization(path, raw)
         hf = AutoConfig.from_pretrained(str(path))
         act = getattr(hf, "hidden_act", "silu")
         if act != "silu":
@@ -148,6 +153,7 @@ class ModelConfig:
             bos_token_id=getattr(hf, "bos_token_id", None),
             eos_token_ids=eos_ids,
             checkpoint_dtype=str(dtype).replace("torch.", ""),
+            quantization=quantization,
             hf_config=hf,
         )
 

@@ -18,6 +18,7 @@ import torch
 
 from shared.config import ConfigError, ModelConfig
 from shared.partition import even_layer_partition
+from shared.quantization import QuantizationConfig
 from stage_worker.layers.embed_head import pad_vocab_size
 from stage_worker.layers.linear import divide, kv_head_partition
 
@@ -109,13 +110,37 @@ class RankBytes:
     sampling_activation: int
 
 
+def _matrix_bytes(out: int, inp: int, quant: QuantizationConfig | None, itemsize: int) -> int:
+    """Bytes of one rank's [out, in] linear weight: in the model dtype, or block-wise FP8 (one
+    byte a value, a float32 scale a block, as layers/linear_methods.py holds them)."""
+    if quant is None:
+        return out * inp * itemsize
+    blocks = -(-out // quant.block_n) * -(-inp // quant.block_k)
+    return out * inp + 4 * blocks
+
+
 def rank_bytes(config: ModelConfig, tp: int, settings: MemorySettings) -> RankBytes:
     itemsize = settings.dtype.itemsize
     hidden, head_dim = config.hidden_size, config.head_dim
     heads, kv_heads, _ = kv_head_partition(config.num_attention_heads, config.num_key_value_heads, tp)
     inter = divide(config.intermediate_size, tp, "intermediate_size")
     qkv_out = (heads + 2 * kv_heads) * head_dim
-    layer = qkv_out * hidden + heads * head_dim * hidden + 3 * inter * hidden + 2 * hidden
+    # The decoder layer's matmul weights per rank, [out, in] each (o and down row-parallel),
+    # by the checkpoint name of their first member (modules_to_not_convert is read per
+    # module; layer 0 stands for every layer).
+    matrices = {
+        "self_attn.q_proj": (qkv_out, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (2 * inter, hidden),
+        "mlp.down_proj": (hidden, inter),
+    }
+    quant = config.quantization
+    matrix_bytes = sum(
+        _matrix_bytes(out, inp, quant if quant and quant.is_quantized(f"model.layers.0.{name}") else None, itemsize)
+        for name, (out, inp) in matrices.items()
+    )
+    # Norms and biases, in the model dtype.
+    layer = 2 * hidden
     if config.qkv_bias:
         layer += qkv_out
     if config.o_proj_bias:
@@ -135,7 +160,7 @@ def rank_bytes(config: ModelConfig, tp: int, settings: MemorySettings) -> RankBy
     # Local and gathered logits in the model dtype, then float32 copies for the sampler.
     sampling = seqs * vocab_rows * tp * itemsize * 2 + seqs * config.vocab_size * 4 * 3
     return RankBytes(
-        decoder_layer=layer * itemsize,
+        decoder_layer=matrix_bytes + layer * itemsize,
         embedding=vocab_rows * hidden * itemsize,
         lm_head=vocab_rows * hidden * itemsize,
         final_norm=hidden * itemsize,

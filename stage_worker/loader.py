@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
@@ -31,12 +32,27 @@ from torch import nn
 from tqdm import tqdm
 
 from shared.config import ConfigError, ModelConfig
+from shared.quantization import SUPPORTED_QUANTIZATION
 from shared.sharded_state import ShardedState, read_rank_files, read_sharded_state
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # "auto": the folder's checkpoint (HF safetensors or the sharded state); "dummy": random weights.
 LOAD_FORMATS = ("auto", "dummy")
+
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+# Checkpoint keys outside the decoder layers, by the stage that owns them (the embedding may
+# also be the last stage's head, with tied embeddings).
+_FIRST_STAGE_PREFIXES = ("model.embed_tokens.",)
+_LAST_STAGE_PREFIXES = ("model.norm.", "lm_head.")
+# Tensors some checkpoints carry that no model needs (transformers skips them as well):
+# rotary tables older Llama checkpoints saved.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# safetensors dtypes a parameter in a float model dtype may be loaded from (widened or
+# narrowed like any float checkpoint); anything else (float8, packed int4 in int32, uint8)
+# is a quantized value that a plain cast would turn into wrong weights.
+_PLAIN_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_FP8_DTYPES = {torch.float8_e4m3fn: "F8_E4M3"}
 
 # Dummy weights are uniform in [-DUMMY_RANGE, DUMMY_RANGE] (vLLM's dummy loader uses the same
 # range): small enough that activations stay finite in bf16 through 80 layers. Norm weights
@@ -108,11 +124,20 @@ def load_weights(
         return _load_sharded(model, sharded, started)
     targets = model.checkpoint_targets()
     weight_map = checkpoint_weight_map(model_dir)
+    # Before anything is read: a tensor nothing claims is a format we would misread, and a
+    # missing one a format we do not know.
+    unclaimed = unclaimed_checkpoint_keys(model, weight_map)
+    if unclaimed:
+        raise ConfigError(
+            f"checkpoint {model_dir} holds {len(unclaimed)} tensor(s) that no parameter of this "
+            f"{model.config.architecture} claims, e.g. " + ", ".join(unclaimed[:5])
+            + _describe_quantization(model.config)
+        )
     missing = [key for key in targets if key not in weight_map]
     if missing:
         raise ConfigError(
             f"checkpoint {model_dir} lacks {len(missing)} tensor(s) this stage needs, e.g. "
-            + ", ".join(missing[:5])
+            + ", ".join(missing[:5]) + _describe_quantization(model.config)
         )
     # Keys of other stages (and extras such as rotary inv_freq) are dropped here, before any
     # file is opened.
@@ -122,6 +147,11 @@ def load_weights(
     params = dict(model.named_parameters())
     # Every built parameter has a checkpoint key, so the missing-key check above covers them.
     assert {name for name, _ in targets.values()} == set(params)
+    # Stored dtypes come from the file headers: all checked before any value is read.
+    for file_name in sorted(by_file):
+        with safe_open(str(model_dir / file_name), framework="pt", device="cpu") as f:
+            for key in by_file[file_name]:
+                _check_stored_dtype(key, f.get_slice(key).get_dtype(), params[targets[key][0]])
     bytes_read = 0
     bar = tqdm(
         total=len(targets), desc="loading weights", unit="tensor", disable=not sys.stderr.isatty()
@@ -140,6 +170,60 @@ def load_weights(
                     bytes_read += loaded.bytes_read
                     bar.update(1)
     return LoadReport(bytes_read=bytes_read, seconds=time.perf_counter() - started, tensors=len(targets))
+
+
+def unclaimed_checkpoint_keys(model: nn.Module, keys: Iterable[str]) -> list[str]:
+    """The checkpoint keys this stage answers for that none of its parameters claims.
+
+    A stage answers for the keys of its own decoder layers and of the ends it holds; the
+    last stage also for any key that belongs to no layer and no end. Together the stages
+    cover every key once, so a stray tensor (a `*_scale`, `qweight`, `g_idx`, ...) is named
+    by exactly one stage, before any weight is read.
+    """
+    targets = model.checkpoint_targets()
+    layout, config = model.layout, model.config
+    unclaimed = []
+    for key in keys:
+        if key in targets or key.endswith(_IGNORED_SUFFIXES):
+            continue
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            # Some tied checkpoints store the head as well; transformers ignores it too.
+            continue
+        layer = _LAYER_KEY.match(key)
+        if layer is not None and int(layer.group(1)) < config.num_hidden_layers:
+            answers = layout.owns_layer(int(layer.group(1)))
+        elif key.startswith(_FIRST_STAGE_PREFIXES):
+            answers = layout.is_first
+        else:
+            answers = layout.is_last
+        if answers:
+            unclaimed.append(key)
+    return sorted(unclaimed)
+
+
+def _describe_quantization(config: ModelConfig) -> str:
+    if config.quantization is None:
+        return (
+            " (config.json declares no quantization_config: is the checkpoint quantized? "
+            "Supported quantization: " + SUPPORTED_QUANTIZATION + ")"
+        )
+    return f" (config.json declares {config.quantization.describe()})"
+
+
+def _check_stored_dtype(key: str, stored: str, param: nn.Parameter) -> None:
+    """A checkpoint tensor must be stored as what its parameter holds: FP8 values for an FP8
+    parameter, a plain float for a float one (scales included)."""
+    wanted = _FP8_DTYPES.get(param.dtype)
+    if wanted is not None:
+        ok, expected = stored == wanted, wanted
+    else:
+        ok, expected = stored in _PLAIN_FLOAT_DTYPES, " or ".join(_PLAIN_FLOAT_DTYPES)
+    if not ok:
+        raise ConfigError(
+            f"checkpoint tensor {key} is stored as {stored}; this model expects {expected} there "
+            "(is the checkpoint quantized differently from what config.json's quantization_config "
+            "says?)"
+        )
 
 
 def _load_sharded(model: nn.Module, state: ShardedState, started: float) -> LoadReport:
@@ -252,13 +336,14 @@ class DummyTensor:
 
     def __init__(
         self, key: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-        seed: int = 0, center: float = 0.0,
+        seed: int = 0, center: float = 0.0, half_range: float = DUMMY_RANGE,
     ) -> None:
         self.key = key
         self.shape = tuple(shape)
         self.dtype = dtype
         self.device = torch.device(device)
         self.center = center
+        self.half_range = half_range
         # hashlib, not hash(): Python's string hash changes from process to process.
         digest = int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "little")
         self._key_lo, self._key_hi = digest & _MASK32, digest >> 32
@@ -275,7 +360,7 @@ class DummyTensor:
         # The high word keeps elements 2**32 apart distinct (tensors past 4G elements).
         h = _mix32(h ^ (((flat_index >> 32) + self._key_hi) & _MASK32))
         unit = h.to(torch.float32) * (1.0 / 2**32)  # [0, 1]
-        return (unit * (2 * DUMMY_RANGE) + (self.center - DUMMY_RANGE)).to(self.dtype)
+        return (unit * (2 * self.half_range) + (self.center - self.half_range)).to(self.dtype)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         if not self.shape:
@@ -315,20 +400,32 @@ def _load_dummy(model: nn.Module, seed: int, started: float) -> LoadReport:
     the model's config describes: the same slicing as a real load, on the parameter's device."""
     targets = model.checkpoint_targets()
     shapes = reference_checkpoint_shapes(model.config)
+    params = dict(model.named_parameters())
+    for key, (param_name, _) in targets.items():
+        block = getattr(params[param_name], "block_shape", None)
+        weight_key = key.removesuffix("_scale_inv")
+        if block is not None and weight_key in shapes:
+            # Quantized checkpoints hold the scales beside each weight, one per block.
+            out, inp = shapes[weight_key]
+            shapes[key] = (-(-out // block[0]), -(-inp // block[1]))
     missing = [key for key in targets if key not in shapes]
     if missing:
         raise ConfigError(
             f"dummy weights: transformers' {model.config.architecture} has no tensor named "
             + ", ".join(missing[:5])
         )
-    params = dict(model.named_parameters())
     norms = _norm_parameter_names(model)
     with torch.no_grad():
         for key, (param_name, shard_id) in targets.items():
             param = params[param_name]
-            fake = DummyTensor(
-                key, shapes[key], param.dtype, param.device, seed, center=1.0 if param_name in norms else 0.0
-            )
+            center, half_range = (1.0 if param_name in norms else 0.0), DUMMY_RANGE
+            if param.dtype in _FP8_DTYPES:
+                # FP8 values span float8's fine range around 1; their block scales, near
+                # DUMMY_RANGE, bring the real weight to the plain dummy's magnitude.
+                half_range = 1.0
+            elif hasattr(param, "block_shape"):
+                center, half_range = DUMMY_RANGE, DUMMY_RANGE / 4
+            fake = DummyTensor(key, shapes[key], param.dtype, param.device, seed, center, half_range)
             if shard_id is None:
                 param.weight_loader(param, fake)
             else:

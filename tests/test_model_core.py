@@ -377,10 +377,11 @@ def test_middle_stage_owns_only_its_layers(checkpoints, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(loader_module, "safe_open", Recording)
     report = load_weights(model, model_dir)
-    assert sorted(touched) == sorted(names)
+    # Each owned key is touched (its header once for the dtype check, then its slice), no other.
+    assert sorted(set(touched)) == sorted(names)
     weight_map = json.loads((Path(model_dir) / "model.safetensors.index.json").read_text())["weight_map"]
-    assert sorted(opened) == sorted({weight_map[k] for k in names})
-    assert len(set(weight_map.values())) > len(opened)  # some files were never opened
+    assert sorted(set(opened)) == sorted({weight_map[k] for k in names})
+    assert len(set(weight_map.values())) > len(set(opened))  # some files were never opened
     assert report.tensors == len(names)
     assert report.bytes_read == model.parameter_bytes()
 

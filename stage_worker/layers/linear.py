@@ -6,6 +6,12 @@ it so that only this rank's part is read from disk.
 
 Checkpoint layout (HF): a linear weight is [out_features, in_features]. Column parallel
 splits the out dimension (dim 0), row parallel the in dimension (dim 1).
+
+Which parameters hold the weight is the layer's linear method (layers/linear_methods.py):
+`weight` in the model dtype, or block-wise FP8 `weight` plus `weight_scale_inv`. A loader
+slices every parameter of its layer by the same element ranges; a block-scale parameter (it
+has `block_shape`) takes the blocks those ranges cover, so values and scales stay aligned
+under any TP split the method accepted at construction.
 """
 
 from __future__ import annotations
@@ -13,11 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shared.config import ConfigError
+from shared.quantization import QuantizationConfig
 from stage_worker.distributed import get_tp_group
+from stage_worker.layers.linear_methods import cdiv, linear_method, new_parameter
 
 # A tensor or a safetensors slice object (PySafeSlice): both support `x[a:b]`, `x[:, a:b]`.
 Loaded = Any
@@ -46,10 +53,34 @@ def check_loaded_shape(loaded: Loaded, expected: tuple[int, ...], what: str) -> 
         )
 
 
-def new_parameter(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
-    # Uninitialised: every parameter is overwritten by its weight_loader, and the loader
-    # checks that none was left out.
-    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+def copy_shard(
+    param: nn.Parameter, loaded: Loaded, dim: int, dst_start: int, src_start: int, size: int,
+    full_size: int, what: str,
+) -> None:
+    """param[dst_start:dst_start+size] = loaded[src_start:src_start+size] along `dim` (0 or 1),
+    the ranges in elements of the weight; `full_size` is the checkpoint weight's size along
+    `dim`, the other dimensions being the parameter's own (checked against the loaded
+    shape). For a block-scale parameter the ranges become the blocks they cover."""
+    block = getattr(param, "block_shape", None)
+    if block is not None:
+        b = block[dim]
+        # The linear method refused, at construction, splits that do not start on a block.
+        assert src_start % b == 0 and dst_start % b == 0, (what, src_start, dst_start, b)
+        # A range ending inside a block (the checkpoint's partial last block) takes that block.
+        size = cdiv(src_start + size, b) - src_start // b
+        src_start, dst_start, full_size = src_start // b, dst_start // b, cdiv(full_size, b)
+    expected = list(param.shape)
+    expected[dim] = full_size
+    check_loaded_shape(loaded, tuple(expected), what)
+    if dim == 0:
+        param.data[dst_start : dst_start + size].copy_(loaded[src_start : src_start + size])
+    else:
+        param.data[:, dst_start : dst_start + size].copy_(loaded[:, src_start : src_start + size])
+
+
+def _weight_params(layer: nn.Module) -> list[nn.Parameter]:
+    """The parameters the linear method created for the weight (weight, its scales)."""
+    return [p for name, p in layer.named_parameters(recurse=False) if name != "bias"]
 
 
 def kv_head_partition(
@@ -87,6 +118,10 @@ class ColumnParallelLinear(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         gather_output: bool = False,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+        member_prefixes: list[str] | None = None,
+        output_partition_sizes: list[int] | None = None,
     ) -> None:
         super().__init__()
         tp = get_tp_group()
@@ -95,8 +130,12 @@ class ColumnParallelLinear(nn.Module):
         self.output_size = output_size
         self.output_size_per_partition = divide(output_size, tp.size, "output size")
         self.gather_output = gather_output
-        self.weight = new_parameter((self.output_size_per_partition, input_size), dtype, device)
-        self.weight.weight_loader = self.weight_loader
+        self.quant_method = linear_method(quant_config, prefix, member_prefixes)
+        self.quant_method.create_weights(
+            self, output_partition_sizes or [self.output_size_per_partition], input_size, False, dtype, device
+        )
+        for param in _weight_params(self):
+            param.weight_loader = self.weight_loader
         if bias:
             self.bias = new_parameter((self.output_size_per_partition,), dtype, device)
             self.bias.weight_loader = self.weight_loader
@@ -104,14 +143,12 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded) -> None:
-        # Same rule for weight (2-D) and bias (1-D): this rank's block of output rows.
-        check_loaded_shape(loaded, (self.output_size,) + tuple(param.shape[1:]), "column-parallel layer")
-        shard = param.shape[0]
-        start = self.tp_rank * shard
-        param.data.copy_(loaded[start : start + shard])
+        # Same rule for weight (2-D), its scales and bias (1-D): this rank's block of output rows.
+        shard = self.output_size_per_partition
+        copy_shard(param, loaded, 0, 0, self.tp_rank * shard, shard, self.output_size, "column-parallel layer")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = self.quant_method.apply(self, x, self.bias)
         if self.gather_output:
             out = get_tp_group().all_gather(out, dim=-1)
         return out
@@ -131,20 +168,24 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         bias: bool,
         dtype: torch.dtype,
         device: torch.device,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+        member_prefixes: list[str] | None = None,
     ) -> None:
         tp_size = get_tp_group().size
         for size in output_sizes:
             divide(size, tp_size, "output size")
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias, dtype, device)
+        super().__init__(
+            input_size, sum(output_sizes), bias, dtype, device, quant_config=quant_config, prefix=prefix,
+            member_prefixes=member_prefixes, output_partition_sizes=[s // tp_size for s in output_sizes],
+        )
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: int) -> None:  # type: ignore[override]
         full = self.output_sizes[shard_id]
-        check_loaded_shape(loaded, (full,) + tuple(param.shape[1:]), f"merged output {shard_id}")
         shard = full // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        start = self.tp_rank * shard
-        param.data[offset : offset + shard].copy_(loaded[start : start + shard])
+        copy_shard(param, loaded, 0, offset, self.tp_rank * shard, shard, full, f"merged output {shard_id}")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -162,6 +203,9 @@ class QKVParallelLinear(ColumnParallelLinear):
         bias: bool,
         dtype: torch.dtype,
         device: torch.device,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+        member_prefixes: list[str] | None = None,
     ) -> None:
         tp = get_tp_group()
         self.head_size = head_size
@@ -175,7 +219,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         # The per-rank output is what ColumnParallelLinear would give for a (possibly
         # kv-replicated) total of tp * local heads.
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_size * tp.size
-        super().__init__(hidden_size, output_size, bias, dtype, device)
+        super().__init__(
+            hidden_size, output_size, bias, dtype, device, quant_config=quant_config, prefix=prefix,
+            member_prefixes=member_prefixes, output_partition_sizes=[self.q_size, self.kv_size, self.kv_size],
+        )
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: str) -> None:  # type: ignore[override]
         if shard_id == "q":
@@ -189,12 +236,11 @@ class QKVParallelLinear(ColumnParallelLinear):
             first_head = self.tp_rank * self.total_num_kv_heads // self.tp_size
         else:
             raise AssertionError(f"unknown qkv shard id {shard_id!r}")
-        check_loaded_shape(
-            loaded, (full_heads * self.head_size,) + tuple(param.shape[1:]), f"{shard_id}_proj"
-        )
         size = local_heads * self.head_size
-        start = first_head * self.head_size
-        param.data[offset : offset + size].copy_(loaded[start : start + size])
+        copy_shard(
+            param, loaded, 0, offset, first_head * self.head_size, size, full_heads * self.head_size,
+            f"{shard_id}_proj",
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -212,6 +258,8 @@ class RowParallelLinear(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         reduce_results: bool = True,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         tp = get_tp_group()
@@ -220,8 +268,10 @@ class RowParallelLinear(nn.Module):
         self.output_size = output_size
         self.input_size_per_partition = divide(input_size, tp.size, "input size")
         self.reduce_results = reduce_results
-        self.weight = new_parameter((output_size, self.input_size_per_partition), dtype, device)
-        self.weight.weight_loader = self.weight_loader
+        self.quant_method = linear_method(quant_config, prefix)
+        self.quant_method.create_weights(self, [output_size], self.input_size_per_partition, True, dtype, device)
+        for param in _weight_params(self):
+            param.weight_loader = self.weight_loader
         if bias:
             self.bias = new_parameter((output_size,), dtype, device)
             self.bias.weight_loader = self.bias_loader
@@ -229,10 +279,8 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded) -> None:
-        check_loaded_shape(loaded, (self.output_size, self.input_size), "row-parallel layer")
-        shard = param.shape[1]
-        start = self.tp_rank * shard
-        param.data.copy_(loaded[:, start : start + shard])
+        shard = self.input_size_per_partition
+        copy_shard(param, loaded, 1, 0, self.tp_rank * shard, shard, self.input_size, "row-parallel layer")
 
     def bias_loader(self, param: nn.Parameter, loaded: Loaded) -> None:
         check_loaded_shape(loaded, (self.output_size,), "row-parallel bias")
@@ -240,8 +288,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = F.linear(x, self.weight)
+            return self.quant_method.apply(self, x, self.bias)
+        out = self.quant_method.apply(self, x, None)
         if self.reduce_results:
             out = get_tp_group().all_reduce(out)
         # Unreduced partial sums get the bias on one rank only, so that it is counted once

@@ -39,7 +39,12 @@ STACKED_PARAMS_MAPPING: tuple[tuple[str, str, str | int], ...] = (
 
 class LlamaMLP(nn.Module):
     def __init__(
-        self, config: ModelConfig, dtype: torch.dtype, device: torch.device, reduce_results: bool = True
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        reduce_results: bool = True,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
@@ -48,6 +53,9 @@ class LlamaMLP(nn.Module):
             bias=config.mlp_bias,
             dtype=dtype,
             device=device,
+            quant_config=config.quantization,
+            prefix=f"{prefix}.gate_up_proj",
+            member_prefixes=[f"{prefix}.gate_proj", f"{prefix}.up_proj"],
         )
         self.down_proj = RowParallelLinear(
             config.intermediate_size,
@@ -56,6 +64,8 @@ class LlamaMLP(nn.Module):
             dtype=dtype,
             device=device,
             reduce_results=reduce_results,
+            quant_config=config.quantization,
+            prefix=f"{prefix}.down_proj",
         )
         self.act_fn = SiluAndMul()
 
@@ -71,6 +81,7 @@ class LlamaAttention(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         reduce_results: bool = True,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         head_dim = config.head_dim
@@ -82,6 +93,9 @@ class LlamaAttention(nn.Module):
             bias=config.qkv_bias,
             dtype=dtype,
             device=device,
+            quant_config=config.quantization,
+            prefix=f"{prefix}.qkv_proj",
+            member_prefixes=[f"{prefix}.{name}" for name in ("q_proj", "k_proj", "v_proj")],
         )
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * head_dim,
@@ -90,6 +104,8 @@ class LlamaAttention(nn.Module):
             dtype=dtype,
             device=device,
             reduce_results=reduce_results,
+            quant_config=config.quantization,
+            prefix=f"{prefix}.o_proj",
         )
         self.q_size = self.qkv_proj.q_size
         self.kv_size = self.qkv_proj.kv_size
@@ -116,13 +132,16 @@ class LlamaDecoderLayer(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         sequence_parallel: bool = False,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         # With sequence parallelism the row-parallel outputs are reduce-scattered by the
         # layer instead of all-reduced inside the projection.
         self.sequence_parallel = sequence_parallel
-        self.self_attn = LlamaAttention(config, rotary_emb, dtype, device, reduce_results=not sequence_parallel)
-        self.mlp = LlamaMLP(config, dtype, device, reduce_results=not sequence_parallel)
+        self.self_attn = LlamaAttention(
+            config, rotary_emb, dtype, device, reduce_results=not sequence_parallel, prefix=f"{prefix}.self_attn"
+        )
+        self.mlp = LlamaMLP(config, dtype, device, reduce_results=not sequence_parallel, prefix=f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
@@ -183,7 +202,9 @@ class LlamaModel(nn.Module):
         # Keyed by the global layer index so parameter names equal the checkpoint keys.
         self.layers = nn.ModuleDict(
             {
-                str(i): LlamaDecoderLayer(config, rotary_emb, dtype, device, sequence_parallel)
+                str(i): LlamaDecoderLayer(
+                    config, rotary_emb, dtype, device, sequence_parallel, prefix=f"model.layers.{i}"
+                )
                 for i in range(layout.first_layer, layout.last_layer)
             }
         )

@@ -1,0 +1,144 @@
+"""How a linear layer stores its weight and computes with it: plain, or block-wise FP8.
+
+A linear layer (layers/linear.py) owns the tensor-parallel split; its linear method owns the
+parameters that hold the weight (`create_weights`) and the product (`apply`). The method
+comes from the checkpoint's quantization_config (shared/quantization.py), per layer, so a
+layer listed in modules_to_not_convert stays plain.
+
+Block-wise FP8 keeps the checkpoint's float8_e4m3fn values and float32 `weight_scale_inv`
+blocks in memory (1 byte per weight). The reference path (CPU, and the parity tests)
+multiplies with the dequantized weight in the activation dtype; the "triton" kernel backend
+(GPUs) runs an FP8 GEMM on activations quantized per token and 128-column group at run time
+(layers/triton_fp8_matmul.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.config import ConfigError
+from shared.quantization import QuantizationConfig
+
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def new_parameter(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    # Uninitialised: every parameter is overwritten by its weight_loader, and the loader
+    # checks that none was left out.
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class UnquantizedLinearMethod:
+    """The weight in the model dtype, F.linear."""
+
+    quantized = False
+
+    def create_weights(
+        self, layer: nn.Module, output_sizes: list[int], input_size: int, input_is_split: bool,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        layer.weight = new_parameter((sum(output_sizes), input_size), dtype, device)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class BlockFp8LinearMethod:
+    """float8_e4m3fn weight [out, in] with float32 weight_scale_inv [cdiv(out, bn), cdiv(in, bk)]."""
+
+    quantized = True
+
+    def __init__(self, quant: QuantizationConfig, prefix: str) -> None:
+        self.block = quant.weight_block_size
+        self.prefix = prefix
+
+    def create_weights(
+        self, layer: nn.Module, output_sizes: list[int], input_size: int, input_is_split: bool,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        """`output_sizes`: this rank's part of each fused output (one entry if not fused)."""
+        bn, bk = self.block
+        tp_size = layer.tp_size
+        # One scale covers a bn x bk block of the checkpoint tensor. A rank's slice, or a fused
+        # member placed after another, must start on a block boundary, or its scales would
+        # belong partly to rows or columns of another rank or member.
+        if (len(output_sizes) > 1 or tp_size > 1) and any(size % bn for size in output_sizes):
+            raise ConfigError(
+                f"{self.prefix}: this rank's output parts {output_sizes} at tensor-parallel size "
+                f"{tp_size} are not multiples of the FP8 block's {bn} rows; the split would cut "
+                "through a block of scales. Use a tensor-parallel size that keeps each part a "
+                f"multiple of {bn}"
+            )
+        if input_is_split and tp_size > 1 and input_size % bk:
+            raise ConfigError(
+                f"{self.prefix}: this rank's {input_size} input columns at tensor-parallel size "
+                f"{tp_size} are not a multiple of the FP8 block's {bk} columns; the split would "
+                f"cut through a block of scales. Use a tensor-parallel size that keeps it a multiple of {bk}"
+            )
+        out = sum(output_sizes)
+        layer.weight = new_parameter((out, input_size), FP8_DTYPE, device)
+        layer.weight_scale_inv = new_parameter((cdiv(out, bn), cdiv(input_size, bk)), torch.float32, device)
+        # Read by the weight loaders: ranges along dim d of this parameter are in blocks of
+        # block_shape[d] elements of the weight.
+        layer.weight_scale_inv.block_shape = (bn, bk)
+        layer.kernel_backend = "reference"
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if layer.kernel_backend == "triton":
+            from stage_worker.layers.triton_fp8_matmul import fp8_block_linear
+
+            out = fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block)
+            return out if bias is None else out + bias
+        weight = dequantize_block_fp8(layer.weight, layer.weight_scale_inv, self.block, x.dtype)
+        return F.linear(x, weight, bias)
+
+
+def dequantize_block_fp8(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """float8 [out, in] times its block scales [cdiv(out, bn), cdiv(in, bk)] -> [out, in] in
+    `dtype` (the product is taken in float32 and rounded once)."""
+    bn, bk = block
+    out, inp = weight.shape
+    # Each scale repeated over its block, the partial last blocks cut to the weight's size.
+    scale = scale_inv.repeat_interleave(bn, dim=0)[:out].repeat_interleave(bk, dim=1)[:, :inp]
+    return (weight.to(torch.float32) * scale).to(dtype)
+
+
+def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float -> (float8_e4m3fn weight, float32 weight_scale_inv): each block scaled
+    so its largest magnitude is float8's largest (448). The inverse of dequantize_block_fp8,
+    up to float8 rounding; what checkpoints of this layout hold (and what tests write)."""
+    bn, bk = block
+    out, inp = weight.shape
+    rows, cols = cdiv(out, bn), cdiv(inp, bk)
+    padded = torch.zeros(rows * bn, cols * bk, dtype=torch.float32)
+    padded[:out, :inp] = weight.float()
+    blocks = padded.view(rows, bn, cols, bk)  # [rows, bn, cols, bk]
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [rows, cols]
+    scale_inv = amax / torch.finfo(FP8_DTYPE).max
+    quantized = (blocks / scale_inv[:, None, :, None]).to(FP8_DTYPE)
+    return quantized.view(rows * bn, cols * bk)[:out, :inp].contiguous(), scale_inv
+
+
+def linear_method(
+    quant: QuantizationConfig | None, prefix: str, member_prefixes: list[str] | None = None
+) -> UnquantizedLinearMethod | BlockFp8LinearMethod:
+    """The method of the linear layer at `prefix`; a fused layer gives the checkpoint prefixes
+    of its members (q/k/v_proj), which must agree on being quantized."""
+    if quant is None:
+        return UnquantizedLinearMethod()
+    members = member_prefixes or [prefix]
+    flags = {quant.is_quantized(p) for p in members}
+    if len(flags) > 1:
+        raise ConfigError(
+            f"modules_to_not_convert leaves only some of {', '.join(members)} unquantized; they run "
+            "as one fused matmul here, so all or none of them must be quantized"
+        )
+    return BlockFp8LinearMethod(quant, prefix) if flags.pop() else UnquantizedLinearMethod()
