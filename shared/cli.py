@@ -241,7 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ops_flags(stage, "serve Prometheus /metrics on this port (default: none)")
 
     generate = sub.add_parser("generate", help="stream an answer from a running router")
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", help="the prompt; with --chat, the user's message")
+    generate.add_argument("--chat", action="store_true",
+                          help="send the prompt as a user message, rendered by the model's chat template "
+                               "in the router (needs a model with one)")
+    generate.add_argument("--system", default=None,
+                          help="a system message before the user's (implies --chat)")
     generate.add_argument("--addr", default="127.0.0.1:50051")
     generate.add_argument("--timeout", type=float, default=None, help="deadline of the whole call, in seconds")
     generate.add_argument("--retries", type=int, default=4,
@@ -360,6 +365,14 @@ def _save_sharded(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_input(args: argparse.Namespace) -> str | list[dict[str, str]]:
+    """`generate`'s prompt, or with --chat / --system the conversation the router renders."""
+    if not (args.chat or args.system is not None):
+        return args.prompt
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return [*system, {"role": "user", "content": args.prompt}]
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return dtype
@@ -381,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             token = read_token(args.auth_token_file, "auth token") if args.auth_token_file else None
             from shared.client import stream_to_stdout
 
-            return stream_to_stdout(args.addr, args.prompt, _sampling_from(args), args.timeout, args.retries,
-                                    _client_tls_from(args), token)
+            return stream_to_stdout(args.addr, _generate_input(args), _sampling_from(args), args.timeout,
+                                    args.retries, _client_tls_from(args), token)
         except SecurityConfigError as exc:
             print(f"stageserve: {exc}", file=sys.stderr)
             return 2
