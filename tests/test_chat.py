@@ -1,7 +1,8 @@
 """Chat `messages` in the gRPC API: checked by request validation, rendered by the model's own
 chat template in the router (transformers apply_chat_template), refused with the right status
-where that cannot work; end to end, the answer equals transformers' greedy answer to the
-rendered prompt, and `stageserve generate --chat` sends the same conversation."""
+where that cannot work; end to end (the session's chat system, tests/chat_harness.py), the
+answer equals transformers' greedy answer to the rendered prompt, and `stageserve generate
+--chat` sends the same conversation."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 from router.chat_template import ChatRenderer
 from router.request_validation import CHAT_ROLES, InvalidRequestError, RequestLimits, validate_request
 from shared.client import build_request
-from shared.demo_model import write_tiny_model
+from shared.demo_model import build_tokenizer, write_tiny_model
 from shared.proto import generation_pb2 as gen
+from tests.chat_harness import TOKEN, ChatSystem
 from tests.e2e_harness import REPO, ServingSystem, comparable_prefix, hf_greedy
 
 pytestmark = pytest.mark.timeout(300)
@@ -36,11 +38,11 @@ def _messages(*turns: tuple[str, str]) -> gen.GenerateRequest:
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    # No process serves these: the tokenizer (with its template) is all "chat" needs, and
+    # the router's service reads only config.json and the tokenizer of "base".
     root = tmp_path_factory.mktemp("chat-models")
-    return {
-        "chat": write_tiny_model(root / "chat", seed=3, num_layers=2),
-        "base": write_tiny_model(root / "base", seed=3, num_layers=2, chat_template=None),
-    }
+    build_tokenizer(root / "chat")
+    return {"chat": root / "chat", "base": write_tiny_model(root / "base", num_layers=1, chat_template=None)}
 
 
 @pytest.fixture(scope="module")
@@ -172,20 +174,19 @@ def test_messages_without_a_template_is_failed_precondition(
 # --- end to end ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def system(model_dirs: dict[str, Path]):
-    sys_ = ServingSystem(model_dirs["chat"], 1, 1, "--kv-cache-bytes", str(4 * 2**20))
-    yield sys_
-    assert sys_.stop() == 0, sys_.log()
+@pytest.fixture
+def system(chat_system: ChatSystem) -> ServingSystem:
+    return chat_system.system
 
 
-def test_chat_answer_equals_transformers_on_the_rendered_prompt(system: ServingSystem, model_dirs, tokenizer) -> None:
+def test_chat_answer_equals_transformers_on_the_rendered_prompt(chat_system: ChatSystem, tokenizer) -> None:
+    system = chat_system.system
     got = system.client.generate(
         CONVERSATION, max_new_tokens=NEW_TOKENS, ignore_eos=True, logprobs=2, logprob_token_text=True, timeout=60
     )
     prompt = _render(tokenizer, CONVERSATION)
     assert got.prompt_tokens == len(prompt)
-    ref = hf_greedy(model_dirs["chat"], prompt, NEW_TOKENS)
+    ref = hf_greedy(chat_system.model_dir, prompt, NEW_TOKENS)
     n = comparable_prefix(ref)
     assert got.token_ids[:n] == ref.token_ids[:n]
     # The same prompt as token ids gives the same answer.
@@ -207,13 +208,21 @@ def test_bad_messages_get_invalid_argument(system: ServingSystem) -> None:
         assert says in err.value.details()
 
 
-def test_generate_cli_chat_sends_the_conversation(system: ServingSystem) -> None:
+def _with_token(folder: Path) -> dict[str, str]:
+    """The environment `stageserve generate` reads its token file from."""
+    import os
+
+    (folder / "token").write_text(TOKEN)
+    return {**os.environ, "STAGESERVE_AUTH_TOKEN_FILE": str(folder / "token")}
+
+
+def test_generate_cli_chat_sends_the_conversation(system: ServingSystem, tmp_path: Path) -> None:
     expected = system.client.generate(CONVERSATION, max_new_tokens=NEW_TOKENS, ignore_eos=True, timeout=60)
     out = subprocess.run(
         [sys.executable, "-m", "shared.cli", "generate", CONVERSATION[1]["content"], "--system",
          CONVERSATION[0]["content"], "--addr", system.address, "--max-new-tokens", str(NEW_TOKENS),
          "--ignore-eos"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO, env=_with_token(tmp_path), capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(expected.text) and "[finish: length]" in out.stdout
@@ -222,6 +231,6 @@ def test_generate_cli_chat_sends_the_conversation(system: ServingSystem) -> None
     out = subprocess.run(
         [sys.executable, "-m", "shared.cli", "generate", CONVERSATION[1]["content"], "--chat", "--addr",
          system.address, "--max-new-tokens", "4", "--ignore-eos"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        cwd=REPO, env=_with_token(tmp_path), capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0 and out.stdout.startswith(alone.text), out.stderr
