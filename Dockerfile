@@ -25,9 +25,10 @@ COPY protos ./protos
 COPY shared ./shared
 COPY router ./router
 COPY stage_worker ./stage_worker
-# Pin torch to the base's own build so pip never replaces it with a PyPI wheel.
+# Pin torch to the base's own build so pip never replaces it with a PyPI wheel. The [openai]
+# extra (FastAPI, uvicorn) is for the `stageserve openai` front, which shares this image.
 RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/torch-pin.txt \
-    && python -m pip install --constraint /tmp/torch-pin.txt . \
+    && python -m pip install --constraint /tmp/torch-pin.txt ".[openai]" \
     && rm /tmp/torch-pin.txt \
     && stageserve --help > /dev/null
 
@@ -36,6 +37,6 @@ RUN useradd --create-home --uid 1000 stageserve
 USER stageserve
 ENV HOME=/home/stageserve
 
-# API (router), stage control, Prometheus metrics, rendezvous store (router).
-EXPOSE 50051 50061 8000 29500
+# API (router), stage control, Prometheus metrics, rendezvous store (router), OpenAI HTTP API.
+EXPOSE 50051 50061 8000 29500 8080
 CMD ["stageserve", "--help"]

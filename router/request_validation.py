@@ -12,13 +12,16 @@ from __future__ import annotations
 import math
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from shared.config import ConfigError, ModelConfig
 from shared.proto import generation_pb2, stage_worker_pb2
 
 MAX_REQUEST_ID_CHARS = 128
+# Roles a chat message may have: OpenAI's (developer is its newer name for system). The model's
+# template decides which of them it renders; it refuses the others itself.
+CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 # Error messages quote client strings; cap the quote so a huge value cannot bloat the status.
 _QUOTE_CHARS = 40
 
@@ -38,6 +41,7 @@ class RequestLimits:
     max_stop_token_ids: int = 64
     max_top_logprobs: int = 20
     max_prompt_chars: int = 1_000_000
+    max_chat_messages: int = 1024
 
     def __post_init__(self) -> None:
         if self.vocab_size < 1:
@@ -51,6 +55,7 @@ class RequestLimits:
             "max_stop_token_ids",
             "max_top_logprobs",
             "max_prompt_chars",
+            "max_chat_messages",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -102,17 +107,24 @@ class ValidatedRequest:
     sampling: ResolvedSampling
 
 
+# Renders checked chat messages to token ids with the model's template (router.chat_template).
+ChatRender = Callable[[Sequence[generation_pb2.ChatMessage]], list[int]]
+
+
 def validate_request(
     req: generation_pb2.GenerateRequest,
     tokenizer_encode: Callable[[str], list[int]],
     limits: RequestLimits,
+    render_chat: ChatRender | None = None,
 ) -> ValidatedRequest:
     """Check ``req`` against ``limits`` and resolve it; raises ``InvalidRequestError``.
 
-    ``tokenizer_encode`` turns a text prompt into token ids, special tokens (bos) included.
+    ``tokenizer_encode`` turns a text prompt into token ids, special tokens (bos) included;
+    ``render_chat`` turns checked messages into token ids (None: the server refused
+    ``messages`` before, as FAILED_PRECONDITION).
     """
     request_id = _resolve_request_id(req.request_id)
-    prompt_token_ids = _resolve_prompt(req, tokenizer_encode, limits)
+    prompt_token_ids = _resolve_prompt(req, tokenizer_encode, limits, render_chat)
     sampling = _resolve_sampling(req.sampling, len(prompt_token_ids), limits)
     return ValidatedRequest(request_id=request_id, prompt_token_ids=prompt_token_ids, sampling=sampling)
 
@@ -134,15 +146,52 @@ def _resolve_request_id(request_id: str) -> str:
     return request_id
 
 
+def check_chat_messages(messages: Sequence[generation_pb2.ChatMessage], limits: RequestLimits) -> None:
+    """Roles and sizes of a conversation, before any template work is spent on it."""
+    if not messages:
+        raise InvalidRequestError("messages is empty: give at least one message (role and content)")
+    if len(messages) > limits.max_chat_messages:
+        raise InvalidRequestError(
+            f"messages has {len(messages)} messages; at most {limits.max_chat_messages} are allowed"
+        )
+    total = 0
+    for i, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise InvalidRequestError(
+                f"messages[{i}].role is {_quote(message.role)}; allowed roles: {', '.join(CHAT_ROLES)} "
+                "(the model's chat template may accept fewer)"
+            )
+        # An assistant turn may be empty (a prefilled answer that is still to come).
+        if not message.content and message.role != "assistant":
+            raise InvalidRequestError(f"messages[{i}].content is empty; only an assistant message may be empty")
+        total += len(message.content)
+    if total > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            f"messages have {total} characters of content; at most {limits.max_prompt_chars} are allowed"
+        )
+
+
 def _resolve_prompt(
     req: generation_pb2.GenerateRequest,
     tokenizer_encode: Callable[[str], list[int]],
     limits: RequestLimits,
+    render_chat: ChatRender | None,
 ) -> tuple[int, ...]:
     kind = req.WhichOneof("input")
     if kind is None:
-        raise InvalidRequestError("the request has no input: set exactly one of prompt or prompt_token_ids")
-    if kind == "prompt":
+        raise InvalidRequestError(
+            "the request has no input: set exactly one of prompt, prompt_token_ids or messages"
+        )
+    if kind == "messages":
+        messages = req.messages.messages
+        check_chat_messages(messages, limits)
+        if render_chat is None:
+            raise InvalidRequestError("this router cannot render chat messages (the model has no chat template)")
+        ids = tuple(int(t) for t in render_chat(messages))
+        if not ids:
+            raise InvalidRequestError("the chat template rendered these messages to zero tokens")
+        where = "the chat-template-rendered prompt"
+    elif kind == "prompt":
         if not req.prompt:
             raise InvalidRequestError("prompt is empty: give a non-empty prompt or non-empty prompt_token_ids")
         if len(req.prompt) > limits.max_prompt_chars:

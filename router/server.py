@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from router.block_manager import BlockManager
+from router.chat_template import ChatRenderer, chat_template_of
 from router.control_plane import CachePlan, PipelineState, bring_up
 from router.engine import DEFAULT_STEP_TIMEOUT_S, Engine, EngineUnavailable
 from router.malformed_requests import RejectMalformedRequests
@@ -116,6 +117,10 @@ class GenerationService(gen_grpc.GenerationServicer):
         self.recovering: str | None = None
         self.metrics = RouterMetrics()  # the Router gives it its own
         self._outbox: ResponseOutbox | None = None
+        # None: `messages` requests get FAILED_PRECONDITION (no tokenizer, or a base model).
+        self.render_chat = ChatRenderer(tokenizer) if chat_template_of(tokenizer) is not None else None
+        # Token id -> the token decoded alone, for logprob_token_text; bounded by the vocabulary.
+        self._token_texts: dict[int, str] = {}
 
     def _outbox_for(self, loop: asyncio.AbstractEventLoop) -> ResponseOutbox:
         # One per event loop: the router has one, but a test may serve from several in turn.
@@ -133,14 +138,37 @@ class GenerationService(gen_grpc.GenerationServicer):
         )
 
     def _needs_tokenizer(self, request: gen.GenerateRequest) -> str | None:
-        """Why a router without a tokenizer cannot serve `request`; None if it can."""
+        """Why this router cannot serve `request` (it lacks a tokenizer or a chat template);
+        None if it can."""
+        if request.WhichOneof("input") == "messages" and self.render_chat is None:
+            if self.tokenizer is None:
+                return self._no_tokenizer("render chat messages")
+            return (
+                f"model folder {self.model.model_path} has no chat template (tokenizer_config.json "
+                "\"chat_template\" or chat_template.jinja), so this router cannot render messages; "
+                "send a prompt formatted by the client, or serve an instruct model"
+            )
         if self.tokenizer is not None:
             return None
         if request.WhichOneof("input") == "prompt":
             return self._no_tokenizer("tokenize a text prompt")
         if request.sampling.stop:
             return self._no_tokenizer("match stop strings")
+        if request.sampling.logprob_token_text:
+            return self._no_tokenizer("decode logprob tokens (logprob_token_text)")
         return None
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def _add_token_texts(self, response: gen.GenerateResponse) -> None:
+        for lp in response.logprobs:
+            lp.token = self._token_text(lp.token_id)
+            for alt in lp.top:
+                alt.token = self._token_text(alt.token_id)
 
     async def Generate(
         self, request: gen.GenerateRequest, context: grpc.aio.ServicerContext
@@ -163,7 +191,7 @@ class GenerationService(gen_grpc.GenerationServicer):
         try:
             # Tokenizing a long prompt must not stall every other stream on the event loop.
             validated = await loop.run_in_executor(
-                None, validate_request, request, self._encode, self.limits
+                None, validate_request, request, self._encode, self.limits, self.render_chat
             )
         except InvalidRequestError as exc:
             self.metrics.on_rejected("invalid_argument")
@@ -178,6 +206,7 @@ class GenerationService(gen_grpc.GenerationServicer):
         except EngineUnavailable as exc:
             self.metrics.on_rejected("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not serving: {exc}")
+        token_texts = request.sampling.logprob_token_text
         finished = False
         # The last message is held until the stream's end says how it ended: a request the
         # pipeline failure ended gets UNAVAILABLE (retryable) instead of a final message.
@@ -193,6 +222,8 @@ class GenerationService(gen_grpc.GenerationServicer):
                         if last is not None:
                             yield last
                         return
+                    if token_texts:
+                        self._add_token_texts(item)
                     if item.finish_reason:
                         last = item
                     else:

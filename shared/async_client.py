@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.client import GenerationResult, RetryPolicy, build_request, client_channel_options
+from shared.client import GenerationResult, Prompt, RetryPolicy, build_request, client_channel_options
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
 from shared.security import ClientTls, bearer_metadata, open_aio_channel
@@ -41,7 +41,7 @@ class AsyncGenerationClient:
         await self.close()
 
     async def stream(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, request_id: str = "",
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str = "",
         wait_for_ready: bool = False, **sampling: object,
     ) -> AsyncIterator[gen.GenerateResponse]:
         """Yields each streamed message; raises grpc.aio.AioRpcError on a non-OK status.
@@ -58,7 +58,7 @@ class AsyncGenerationClient:
             call.cancel()  # A no-op once the call is over.
 
     async def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, request_id: str = "",
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str = "",
         wait_for_ready: bool = False, **sampling: object,
     ) -> GenerationResult:
         result = GenerationResult()

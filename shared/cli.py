@@ -1,4 +1,4 @@
-"""The `stageserve` command: up, router, stage, generate, health, plan, save-sharded."""
+"""The `stageserve` command: up, router, stage, openai, generate, health, plan, save-sharded."""
 
 from __future__ import annotations
 
@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "right for a self-signed certificate)")
     up.add_argument("--no-stage-token", action="store_true",
                     help="do not give router and stages a fresh random stage token (default: one, in a 0600 file)")
+    up.add_argument("--openai-port", type=int, default=None,
+                    help="also start the OpenAI-compatible HTTP front (`stageserve openai`) on this port, "
+                         "on --host (default: none)")
+    up.add_argument("--served-model-name", default=None,
+                    help="with --openai-port: the model id of the HTTP API (default: the model folder's name)")
     _add_router_flags(up)
     _add_sampling_flags(up)
     _add_ops_flags(up, "Prometheus /metrics: the router on this port, stage i on this port + 1 + i (default: none)")
@@ -240,8 +245,28 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: $STAGESERVE_STAGE_TOKEN_FILE, else no check)")
     _add_ops_flags(stage, "serve Prometheus /metrics on this port (default: none)")
 
+    front = sub.add_parser("openai", help="serve the OpenAI-compatible HTTP API as a gRPC client of a router")
+    front.add_argument("--router", default="127.0.0.1:50051", help="the router's public API, host:port")
+    front.add_argument("--host", default="0.0.0.0")
+    front.add_argument("--port", type=int, default=8080)
+    front.add_argument("--served-model-name", default=None,
+                       help="the model id /v1/models lists and requests name (default: the router's "
+                            "model_name, i.e. the model folder's name)")
+    front.add_argument("--access-log", action="store_true", help="log one line per HTTP request")
+    front.add_argument("--router-retries", type=int, default=4,
+                       help="retries of UNAVAILABLE before a call's first token (0-4; gRPC caps attempts at 5)")
+    _add_client_tls_flags(front)
+    front.add_argument("--log-format", choices=["text", "json"],
+                       default=os.environ.get("STAGESERVE_LOG_FORMAT", "text"),
+                       help="json: one object per line (default: $STAGESERVE_LOG_FORMAT or text)")
+
     generate = sub.add_parser("generate", help="stream an answer from a running router")
-    generate.add_argument("prompt")
+    generate.add_argument("prompt", help="the prompt; with --chat, the user's message")
+    generate.add_argument("--chat", action="store_true",
+                          help="send the prompt as a user message, rendered by the model's chat template "
+                               "in the router (needs a model with one)")
+    generate.add_argument("--system", default=None,
+                          help="a system message before the user's (implies --chat)")
     generate.add_argument("--addr", default="127.0.0.1:50051")
     generate.add_argument("--timeout", type=float, default=None, help="deadline of the whole call, in seconds")
     generate.add_argument("--retries", type=int, default=4,
@@ -360,6 +385,14 @@ def _save_sharded(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_input(args: argparse.Namespace) -> str | list[dict[str, str]]:
+    """`generate`'s prompt, or with --chat / --system the conversation the router renders."""
+    if not (args.chat or args.system is not None):
+        return args.prompt
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return [*system, {"role": "user", "content": args.prompt}]
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
         return dtype
@@ -381,11 +414,28 @@ def main(argv: list[str] | None = None) -> int:
             token = read_token(args.auth_token_file, "auth token") if args.auth_token_file else None
             from shared.client import stream_to_stdout
 
-            return stream_to_stdout(args.addr, args.prompt, _sampling_from(args), args.timeout, args.retries,
-                                    _client_tls_from(args), token)
+            return stream_to_stdout(args.addr, _generate_input(args), _sampling_from(args), args.timeout,
+                                    args.retries, _client_tls_from(args), token)
         except SecurityConfigError as exc:
             print(f"stageserve: {exc}", file=sys.stderr)
             return 2
+    if args.command == "openai":
+        # A client of the router like `generate`: no torch here either.
+        from shared.openai_front.server import OpenAIFrontConfig, serve
+        from shared.security import SecurityConfigError
+
+        setup_logging("openai", args.log_format)
+        try:
+            config = OpenAIFrontConfig(
+                router_address=args.router, host=args.host, port=args.port,
+                served_model_name=args.served_model_name, router_tls=_client_tls_from(args),
+                access_log=args.access_log, router_retries=args.router_retries,
+            )
+        except (ValueError, SecurityConfigError) as exc:
+            print(f"stageserve: {exc}", file=sys.stderr)
+            return 2
+        serve(config)
+        return 0
     if args.command == "health":
         from shared.client import LIVENESS_SERVICE, GenerationClient
         from shared.security import SecurityConfigError
@@ -436,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                 tls=_server_tls(args), tls_ca=args.tls_ca, auth_token_file=args.auth_token_file,
                 stage_token=not args.no_stage_token, load_format=args.load_format,
                 kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
+                openai_port=args.openai_port, served_model_name=args.served_model_name,
             )
             return run_up(config, args.prompt, _sampling_from(args))
         if args.command == "router":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -96,13 +96,25 @@ def client_channel_options(retry: RetryPolicy) -> list[tuple[str, int | str]]:
     return [*channel_options(), ("grpc.enable_retries", 1), ("grpc.service_config", retry.service_config())]
 
 
-def build_request(
-    prompt: str | Sequence[int], request_id: str = "", **sampling: object
-) -> gen.GenerateRequest:
+# A conversation: messages as {"role": ..., "content": ...} (or ChatMessage protos), rendered by
+# the router with the model's chat template.
+Chat = Sequence[Mapping[str, str] | gen.ChatMessage]
+# What the Generate calls take: a text prompt, prompt token ids, or a conversation.
+Prompt = str | Sequence[int] | Chat
+
+
+def build_request(prompt: Prompt, request_id: str = "", **sampling: object) -> gen.GenerateRequest:
     """`sampling` takes SamplingParams' field names (max_new_tokens=..., temperature=...)."""
     request = gen.GenerateRequest(sampling=gen.SamplingParams(**sampling), request_id=request_id)
     if isinstance(prompt, str):
         request.prompt = prompt
+    elif prompt and isinstance(prompt[0], (Mapping, gen.ChatMessage)):
+        request.messages.SetInParent()
+        for message in prompt:
+            if isinstance(message, gen.ChatMessage):
+                request.messages.messages.append(message)
+            else:
+                request.messages.messages.add(role=message["role"], content=message["content"])
     else:
         request.prompt_token_ids.ids.extend(prompt)
     return request
@@ -132,7 +144,7 @@ class GenerationClient:
         self.close()
 
     def stream(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, request_id: str = "",
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str = "",
         wait_for_ready: bool = False, **sampling: object,
     ) -> Iterator[gen.GenerateResponse]:
         """Yields each streamed message; raises grpc.RpcError on a non-OK status.
@@ -151,7 +163,7 @@ class GenerationClient:
             call.cancel()  # A no-op once the call is over.
 
     def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, request_id: str = "",
+        self, prompt: Prompt, *, timeout: float | None = None, request_id: str = "",
         wait_for_ready: bool = False, **sampling: object,
     ) -> GenerationResult:
         result = GenerationResult()
@@ -188,7 +200,7 @@ class GenerationClient:
 
 
 def stream_to_stdout(
-    address: str, prompt: str, sampling: dict, timeout: float | None = None, retries: int = 4,
+    address: str, prompt: str | Chat, sampling: dict, timeout: float | None = None, retries: int = 4,
     tls: ClientTls | None = None, token: str | None = None,
 ) -> int:
     with GenerationClient(address, RetryPolicy(max_attempts=retries + 1), tls=tls, token=token) as client:

@@ -38,6 +38,26 @@ SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
 TOKENIZER_VOCAB_SIZE = 768
 DEMO_MODEL_NAME = "demo-llama"
 
+# A chat template in the shape instruct models ship (transformers' Jinja dialect): the template
+# writes the bos itself, so the router tokenizes its output without adding special tokens; an
+# assistant turn ends with eos, which is where generation stops. It refuses roles it has no
+# turn for, the way real templates do (raise_exception), so that path is exercised too. Its
+# turn markers are plain text: the demo vocabulary has no spare special tokens, and adding
+# some would change the demo weights' shapes. '\n' is written as an expression because
+# transformers renders with trim_blocks (a newline after a block tag is dropped).
+DEMO_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('the demo chat template has system, user and assistant turns, not ' + message['role']) }}"
+    "{% endif %}"
+    "{{ message['role'] + ': ' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
+
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A stage worker holds only its own layers,
 and the router decides which sequences run in each step. Hidden states travel from one
@@ -102,8 +122,9 @@ def _tokenizer_json() -> str:
     return tokenizer.to_str(pretty=True)
 
 
-def build_tokenizer(out_dir: Path) -> None:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to out_dir."""
+def build_tokenizer(out_dir: Path, chat_template: str | None = DEMO_CHAT_TEMPLATE) -> None:
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to out_dir;
+    ``chat_template=None`` leaves the tokenizer without one (a base model)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.json").write_text(_tokenizer_json(), encoding="utf-8")
@@ -122,6 +143,9 @@ def build_tokenizer(out_dir: Path) -> None:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000,
     }
+    if chat_template is not None:
+        # transformers reads it from here (and from chat_template.jinja, which it writes).
+        config["chat_template"] = chat_template
     _write_json(out_dir / "tokenizer_config.json", config)
     _write_json(out_dir / "special_tokens_map.json", special)
 
@@ -203,6 +227,7 @@ def write_tiny_model(
     dtype: str = "float32",
     seed: int = 0,
     initializer_range: float = 0.2,
+    chat_template: str | None = DEMO_CHAT_TEMPLATE,
 ) -> Path:
     """Write a random-weight HF checkpoint with the demo tokenizer to out_dir; return out_dir.
 
@@ -210,6 +235,7 @@ def write_tiny_model(
     untied for Llama and Mistral. ``rope_scaling`` is merged into transformers'
     ``rope_parameters`` (e.g. ``{"rope_type": "llama3", "factor": 8.0, ...}``). The same
     arguments give the same weights (the global torch RNG is left untouched).
+    ``chat_template=None`` writes a tokenizer without a chat template.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -247,7 +273,7 @@ def write_tiny_model(
         pad_token_id=special_ids[PAD_TOKEN],
     )
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    build_tokenizer(out_dir)
+    build_tokenizer(out_dir, chat_template)
     return out_dir
 
 
@@ -278,6 +304,7 @@ def ensure_demo_model(cache_dir: Path | None = None) -> Path:
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / DEMO_MODEL_NAME
     if (target / "config.json").is_file():
+        _add_chat_template(target)
         return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}-", dir=root))
@@ -303,6 +330,20 @@ def ensure_demo_model(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _add_chat_template(model_dir: Path) -> None:
+    """A demo model written before the chat template existed gets it (weights unchanged).
+    Each file is replaced atomically, so router and stages racing here read whole files."""
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if "chat_template" in config:
+        return
+    config["chat_template"] = DEMO_CHAT_TEMPLATE
+    fd, tmp = tempfile.mkstemp(prefix=".tokenizer_config-", dir=model_dir)
+    os.close(fd)
+    _write_json(Path(tmp), config)
+    os.replace(tmp, config_path)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

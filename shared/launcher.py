@@ -50,6 +50,9 @@ class UpConfig:
     # Every stage's --kernel-backend and --enforce-eager.
     kernel_backend: str = "auto"
     enforce_eager: bool = False
+    # The OpenAI-compatible front (`stageserve openai`) on host:openai_port; None: none.
+    openai_port: int | None = None
+    served_model_name: str | None = None
 
 
 def free_port() -> int:
@@ -181,6 +184,47 @@ class Launcher:
                 gpus = visible.split(",") if visible else [str(g) for g in range(cfg.num_stages * cfg.tp_size)]
                 env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * cfg.tp_size : (i + 1) * cfg.tp_size])}
             self._spawn(f"stage{i}", args, env)
+        if cfg.openai_port is not None:
+            self._start_front()
+
+    def _start_front(self) -> None:
+        """The OpenAI front, a gRPC client of the router like any other (compose runs it as
+        its own service): it trusts what `up`'s own checks trust."""
+        cfg = self.config
+        args = ["openai", "--router", self.router_address, "--host", cfg.host, "--port", str(cfg.openai_port),
+                "--log-format", cfg.log_format]
+        if cfg.served_model_name:
+            args += ["--served-model-name", cfg.served_model_name]
+        if cfg.tls is not None:
+            args += ["--tls-ca", cfg.tls_ca or cfg.tls.cert_file]
+        self._spawn("openai", args)
+
+    @property
+    def openai_url(self) -> str | None:
+        if self.config.openai_port is None:
+            return None
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        return f"http://{host}:{self.config.openai_port}"
+
+    def wait_until_front_serves(self) -> None:
+        """The front answers /health with 200 once it runs and the router serves."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.openai_url}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            dead = self.dead_child()
+            if dead:
+                raise RuntimeError(dead)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the OpenAI front at {self.openai_url} is not healthy after 60 s")
+            time.sleep(0.2)
 
     def _ops_args(self, metrics_offset: int) -> list[str]:
         cfg = self.config
@@ -232,6 +276,9 @@ def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
     try:
         launcher.wait_until_serving()
         print(f"stageserve is serving on {launcher.router_address}", flush=True)
+        if launcher.openai_url is not None:
+            launcher.wait_until_front_serves()
+            print(f"OpenAI-compatible API on {launcher.openai_url}/v1", flush=True)
         if prompt is not None:
             from shared.client import stream_to_stdout
 

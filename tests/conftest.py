@@ -14,3 +14,17 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def chat_system(tmp_path_factory: pytest.TempPathFactory):
+    """tests/chat_harness.py: one `stageserve up --openai-port` for the chat and front tests."""
+    from tests.chat_harness import start_chat_system
+
+    started = start_chat_system(tmp_path_factory.mktemp("chat-system"))
+    yield started
+    code = started.system.stop()
+    assert code == 0, f"stageserve up exited with {code}; log:\n{started.system.log()}"

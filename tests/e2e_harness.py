@@ -30,7 +30,8 @@ class ServingSystem:
     """`stageserve up` in a subprocess; stopped with SIGTERM like Ctrl-C would."""
 
     def __init__(
-        self, model: Path, pp: int, tp: int, *extra: str, device: str = "cpu", startup_timeout: float = 240.0
+        self, model: Path, pp: int, tp: int, *extra: str, device: str = "cpu", startup_timeout: float = 240.0,
+        token: str | None = None,
     ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -44,7 +45,8 @@ class ServingSystem:
             "--no-stage-token", *extra,
         ]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
-        self.client = GenerationClient(self.address)
+        # `token`: for a system started with --auth-token-file (health needs none).
+        self.client = GenerationClient(self.address, token=token)
         deadline = time.monotonic() + startup_timeout
         while not self.client.is_serving():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -56,11 +56,18 @@ def check_compose(config: dict) -> None:
     assert set(STAGES) | {"router"} <= set(services)
     router = services["router"]
     parses(router["command"])
-    # Only the router is published; the stages' control ports stay on the internal network.
+    # Only the router's API and the OpenAI front are published; the stages' control ports stay
+    # on the internal network.
     assert router.get("ports")
     for name, service in services.items():
-        if name != "router":
+        if name not in ("router", "openai"):
             assert not service.get("ports"), f"{name} publishes ports"
+    # The front is a client of the router's public API: on the public network only.
+    front = services["openai"]
+    parses(front["command"])
+    assert flag(front["command"], "--router") == f"router:{flag(router['command'], '--port')}"
+    assert front["networks"] == ["public"] and front["ports"]
+    assert f"127.0.0.1:{flag(front['command'], '--port')}/health" in " ".join(front["healthcheck"]["test"])
     networks = config["networks"]
     assert networks["pipeline"]["internal"] is True
     assert set(router["networks"]) == {"pipeline", "public"}
@@ -161,7 +168,14 @@ def test_k8s_manifests_use_native_grpc_probes_and_agree_with_each_other() -> Non
     config = by_kind["ConfigMap"]["stageserve-config"]["data"]
     services = by_kind["Service"]
     deployments = by_kind["Deployment"]
-    assert set(deployments) == {"stageserve-router", *(f"stageserve-{s}" for s in STAGES)}
+    assert set(deployments) == {"stageserve-router", "stageserve-openai", *(f"stageserve-{s}" for s in STAGES)}
+    front = deployments.pop("stageserve-openai")["spec"]["template"]["spec"]["containers"][0]
+    parses(front["args"])
+    front_port = int(flag(front["args"], "--port"))
+    assert front["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert {p["containerPort"] for p in front["ports"]} == {front_port}
+    router_host = flag(front["args"], "--router").split(":")[0]
+    assert router_host in services and "stageserve-openai" in services
     for name, deployment in deployments.items():
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         # $(VAR) references resolve from the ConfigMap, as Kubernetes expands them.

@@ -65,7 +65,7 @@ NAN, INF = float("nan"), float("inf")
 
 # (name, request, fragments the message must contain: what was wrong and what is allowed)
 BAD_REQUESTS = [
-    ("no input", no_input(), ["no input", "exactly one of prompt or prompt_token_ids"]),
+    ("no input", no_input(), ["no input", "exactly one of prompt, prompt_token_ids or messages"]),
     ("empty prompt", make(prompt=""), ["prompt is empty", "non-empty"]),
     ("empty token ids", empty_ids(), ["prompt_token_ids is empty", "at least one token id"]),
     ("token id = vocab", make(ids=[1, 100]), ["prompt_token_ids[1] = 100", "[0, 99]"]),

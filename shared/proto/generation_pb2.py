@@ -24,37 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dshared/proto/generation.proto\x12\rstageserve.v1\"\xbb\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x10\n\x08logprobs\x18\r \x01(\r\x12\x16\n\x0ereturn_logprob\x18\x0e \x01(\x08\x42\x07\n\x05_seed\"\xa6\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x33\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x17.stageserve.v1.TokenIdsH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.stageserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.stageserve.v1.TopLogprob\"\x8b\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.stageserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.stageserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\r\x12\x12\n\nrequest_id\x18\t \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xe3\x01\n\x0bStageLayout\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nlast_layer\x18\x04 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x04\x12\x11\n\tkv_blocks\x18\x06 \x01(\x04\x12\x1d\n\x15peak_activation_bytes\x18\x07 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\x12\x16\n\x0ekv_block_bytes\x18\t \x01(\x04\x12\x13\n\x0blimits_pool\x18\n \x01(\x08\"\xc5\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\x05 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\t \x01(\r\x12\r\n\x05\x64type\x18\n \x01(\t\x12*\n\x06stages\x18\x0b \x03(\x0b\x32\x1a.stageserve.v1.StageLayout\x12\x12\n\nnum_layers\x18\x0c \x01(\r\x12\x15\n\reos_token_ids\x18\r \x03(\r\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*\xac\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xf6\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.stageserve.v1.GenerateRequest\x1a\x1f.stageserve.v1.GenerateResponse0\x01\x12L\n\x0cGetModelInfo\x12\".stageserve.v1.GetModelInfoRequest\x1a\x18.stageserve.v1.ModelInfo\x12K\n\x08Tokenize\x12\x1e.stageserve.v1.TokenizeRequest\x1a\x1f.stageserve.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dshared/proto/generation.proto\x12\rstageserve.v1\"\xd7\x02\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1a\n\x12repetition_penalty\x18\n \x01(\x02\x12\x18\n\x10presence_penalty\x18\x0b \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0c \x01(\x02\x12\x10\n\x08logprobs\x18\r \x01(\r\x12\x16\n\x0ereturn_logprob\x18\x0e \x01(\x08\x12\x1a\n\x12logprob_token_text\x18\x0f \x01(\x08\x42\x07\n\x05_seed\"\xd7\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x33\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x17.stageserve.v1.TokenIdsH\x00\x12/\n\x08messages\x18\x05 \x01(\x0b\x32\x1b.stageserve.v1.ChatMessagesH\x00\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.stageserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.stageserve.v1.ChatMessage\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"h\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.stageserve.v1.TopLogprob\x12\r\n\x05token\x18\x04 \x01(\t\"\x8b\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.stageserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.stageserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x05 \x01(\t\x12\x15\n\rerror_message\x18\x06 \x01(\t\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x08 \x01(\r\x12\x12\n\nrequest_id\x18\t \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xe3\x01\n\x0bStageLayout\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0b\x66irst_layer\x18\x03 \x01(\r\x12\x12\n\nlast_layer\x18\x04 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x04\x12\x11\n\tkv_blocks\x18\x06 \x01(\x04\x12\x1d\n\x15peak_activation_bytes\x18\x07 \x01(\x04\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\x12\x16\n\x0ekv_block_bytes\x18\t \x01(\x04\x12\x13\n\x0blimits_pool\x18\n \x01(\x08\"\xc5\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1e\n\x16pipeline_parallel_size\x18\x05 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x06 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x16\n\x0e\x66ree_kv_blocks\x18\t \x01(\r\x12\r\n\x05\x64type\x18\n \x01(\t\x12*\n\x06stages\x18\x0b \x03(\x0b\x32\x1a.stageserve.v1.StageLayout\x12\x12\n\nnum_layers\x18\x0c \x01(\r\x12\x15\n\reos_token_ids\x18\r \x03(\r\";\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x02 \x01(\x08\"5\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*\xac\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xf6\x01\n\nGeneration\x12M\n\x08Generate\x12\x1e.stageserve.v1.GenerateRequest\x1a\x1f.stageserve.v1.GenerateResponse0\x01\x12L\n\x0cGetModelInfo\x12\".stageserve.v1.GetModelInfoRequest\x1a\x18.stageserve.v1.ModelInfo\x12K\n\x08Tokenize\x12\x1e.stageserve.v1.TokenizeRequest\x1a\x1f.stageserve.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.proto.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1668
-  _globals['_FINISHREASON']._serialized_end=1840
+  _globals['_FINISHREASON']._serialized_start=1883
+  _globals['_FINISHREASON']._serialized_end=2055
   _globals['_SAMPLINGPARAMS']._serialized_start=49
-  _globals['_SAMPLINGPARAMS']._serialized_end=364
-  _globals['_GENERATEREQUEST']._serialized_start=367
-  _globals['_GENERATEREQUEST']._serialized_end=533
-  _globals['_TOKENIDS']._serialized_start=535
-  _globals['_TOKENIDS']._serialized_end=558
-  _globals['_TOPLOGPROB']._serialized_start=560
-  _globals['_TOPLOGPROB']._serialized_end=607
-  _globals['_TOKENLOGPROB']._serialized_start=609
-  _globals['_TOKENLOGPROB']._serialized_end=698
-  _globals['_GENERATERESPONSE']._serialized_start=701
-  _globals['_GENERATERESPONSE']._serialized_end=968
-  _globals['_GETMODELINFOREQUEST']._serialized_start=970
-  _globals['_GETMODELINFOREQUEST']._serialized_end=991
-  _globals['_STAGELAYOUT']._serialized_start=994
-  _globals['_STAGELAYOUT']._serialized_end=1221
-  _globals['_MODELINFO']._serialized_start=1224
-  _globals['_MODELINFO']._serialized_end=1549
-  _globals['_TOKENIZEREQUEST']._serialized_start=1551
-  _globals['_TOKENIZEREQUEST']._serialized_end=1610
-  _globals['_TOKENIZERESPONSE']._serialized_start=1612
-  _globals['_TOKENIZERESPONSE']._serialized_end=1665
-  _globals['_GENERATION']._serialized_start=1843
-  _globals['_GENERATION']._serialized_end=2089
+  _globals['_SAMPLINGPARAMS']._serialized_end=392
+  _globals['_GENERATEREQUEST']._serialized_start=395
+  _globals['_GENERATEREQUEST']._serialized_end=610
+  _globals['_TOKENIDS']._serialized_start=612
+  _globals['_TOKENIDS']._serialized_end=635
+  _globals['_CHATMESSAGE']._serialized_start=637
+  _globals['_CHATMESSAGE']._serialized_end=681
+  _globals['_CHATMESSAGES']._serialized_start=683
+  _globals['_CHATMESSAGES']._serialized_end=743
+  _globals['_TOPLOGPROB']._serialized_start=745
+  _globals['_TOPLOGPROB']._serialized_end=807
+  _globals['_TOKENLOGPROB']._serialized_start=809
+  _globals['_TOKENLOGPROB']._serialized_end=913
+  _globals['_GENERATERESPONSE']._serialized_start=916
+  _globals['_GENERATERESPONSE']._serialized_end=1183
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1185
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1206
+  _globals['_STAGELAYOUT']._serialized_start=1209
+  _globals['_STAGELAYOUT']._serialized_end=1436
+  _globals['_MODELINFO']._serialized_start=1439
+  _globals['_MODELINFO']._serialized_end=1764
+  _globals['_TOKENIZEREQUEST']._serialized_start=1766
+  _globals['_TOKENIZEREQUEST']._serialized_end=1825
+  _globals['_TOKENIZERESPONSE']._serialized_start=1827
+  _globals['_TOKENIZERESPONSE']._serialized_end=1880
+  _globals['_GENERATION']._serialized_start=2058
+  _globals['_GENERATION']._serialized_end=2304
 # @@protoc_insertion_point(module_scope)
