@@ -66,6 +66,10 @@ class FusedMoE(nn.Module):
     sum over each token's experts, [num_tokens, hidden], all-reduced over the TP group unless
     reduce_results is False (the caller then reduces, e.g. reduce-scatters by tokens)."""
 
+    # The reference path reads the experts' token counts on the host: it cannot be captured
+    # in a CUDA graph (model_runner.py then runs decode steps eagerly).
+    supports_cuda_graphs = False
+
     def __init__(
         self,
         num_experts: int,
@@ -92,7 +96,8 @@ class FusedMoE(nn.Module):
         self.w2_weight = new_parameter((num_experts, hidden_size, local), dtype, device)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
-        # See layers/kernel_backend.py. Only the reference path exists so far.
+        # See layers/kernel_backend.py. Only the reference path exists so far: with "triton"
+        # the experts still run it.
         self.kernel_backend = "reference"
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: tuple[int, str]) -> None:
