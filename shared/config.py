@@ -14,11 +14,19 @@ from typing import Any
 
 import torch
 
+from shared.arch_config import QK_NORM_ARCHITECTURES, read_moe_fields
 from shared.errors import ConfigError
 from shared.quantization import QuantizationConfig, parse_quantization
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "MixtralForCausalLM",
+)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -73,6 +81,18 @@ class ModelConfig:
     quantization: QuantizationConfig | None = None
     # The transformers config object, for code that defers to transformers (rope init).
     hf_config: Any = field(default=None, compare=False, repr=False)
+    # Qwen3: per-head RMSNorm of q and k (q_norm, k_norm) before rotary.
+    qk_norm: bool = False
+    # Mixture of experts (shared/arch_config.py reads them); num_experts == 0: a dense model.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    # Intermediate size of one expert (Mixtral: its intermediate_size).
+    moe_intermediate_size: int = 0
+    # Renormalise the top-k routing weights to sum to 1 (Mixtral always does).
+    norm_topk_prob: bool = False
+    # Global indices of the layers whose feed-forward is a sparse MoE block; the others are
+    # dense MLPs of intermediate_size (Qwen3-MoE's mlp_only_layers / decoder_sparse_step).
+    moe_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -80,6 +100,16 @@ class ModelConfig:
                 f"architecture {self.architecture!r} is not supported; supported: "
                 + ", ".join(SUPPORTED_ARCHITECTURES)
             )
+        if self.moe_layers:
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) must be in [1, num_experts "
+                    f"({self.num_experts})]"
+                )
+            if self.moe_intermediate_size < 1:
+                raise ConfigError("moe_intermediate_size must be at least 1")
+            if not all(0 <= i < self.num_hidden_layers for i in self.moe_layers):
+                raise ConfigError(f"MoE layer indices {list(self.moe_layers)} outside the model's layers")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -87,10 +117,19 @@ class ModelConfig:
             )
         if self.num_hidden_layers < 1:
             raise ConfigError("num_hidden_layers must be at least 1")
+        if self.quantization is not None and self.num_experts:
+            raise ConfigError(
+                f"{self.architecture} with {self.quantization.describe()} quantization: quantized "
+                "mixture-of-experts checkpoints are not supported yet (the expert layers hold plain "
+                "weights only); serve the bfloat16 checkpoint"
+            )
 
     @property
     def max_context(self) -> int:
         return self.max_position_embeddings
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer in self.moe_layers
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path) -> "ModelConfig":
@@ -110,6 +149,9 @@ class ModelConfig:
         # Before AutoConfig: transformers may reject or rewrite a quantization it knows.
         quantization = parse_quantization(path, raw)
         hf = AutoConfig.from_pretrained(str(path))
+        # Refuses what these architectures' configs may set but the serving code does not
+        # implement (sliding windows on some layers, other routings, shared experts).
+        moe = read_moe_fields(archs[0], raw, hf)
         act = getattr(hf, "hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"hidden_act {act!r} is not supported; only 'silu' is")
@@ -155,6 +197,8 @@ class ModelConfig:
             checkpoint_dtype=str(dtype).replace("torch.", ""),
             quantization=quantization,
             hf_config=hf,
+            qk_norm=archs[0] in QK_NORM_ARCHITECTURES,
+            **moe,
         )
 
 

@@ -174,7 +174,7 @@ def _hf_config(
     dtype: str,
     initializer_range: float,
 ) -> Any:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common: dict[str, Any] = dict(
         vocab_size=vocab_size,
@@ -204,6 +204,36 @@ def _hf_config(
     if architecture == "MistralForCausalLM":
         # No sliding window: the serving code implements full causal attention.
         return MistralConfig(**common, tie_word_embeddings=bool(tie_word_embeddings), sliding_window=None)
+    if architecture == "Qwen3ForCausalLM":
+        # Like the small Qwen3 models: tied embeddings; head_dim larger than hidden / heads.
+        return Qwen3Config(
+            **common,
+            head_dim=2 * hidden_size // num_heads,
+            tie_word_embeddings=True if tie_word_embeddings is None else tie_word_embeddings,
+            use_sliding_window=False,
+        )
+    if architecture == "Qwen3MoeForCausalLM":
+        # 8 experts, top 2, renormalised like the released models; layer 0 dense, so both
+        # kinds of feed-forward run.
+        return Qwen3MoeConfig(
+            **common,
+            head_dim=2 * hidden_size // num_heads,
+            tie_word_embeddings=bool(tie_word_embeddings),
+            use_sliding_window=False,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=intermediate_size // 4,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+        )
+    if architecture == "MixtralForCausalLM":
+        return MixtralConfig(
+            **common,
+            tie_word_embeddings=bool(tie_word_embeddings),
+            sliding_window=None,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
     assert architecture == "Qwen2ForCausalLM"
     return Qwen2Config(
         **common,
@@ -231,8 +261,10 @@ def write_tiny_model(
 ) -> Path:
     """Write a random-weight HF checkpoint with the demo tokenizer to out_dir; return out_dir.
 
-    ``tie_word_embeddings=None`` means the architecture's usual choice: tied for Qwen2,
-    untied for Llama and Mistral. ``rope_scaling`` is merged into transformers'
+    ``tie_word_embeddings=None`` means the architecture's usual choice: tied for Qwen2 and
+    Qwen3, untied for Llama, Mistral, Qwen3-MoE and Mixtral. The MoE architectures get small
+    expert counts (Qwen3-MoE: 8 experts, top 2, experts of intermediate_size / 4, layer 0
+    dense; Mixtral: 4 experts, top 2). ``rope_scaling`` is merged into transformers'
     ``rope_parameters`` (e.g. ``{"rope_type": "llama3", "factor": 8.0, ...}``). The same
     arguments give the same weights (the global torch RNG is left untouched).
     ``chat_template=None`` writes a tokenizer without a chat template.

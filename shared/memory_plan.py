@@ -98,6 +98,7 @@ class MemorySettings:
 class RankBytes:
     """Bytes one TP rank holds for each kind of module, in the serving dtype."""
 
+    # A decoder layer with a dense MLP (every layer of a dense model).
     decoder_layer: int
     embedding: int
     lm_head: int
@@ -108,6 +109,19 @@ class RankBytes:
     activation: int
     # Added on the last stage: logits and sampling of max_num_seqs rows.
     sampling_activation: int
+    # A decoder layer with a sparse MoE block (0 for a dense model): its attention, the
+    # replicated router gate and 1/tp of every expert.
+    moe_layer: int = 0
+    # Every layer's bytes by global index: decoder_layer or moe_layer (ModelConfig.moe_layers).
+    layer_bytes: tuple[int, ...] = ()
+
+    def layers_bytes(self, first: int, last: int) -> int:
+        """Bytes of layers [first, last)."""
+        return sum(self.layer_bytes[first:last])
+
+    @property
+    def uniform_layers(self) -> bool:
+        return len(set(self.layer_bytes)) <= 1
 
 
 def _matrix_bytes(out: int, inp: int, quant: QuantizationConfig | None, itemsize: int) -> int:
@@ -123,50 +137,67 @@ def rank_bytes(config: ModelConfig, tp: int, settings: MemorySettings) -> RankBy
     itemsize = settings.dtype.itemsize
     hidden, head_dim = config.hidden_size, config.head_dim
     heads, kv_heads, _ = kv_head_partition(config.num_attention_heads, config.num_key_value_heads, tp)
-    inter = divide(config.intermediate_size, tp, "intermediate_size")
     qkv_out = (heads + 2 * kv_heads) * head_dim
-    # The decoder layer's matmul weights per rank, [out, in] each (o and down row-parallel),
-    # by the checkpoint name of their first member (modules_to_not_convert is read per
-    # module; layer 0 stands for every layer).
-    matrices = {
-        "self_attn.q_proj": (qkv_out, hidden),
-        "self_attn.o_proj": (hidden, heads * head_dim),
-        "mlp.gate_proj": (2 * inter, hidden),
-        "mlp.down_proj": (hidden, inter),
-    }
     quant = config.quantization
-    matrix_bytes = sum(
-        _matrix_bytes(out, inp, quant if quant and quant.is_quantized(f"model.layers.0.{name}") else None, itemsize)
-        for name, (out, inp) in matrices.items()
-    )
-    # Norms and biases, in the model dtype.
-    layer = 2 * hidden
+
+    def matrix(name: str, out: int, inp: int) -> int:
+        # modules_to_not_convert is read per module; layer 0 stands for every layer.
+        q = quant if quant is not None and quant.is_quantized(f"model.layers.0.{name}") else None
+        return _matrix_bytes(out, inp, q, itemsize)
+
+    # Attention and the two norms: what every layer holds besides its feed-forward (o_proj
+    # row-parallel). Norms and biases are in the model dtype.
+    attention = matrix("self_attn.q_proj", qkv_out, hidden) + matrix("self_attn.o_proj", hidden, heads * head_dim)
+    attention += 2 * hidden * itemsize
+    if config.qk_norm:
+        # q_norm and k_norm: one [head_dim] weight each, replicated.
+        attention += 2 * head_dim * itemsize
     if config.qkv_bias:
-        layer += qkv_out
+        attention += qkv_out * itemsize
     if config.o_proj_bias:
         # Row-parallel biases are replicated: the full hidden size on every rank.
-        layer += hidden
+        attention += hidden * itemsize
+    dense_layers = config.num_hidden_layers - len(config.moe_layers)
+    # A dense-only model checks intermediate_size; an all-MoE one never builds a dense MLP.
+    inter = divide(config.intermediate_size, tp, "intermediate_size") if dense_layers else 0
+    layer = attention + matrix("mlp.gate_proj", 2 * inter, hidden) + matrix("mlp.down_proj", hidden, inter)
     if config.mlp_bias:
-        layer += 2 * inter + hidden
+        layer += (2 * inter + hidden) * itemsize
+    moe_layer = 0
+    moe_inter = 0
+    if config.moe_layers:
+        moe_inter = divide(config.moe_intermediate_size, tp, "moe_intermediate_size")
+        # The replicated gate [experts, hidden] and, per expert, gate/up [2 * I/tp, hidden]
+        # and down [hidden, I/tp] (quantized MoE checkpoints are refused by ModelConfig).
+        moe_layer = attention + (config.num_experts * hidden + config.num_experts * 3 * moe_inter * hidden) * itemsize
+    moe = set(config.moe_layers)
+    layer_bytes = tuple(moe_layer if i in moe else layer for i in range(config.num_hidden_layers))
     vocab_rows = pad_vocab_size(config.vocab_size, tp) // tp
     tokens = settings.max_num_batched_tokens
     seqs = min(settings.max_num_seqs, tokens)
     # A rough upper bound of the profiled peak: the residual stream and its copies, then the
     # larger of attention (the reference attention materialises a heads x T x T score
     # matrix for one long prompt) and the MLP. The server measures the real value.
-    attention = tokens * (qkv_out + (heads + kv_heads) * head_dim + 3 * heads * head_dim) + heads * tokens * tokens
+    attention_act = tokens * (qkv_out + (heads + kv_heads) * head_dim + 3 * heads * head_dim) + heads * tokens * tokens
     mlp = tokens * 3 * inter
-    activation = (4 * tokens * hidden + max(attention, mlp)) * itemsize + tokens * tokens
+    if config.moe_layers:
+        # The reference MoE path runs one expert at a time over at most every token: its
+        # gate/up/act products, the gathered input and the block's output, plus the router's
+        # logits and float32 probabilities (counted as three model-dtype copies).
+        mlp = max(mlp, tokens * (3 * moe_inter + 2 * hidden + 3 * config.num_experts))
+    activation = (4 * tokens * hidden + max(attention_act, mlp)) * itemsize + tokens * tokens
     # Local and gathered logits in the model dtype, then float32 copies for the sampler.
     sampling = seqs * vocab_rows * tp * itemsize * 2 + seqs * config.vocab_size * 4 * 3
     return RankBytes(
-        decoder_layer=matrix_bytes + layer * itemsize,
+        decoder_layer=layer,
         embedding=vocab_rows * hidden * itemsize,
         lm_head=vocab_rows * hidden * itemsize,
         final_norm=hidden * itemsize,
         kv_block_per_layer=2 * settings.block_size * kv_heads * head_dim * itemsize,
         activation=activation,
         sampling_activation=sampling,
+        moe_layer=moe_layer,
+        layer_bytes=layer_bytes,
     )
 
 
@@ -205,9 +236,10 @@ class PartitionPlan:
         return min(self.stages, key=lambda s: s.kv_blocks).stage_index  # type: ignore[arg-type, return-value]
 
 
-def _stage_weight_bytes(rb: RankBytes, config: ModelConfig, stage: int, pp: int, num_layers: int) -> int:
+def _stage_weight_bytes(rb: RankBytes, config: ModelConfig, stage: int, pp: int, layers: tuple[int, int]) -> int:
+    """Per-rank weights of stage `stage` owning layers [layers[0], layers[1])."""
     first, last = stage == 0, stage == pp - 1
-    weights = num_layers * rb.decoder_layer
+    weights = rb.layers_bytes(*layers)
     if first:
         weights += rb.embedding
     if last:
@@ -225,7 +257,7 @@ def _stage_activation_bytes(rb: RankBytes, stage: int, pp: int) -> int:
 
 def _fixed_bytes(rb: RankBytes, config: ModelConfig, stage: int, pp: int) -> int:
     """Per-rank bytes of stage `stage` that do not depend on its layer count."""
-    return _stage_weight_bytes(rb, config, stage, pp, 0) + _stage_activation_bytes(rb, stage, pp)
+    return _stage_weight_bytes(rb, config, stage, pp, (0, 0)) + _stage_activation_bytes(rb, stage, pp)
 
 
 def _usable_bytes(settings: MemorySettings) -> int:
@@ -250,7 +282,7 @@ def plan_partition(
     stages = []
     first = 0
     for s, n in enumerate(partition):
-        weights = _stage_weight_bytes(rb, config, s, pp, n)
+        weights = _stage_weight_bytes(rb, config, s, pp, (first, first + n))
         activation = _stage_activation_bytes(rb, s, pp)
         block_bytes = n * rb.kv_block_per_layer
         if settings.kv_cache_bytes > 0:
@@ -275,13 +307,16 @@ def balanced_partition(config: ModelConfig, pp: int, tp: int, settings: MemorySe
     rb = rank_bytes(config, tp, settings)
     # Bytes each stage has for its layers and their KV cache.
     room = [_usable_bytes(settings) - _fixed_bytes(rb, config, s, pp) for s in range(pp)]
+    layer_bytes = rb.layer_bytes[0]
 
     def max_layers(blocks: int) -> list[int]:
         # Stage s keeps >= `blocks` blocks with n layers iff n * (layer + blocks * kv) <= room.
-        per_layer = rb.decoder_layer + blocks * rb.kv_block_per_layer
+        per_layer = layer_bytes + blocks * rb.kv_block_per_layer
         return [min(num_layers, max(0, r) // per_layer) for r in room]
 
     def feasible(blocks: int) -> bool:
+        if not rb.uniform_layers:
+            return _mixed_layer_partition(rb, room, pp, blocks, num_layers, most_even=False) is not None
         caps = max_layers(blocks)
         return min(caps) >= 1 and sum(caps) >= num_layers
 
@@ -303,6 +338,10 @@ def balanced_partition(config: ModelConfig, pp: int, tp: int, settings: MemorySe
             low = mid
         else:
             high = mid
+    if not rb.uniform_layers:
+        chosen = _mixed_layer_partition(rb, room, pp, low, num_layers)
+        assert chosen is not None
+        return chosen
     counts = max_layers(low)
     # Any counts under the caps keep every stage at >= `low` blocks: hand back the surplus
     # from the fullest stages so the result stays as even as the memory allows.
@@ -310,6 +349,59 @@ def balanced_partition(config: ModelConfig, pp: int, tp: int, settings: MemorySe
         fullest = max(range(pp), key=lambda s: (counts[s], -room[s], s))
         counts[fullest] -= 1
     return tuple(counts)
+
+
+def _mixed_layer_partition(
+    rb: RankBytes, room: list[int], pp: int, blocks: int, num_layers: int, most_even: bool = True
+) -> tuple[int, ...] | None:
+    """With layers of different sizes (an MoE model with dense layers), a partition where
+    every stage keeps >= `blocks` KV blocks and the largest stage has the fewest layers
+    possible; None if there is none.
+
+    Stage s can own [a, b) iff its layer bytes plus (b - a) * blocks * kv fit its room, which
+    only gets harder as b grows: from a start a, the feasible ends are one range
+    [a + 1, reach(a)]. The stages' reachable ends follow stage by stage (an O(pp x layers)
+    sweep); the smallest cap on layers per stage that still reaches the last layer gives the
+    most even partition, read back from the last stage. `most_even=False` only answers
+    whether one exists (any cap).
+    """
+    kv = blocks * rb.kv_block_per_layer
+    # cost[b]: bytes of layers [0, b) with their KV blocks; a stage's bytes are differences.
+    cost = [0]
+    for size in rb.layer_bytes[:num_layers]:
+        cost.append(cost[-1] + size + kv)
+
+    def reachable(cap: int) -> list[list[bool]] | None:
+        # ends[s][b]: stages 0..s can own exactly layers [0, b).
+        ends = [[False] * (num_layers + 1) for _ in range(pp)]
+        starts = [0]
+        for s in range(pp):
+            for a in starts:
+                b = a + 1
+                while b <= min(num_layers, a + cap) and cost[b] - cost[a] <= room[s]:
+                    ends[s][b] = True
+                    b += 1
+            starts = [b for b in range(num_layers + 1) if ends[s][b]]
+        return ends if ends[pp - 1][num_layers] else None
+
+    for cap in range(-(-num_layers // pp) if most_even else num_layers, num_layers + 1):
+        ends = reachable(cap)
+        if ends is None:
+            continue
+        counts = []
+        b = num_layers
+        for s in range(pp - 1, 0, -1):
+            # The start of stage s: the one that leaves the remaining stages closest to even.
+            options = [
+                a for a in range(max(0, b - cap), b)
+                if ends[s - 1][a] and cost[b] - cost[a] <= room[s]
+            ]
+            a = min(options, key=lambda a: (abs((b - a) - b / (s + 1)), a))
+            counts.append(b - a)
+            b = a
+        counts.append(b)
+        return tuple(reversed(counts))
+    return None
 
 
 @dataclass(frozen=True)
@@ -366,11 +458,22 @@ def render_plan(
     rb = rank_bytes(config, tp, settings)
     dtype = str(settings.dtype).replace("torch.", "")
     name = model_name or config.model_path.rstrip("/").rsplit("/", 1)[-1]
+    layers = f"{config.num_hidden_layers} layers"
+    per_layer = f"decoder layer {format_size(rb.decoder_layer)}"
+    if config.moe_layers:
+        dense = config.num_hidden_layers - len(config.moe_layers)
+        layers += (
+            f" ({len(config.moe_layers)} MoE: {config.num_experts} experts, top {config.num_experts_per_tok}"
+            + (f"; {dense} dense)" if dense else ")")
+        )
+        per_layer = f"MoE layer {format_size(rb.moe_layer)}" + (f", dense layer {format_size(rb.decoder_layer)}" if dense else "")
     lines = [
-        f"{name}: {config.architecture}, {config.num_hidden_layers} layers, hidden "
+        f"{name}: {config.architecture}, {layers}, hidden "
         f"{config.hidden_size}, vocab {config.vocab_size}, "
-        f"{'tied' if config.tie_word_embeddings else 'untied'} embeddings; {dtype}, pp={pp}, tp={tp}",
-        f"per rank: decoder layer {format_size(rb.decoder_layer)}, embedding {format_size(rb.embedding)}, "
+        f"{'tied' if config.tie_word_embeddings else 'untied'} embeddings; {dtype}"
+        + (f" ({config.quantization.describe()} linear weights)" if config.quantization else "")
+        + f", pp={pp}, tp={tp}",
+        f"per rank: {per_layer}, embedding {format_size(rb.embedding)}, "
         f"lm_head {format_size(rb.lm_head)}; KV block of {settings.block_size} tokens: "
         f"{format_size(rb.kv_block_per_layer)} per layer",
     ]

@@ -272,14 +272,19 @@ def reference_checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...
     """Checkpoint key -> full (unsharded) shape, as transformers saves this model.
 
     Built on the meta device, so no memory is allocated: transformers, not this project,
-    says which tensors the checkpoint of a config would hold.
+    says which tensors the checkpoint of a config would hold. transformers 5 holds some
+    tensors fused in its modules (an MoE block's experts as one [num_experts, ...] tensor)
+    and splits them back on save (per-expert keys, as Hub checkpoints have them); its own
+    save-time conversion gives the keys on disk.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
 
     hf_config = config.hf_config or AutoConfig.from_pretrained(config.model_path)
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(hf_config)
-    return {key: tuple(tensor.shape) for key, tensor in reference.state_dict().items()}
+        state = revert_weight_conversion(reference, reference.state_dict())
+    return {key: tuple(tensor.shape) for key, tensor in state.items()}
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:

@@ -88,11 +88,14 @@ class ModelRunner:
         set_kernel_backend(self.model, self.kernel_backend)
         # Graphs replay the Triton path only (the reference loops over sequences on the
         # host), and a sequence-parallel stage's decode rows are too few to be worth it.
+        # A layer without a graph-safe path yet (the MoE experts' loop sizes each expert's
+        # batch on the host) says so with supports_cuda_graphs = False.
         self.use_cuda_graphs = (
             device.type == "cuda"
             and self.kernel_backend == "triton"
             and not self.sequence_parallel
             and not enforce_eager
+            and all(getattr(m, "supports_cuda_graphs", True) for m in self.model.modules())
         )
         self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler() if layout.is_last else None

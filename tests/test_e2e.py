@@ -33,10 +33,14 @@ pytestmark = pytest.mark.timeout(600)
 
 LAYOUTS = [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2)]
 MODELS = ["llama", "qwen2"]
-# (model, pp, tp, sequence_parallel): every layout plain, plus sequence parallelism at tp=2.
+# (model, pp, tp, sequence_parallel): every layout plain, plus sequence parallelism at tp=2;
+# a Qwen3-MoE (experts on layers 1-3, layer 0 dense) at one layout with all three: pipeline,
+# experts split over TP ranks, the MoE block's reduce-scatter (the other layouts run in
+# tests/test_moe_models.py, in process).
 SYSTEMS = [(m, pp, tp, False) for m in MODELS for pp, tp in LAYOUTS] + [
     ("llama", 1, 2, True),
     ("qwen2", 2, 2, True),
+    ("qwen3_moe", 2, 2, True),
 ]
 NEW_TOKENS = 16
 LOGPROB_TOL = 2e-3
@@ -71,7 +75,8 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         seed=1,
     )
     qwen2 = write_tiny_model(root / "qwen2", "Qwen2ForCausalLM", seed=2)
-    dirs = {"llama": llama, "qwen2": qwen2}
+    qwen3_moe = write_tiny_model(root / "qwen3_moe", "Qwen3MoeForCausalLM", seed=3)
+    dirs = {"llama": llama, "qwen2": qwen2, "qwen3_moe": qwen3_moe}
     for d in dirs.values():
         _set_eos_from_greedy(d)
     return dirs

@@ -62,6 +62,18 @@ def configs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelConfig]:
         ),
         "llama-3-8b": CONFIGS / "llama-3-8b",
         "llama-3-70b": CONFIGS / "llama-3-70b",
+        # Experts on most layers, dense MLPs on two (mlp_only_layers): layers of two sizes.
+        "qwen3-moe-mixed": _write_config(
+            root / "qwen3-moe-mixed", architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+            head_dim=24, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+            mlp_only_layers=[0, 5], norm_topk_prob=True,
+        ),
+        "mixtral": _write_config(
+            root / "mixtral", architectures=["MixtralForCausalLM"], model_type="mixtral",
+            intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        ),
+        "qwen3-30b-a3b": CONFIGS / "qwen3-30b-a3b",
+        "qwen3-235b-a22b": CONFIGS / "qwen3-235b-a22b",
     }
     return {name: ModelConfig.from_pretrained(folder) for name, folder in folders.items()}
 
@@ -80,6 +92,8 @@ def restore_tp_group():
         ("llama-bias", (12,), 1), ("llama-bias", (3, 5, 4), 2), ("llama-bias", (6, 6), 4),
         ("qwen2-tied", (12,), 2), ("qwen2-tied", (7, 5), 1), ("qwen2-tied", (2, 4, 6), 4),
         ("llama-3-8b", (8, 8, 8, 8), 2), ("llama-3-70b", (10,) * 8, 8),
+        ("qwen3-moe-mixed", (12,), 1), ("qwen3-moe-mixed", (1, 5, 6), 2), ("qwen3-moe-mixed", (6, 6), 4),
+        ("mixtral", (5, 7), 2), ("qwen3-30b-a3b", (20, 28), 2), ("qwen3-235b-a22b", (30, 30, 34), 4),
     ],
 )
 def test_stage_bytes_equal_the_model_built_on_meta(configs, name: str, partition: tuple[int, ...], tp: int) -> None:
@@ -118,7 +132,7 @@ def _all_partitions(num_layers: int, pp: int):
         yield tuple(b - a for a, b in zip(bounds, bounds[1:]))
 
 
-@pytest.mark.parametrize("name", ["llama-bias", "qwen2-tied"])
+@pytest.mark.parametrize("name", ["llama-bias", "qwen2-tied", "qwen3-moe-mixed"])
 @pytest.mark.parametrize("pp", [2, 3, 4])
 def test_balanced_partition_is_the_best_by_brute_force(configs, name: str, pp: int) -> None:
     config = configs[name]
@@ -126,7 +140,7 @@ def test_balanced_partition_is_the_best_by_brute_force(configs, name: str, pp: i
     rb = rank_bytes(config, 1, base)
     # From barely fitting to plenty: at the tight end the embedding and lm_head stages
     # must give up layers, at the loose end the even split wins.
-    smallest = (config.num_hidden_layers // pp + 1) * rb.decoder_layer + rb.embedding + rb.lm_head + rb.activation
+    smallest = (config.num_hidden_layers // pp + 1) * max(rb.layer_bytes) + rb.embedding + rb.lm_head + rb.activation
     improved = 0
     for factor in (1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 6.0, 20.0):
         settings = MemorySettings(
@@ -250,3 +264,31 @@ def test_docs_show_what_plan_prints(capsys: pytest.CaptureFixture[str], monkeypa
     for command, output in runs:
         assert main(shlex.split(command)[1:]) == 0
         assert capsys.readouterr().out == output, f"docs/memory.md is stale for: {command}"
+
+
+def test_moe_layers_are_counted_by_kind(configs) -> None:
+    """An MoE layer weighs its experts; dense layers of the same model weigh their MLP."""
+    config = configs["qwen3-moe-mixed"]
+    rb = rank_bytes(config, 2, MemorySettings(dtype=torch.float32))
+    assert rb.layer_bytes[0] == rb.layer_bytes[5] == rb.decoder_layer
+    assert all(rb.layer_bytes[i] == rb.moe_layer for i in config.moe_layers)
+    assert config.moe_layers == (1, 2, 3, 4, 6, 7, 8, 9, 10, 11)
+    big = configs["qwen3-235b-a22b"]
+    assert (big.num_experts, big.num_experts_per_tok, big.moe_intermediate_size) == (128, 8, 1536)
+    rb = rank_bytes(big, 2, MemorySettings(dtype=torch.bfloat16))
+    assert rb.moe_layer > 30 * rb.decoder_layer
+    # 235B parameters in bf16, spread over pp x tp = 8 ranks, plus the padded vocabulary.
+    plan = plan_partition(big, 4, 2, (24, 24, 23, 23), MemorySettings(dtype=torch.bfloat16))
+    total = 2 * sum(st.weight_bytes for st in plan.stages)
+    assert 235.0e9 * 2 < total < 235.2e9 * 2
+
+
+def test_plan_refuses_an_moe_model_that_does_not_fit(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    args = ["plan", "--model", "docs/model-configs/qwen3-235b-a22b", "--pp", "4", "--gpu-memory", "80GiB"]
+    assert main([*args, "--tp", "1"]) == 2
+    assert "does not fit in 72.00 GiB per rank at pp=4, tp=1" in capsys.readouterr().err
+    assert main([*args, "--tp", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "94 layers (94 MoE: 128 experts, top 8)" in out and "MoE layer 2.32 GiB" in out
+    assert re.search(r"pool: \d+ blocks", out)

@@ -172,14 +172,18 @@ def _make_step(
     return torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long), md
 
 
-def _build_stages(model_dir: str, partition: tuple[int, ...]) -> tuple[list[LlamaForCausalLM], list[int]]:
+def _build_stages(
+    model_dir: str, partition: tuple[int, ...], sequence_parallel: bool = False
+) -> tuple[list[LlamaForCausalLM], list[int]]:
     config = ModelConfig.from_pretrained(model_dir)
     parallel = ParallelConfig(
         num_stages=len(partition), tp_size=get_tp_group().size, layer_partition=partition
     )
     stages, bytes_read = [], []
     for s in range(len(partition)):
-        model = build_model(config, parallel.stage_layout(s), torch.float32, torch.device("cpu"))
+        model = build_model(
+            config, parallel.stage_layout(s), torch.float32, torch.device("cpu"), sequence_parallel=sequence_parallel
+        )
         bytes_read.append(load_weights(model, model_dir).bytes_read)
         KVCache.for_model(model, NUM_BLOCKS, BLOCK_SIZE).bind(model)
         stages.append(model)
@@ -195,10 +199,12 @@ def _forward(stages: list[LlamaForCausalLM], input_ids, positions, md) -> torch.
     return stages[-1].compute_logits(hidden)
 
 
-def run_scenario(model_dir: str, partition: tuple[int, ...]) -> dict:
-    """Every step's logits (concatenated in step order) plus a cache-less profiling pass."""
+def run_scenario(model_dir: str, partition: tuple[int, ...], sequence_parallel: bool = False) -> dict:
+    """Every step's logits (concatenated in step order) plus a cache-less profiling pass.
+    (With sequence_parallel, one stage only: the checks between stages expect every token.)"""
+    assert not sequence_parallel or len(partition) == 1
     torch.manual_seed(0)
-    stages, bytes_read = _build_stages(model_dir, partition)
+    stages, bytes_read = _build_stages(model_dir, partition, sequence_parallel)
     tokens, tables = _tokens(), _block_tables()
     with torch.inference_mode():
         logits = [_forward(stages, *_make_step(step, tokens, tables)) for step in STEPS]

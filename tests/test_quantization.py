@@ -288,3 +288,28 @@ def test_fp8_checkpoint_end_to_end_equals_transformers_on_dequantized_weights(
             assert stage.weight_bytes == planned.weight_bytes
     finally:
         system.stop()
+
+
+def test_save_sharded_keeps_fp8_values_and_scales(fp8_pair: tuple[Path, Path], tmp_path: Path) -> None:
+    from shared.config import ParallelConfig
+    from stage_worker.loader import load_weights
+    from stage_worker.models.registry import build_model
+    from stage_worker.save_sharded import SaveShardedConfig, save_sharded
+
+    fp8_dir, _ = fp8_pair
+    parallel = ParallelConfig(num_stages=2, tp_size=2, layer_partition=(2, 2))
+    save_sharded(SaveShardedConfig(str(fp8_dir), str(tmp_path / "sharded"), parallel))
+    config = ModelConfig.from_pretrained(fp8_dir)
+    for stage in range(2):
+        for rank in range(2):
+            with _Rank(rank, 2):
+                direct = build_model(config, parallel.stage_layout(stage), torch.float32, torch.device("cpu"))
+                sharded = build_model(config, parallel.stage_layout(stage), torch.float32, torch.device("cpu"))
+            load_weights(direct, fp8_dir)
+            load_weights(sharded, tmp_path / "sharded")
+            got = dict(sharded.named_parameters())
+            for name, param in direct.named_parameters():
+                assert got[name].dtype == param.dtype
+                assert torch.equal(got[name].view(torch.uint8) if param.dtype == torch.float8_e4m3fn else got[name],
+                                   param.view(torch.uint8) if param.dtype == torch.float8_e4m3fn else param), name
+            assert any(p.dtype == torch.float8_e4m3fn for p in got.values())

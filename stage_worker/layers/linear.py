@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from shared.config import ConfigError
@@ -297,3 +298,29 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None and (self.reduce_results or self.tp_rank == 0):
             out = out + self.bias
         return out
+
+
+class ReplicatedLinear(nn.Module):
+    """y = x W^T + b with the whole W on every rank (an MoE block's router gate: small, and
+    every rank must pick the same experts from the same logits)."""
+
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.weight = new_parameter((output_size, input_size), dtype, device)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = new_parameter((output_size,), dtype, device)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded) -> None:
+        check_loaded_shape(loaded, tuple(param.shape), "replicated layer")
+        param.data.copy_(loaded[:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)

@@ -1,9 +1,13 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) holding one pipeline stage's part.
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) holding one pipeline stage's part.
 
 Only what the stage owns is built: the embedding on the first stage, decoder layers
 [first_layer, last_layer) under their global HF indices, the final norm and lm_head on the
 last stage. Module names follow HF's checkpoint keys, except for the fused projections
 (qkv_proj, gate_up_proj), which `checkpoint_targets` maps back to HF names.
+
+Models with experts (models/sparse_moe.py) reuse these classes through two hooks: a decoder
+layer's `make_mlp` builds its feed-forward block, and `LlamaModel.decoder_layer_cls` /
+`LlamaForCausalLM.model_cls` say which classes to build.
 """
 
 from __future__ import annotations
@@ -113,12 +117,23 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, scale=head_dim**-0.5
         )
+        self.head_dim = head_dim
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            # Qwen3: RMSNorm over each head's vector of q and k, before rotary; the weight
+            # [head_dim] is shared by all heads, so it is replicated over TP ranks.
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype, device)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, attn_metadata: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)  # [num_tokens, q_size + 2 * kv_size]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm:
+            # Per head: [num_tokens, heads * head_dim] -> [num_tokens * heads, head_dim] -> back.
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v, attn_metadata)
         return self.o_proj(out)
@@ -132,16 +147,17 @@ class LlamaDecoderLayer(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         sequence_parallel: bool = False,
-        prefix: str = "",
+        layer_index: int = 0,
     ) -> None:
         super().__init__()
         # With sequence parallelism the row-parallel outputs are reduce-scattered by the
         # layer instead of all-reduced inside the projection.
         self.sequence_parallel = sequence_parallel
         self.self_attn = LlamaAttention(
-            config, rotary_emb, dtype, device, reduce_results=not sequence_parallel, prefix=f"{prefix}.self_attn"
+            config, rotary_emb, dtype, device, reduce_results=not sequence_parallel,
+            prefix=f"model.layers.{layer_index}.self_attn",
         )
-        self.mlp = LlamaMLP(config, dtype, device, reduce_results=not sequence_parallel, prefix=f"{prefix}.mlp")
+        self.mlp = self.make_mlp(config, layer_index, dtype, device, reduce_results=not sequence_parallel)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
 
@@ -174,9 +190,18 @@ class LlamaDecoderLayer(nn.Module):
             hidden_states = reduce_scatter_tokens(hidden_states, num_tokens)
         return hidden_states, residual
 
+    def make_mlp(
+        self, config: ModelConfig, layer_index: int, dtype: torch.dtype, device: torch.device, reduce_results: bool
+    ) -> nn.Module:
+        """The feed-forward block of global layer `layer_index`: [num_tokens, hidden] ->
+        [num_tokens, hidden], all-reduced over TP unless reduce_results is False."""
+        return LlamaMLP(config, dtype, device, reduce_results=reduce_results, prefix=f"model.layers.{layer_index}.mlp")
+
 
 class LlamaModel(nn.Module):
     """HF's `model.` prefix: embedding, layers and final norm (the owned ones)."""
+
+    decoder_layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
     def __init__(
         self,
@@ -202,9 +227,7 @@ class LlamaModel(nn.Module):
         # Keyed by the global layer index so parameter names equal the checkpoint keys.
         self.layers = nn.ModuleDict(
             {
-                str(i): LlamaDecoderLayer(
-                    config, rotary_emb, dtype, device, sequence_parallel, prefix=f"model.layers.{i}"
-                )
+                str(i): self.decoder_layer_cls(config, rotary_emb, dtype, device, sequence_parallel, layer_index=i)
                 for i in range(layout.first_layer, layout.last_layer)
             }
         )
@@ -241,6 +264,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    model_cls: type[LlamaModel] = LlamaModel
+
     def __init__(
         self,
         config: ModelConfig,
@@ -263,7 +288,7 @@ class LlamaForCausalLM(nn.Module):
         tp = get_tp_group()
         # Sequence parallelism needs a TP group to shard over.
         self.sequence_parallel = sequence_parallel and tp.size > 1
-        self.model = LlamaModel(config, layout, dtype, device, self.sequence_parallel)
+        self.model = self.model_cls(config, layout, dtype, device, self.sequence_parallel)
         if layout.is_last:
             shared = None
             if config.tie_word_embeddings and layout.is_first:

@@ -7,13 +7,18 @@ from torch import nn
 
 from shared.config import ConfigError, ModelConfig, StageLayout
 from stage_worker.models.llama import LlamaForCausalLM
+from stage_worker.models.mixtral import MixtralForCausalLM
+from stage_worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
-# Mistral and Qwen2 share Llama's structure; their differences (qkv bias, tied embeddings,
-# rope) come from ModelConfig.
+# Mistral, Qwen2 and Qwen3 share Llama's structure; their differences (qkv bias, tied
+# embeddings, rope, Qwen3's q/k norm) come from ModelConfig.
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 
 
