@@ -119,7 +119,7 @@ class ModelConfig:
             raise ConfigError("num_hidden_layers must be at least 1")
         if self.quantization is not None and self.num_experts:
             raise ConfigError(
-                f"{self.architecture} with {self.quantization.describe()} quantization: quantized "
+                f"{self.architecture} with linear weights {self.quantization.describe()}: quantized "
                 "mixture-of-experts checkpoints are not supported yet (the expert layers hold plain "
                 "weights only); serve the bfloat16 checkpoint"
             )

@@ -471,7 +471,7 @@ def render_plan(
         f"{name}: {config.architecture}, {layers}, hidden "
         f"{config.hidden_size}, vocab {config.vocab_size}, "
         f"{'tied' if config.tie_word_embeddings else 'untied'} embeddings; {dtype}"
-        + (f" ({config.quantization.describe()} linear weights)" if config.quantization else "")
+        + (f", linear weights {config.quantization.describe()}" if config.quantization else "")
         + f", pp={pp}, tp={tp}",
         f"per rank: {per_layer}, embedding {format_size(rb.embedding)}, "
         f"lm_head {format_size(rb.lm_head)}; KV block of {settings.block_size} tokens: "

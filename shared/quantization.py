@@ -85,7 +85,7 @@ class QuantizationConfig:
         return True
 
     def describe(self) -> str:
-        return f"fp8, {self.block_n}x{self.block_k} blocks"
+        return f"fp8 in {self.block_n}x{self.block_k} blocks"
 
 
 def _names_module(prefix: str, name: str) -> bool:
