@@ -68,7 +68,7 @@ def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--m", default="1,4,16,64,256,1024,4096")
-    p.add_argument("--configs", action="store_true", help="also time other tile configs at each shape")
+    p.add_argument("--configs-m", default="", help="batch sizes at which to also time other tile configs")
     args = p.parse_args()
     from triton.testing import do_bench_cudagraph
 
@@ -103,7 +103,7 @@ def main() -> None:
                 f"{name:<8}{m:>6}{t_bf16:>9.1f}{t_fp8:>9.1f}{t_bf16 / t_fp8:>8.2f}{tbps:>9.2f}{t_torch:>9.1f}"
                 f"{err_fp8:>9.2e}{err_bf16:>9.2e}  {cfg.block_m}x{cfg.block_n} split {cfg.split_k}"
             )
-            if args.configs:
+            if str(m) in args.configs_m.split(","):
                 for bm, bn, split, warps, stages in _candidates(m):
                     c = MatmulConfig(bm, bn, split, warps, stages)
                     try:
@@ -116,7 +116,7 @@ def main() -> None:
 
 def _candidates(m: int) -> list[tuple[int, int, int, int, int]]:
     if m <= 16:
-        return [(16, bn, s, 4, st) for bn in (32, 64, 128) for s in (1, 2, 4, 8) for st in (3, 4, 6)]
+        return [(16, bn, s, 4, st) for bn in (16, 32, 64, 128) for s in (1, 2, 4, 8) for st in (3, 4, 6)]
     if m <= 64:
         return [(bm, bn, s, w, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2, 4) for w in (4, 8)]
     return [(bm, bn, 1, w, st) for bm in (64, 128) for bn in (128, 256) for w in (4, 8) for st in (3, 4)]

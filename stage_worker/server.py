@@ -411,7 +411,8 @@ def serve(config: StageServerConfig) -> None:
     log.info("stage %d of %d listening on %s (layers [%d, %d), tp %d, %s %s, %s weights; %s, %s)",
              config.stage_index, config.parallel.num_stages, address, service.layout.first_layer,
              service.layout.last_layer, config.parallel.tp_size, config.device_type, config.dtype,
-             "random (dummy)" if config.load_format == "dummy" else "checkpoint",
+             ("random (dummy)" if config.load_format == "dummy" else "checkpoint")
+             + (f", linear {service.model_config.quantization.describe()}" if service.model_config.quantization else ""),
              "mTLS" if config.tls and config.tls.client_ca_file else "TLS" if config.tls else "plaintext",
              "stage token required" if config.stage_token_file else "no stage token")
     stop = threading.Event()
