@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shared.logging_setup import setup_logging
@@ -22,13 +23,30 @@ def _add_ops_flags(p: argparse.ArgumentParser, metrics_help: str) -> None:
                    help="json: one object per line with request ids (default: $STAGESERVE_LOG_FORMAT or text)")
 
 
+def _unsigned(bits: int) -> Callable[[str], int]:
+    """An argparse type for a uintN proto field: a value out of range is a usage error
+    (exit 2, a message), not a traceback when the request is built."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not 0 <= value < 2**bits:
+            raise argparse.ArgumentTypeError(f"must be in [0, {2**bits - 1}], got {value}")
+        return value
+
+    parse.__name__ = f"uint{bits}"
+    return parse
+
+
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=_unsigned(32), default=64, help="0: up to the context limit")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=_unsigned(32), default=0, help="0 disables")
+    p.add_argument("--top-p", type=float, default=0.0, help="0 means 1")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 disables")
+    p.add_argument("--seed", type=_unsigned(64), default=None, help="default: a random one per request")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--repetition-penalty", type=float, default=0.0)
@@ -130,6 +148,9 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kv-blocks", type=int, default=0, help="cap on the KV pool (0: no cap)")
     p.add_argument("--step-timeout", type=float, default=120.0,
                    help="seconds the pipeline may take to answer a step before it is declared stuck")
+    p.add_argument("--expose-stage-addresses", action="store_true",
+                   help="list each stage's address in GetModelInfo (default: left empty, so API clients "
+                        "do not learn the internal topology; the router logs the addresses at start-up)")
     p.add_argument("--shuffle-blocks-seed", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -150,6 +171,8 @@ def _router_flag_values(args: argparse.Namespace) -> list[str]:
         out.append("--no-async-scheduling")
     if args.no_even_micro_batches:
         out.append("--no-even-micro-batches")
+    if args.expose_stage_addresses:
+        out.append("--expose-stage-addresses")
     if args.shuffle_blocks_seed is not None:
         out += ["--shuffle-blocks-seed", str(args.shuffle_blocks_seed)]
     return out
@@ -203,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--host", default="0.0.0.0")
     router.add_argument("--port", type=int, default=50051)
     router.add_argument("--rendezvous-port", type=int, default=29500)
+    router.add_argument("--rendezvous-host", default=None,
+                        help="address the rendezvous store listens on, which the stages' ranks must reach "
+                             "(default: --host); it has no authentication, so keep it off public interfaces")
     router.add_argument("--startup-timeout", type=float, default=1800.0)
     _add_api_security_flags(router)
     router.add_argument("--stage-token-file", default=_env_path("STAGESERVE_STAGE_TOKEN_FILE"),
@@ -252,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: $STAGESERVE_AUTH_TOKEN_FILE)")
     _add_sampling_flags(generate)
 
-    health = sub.add_parser("health", help="exit 0 only if the service reports SERVING")
+    health = sub.add_parser(
+        "health", help="exit 0 only if the service reports SERVING",
+        description="Prints the status and exits as grpc_health_probe does: 0 SERVING, 2 unreachable "
+                    "(connection failed or timed out), 3 the call failed otherwise (e.g. credentials), "
+                    "4 NOT_SERVING or unknown service.")
     health.add_argument("--addr", default="127.0.0.1:50051")
     health.add_argument("--service", default="", help="health service name (default \"\": readiness)")
     health.add_argument("--liveness", action="store_true",
@@ -386,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
         except SecurityConfigError as exc:
             print(f"stageserve: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            # Ctrl-C: the call is cancelled as the channel closes; the shell's convention, no traceback.
+            print(file=sys.stderr)
+            return 130
     if args.command == "health":
         from shared.client import LIVENESS_SERVICE, GenerationClient
         from shared.security import SecurityConfigError
@@ -396,10 +430,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stageserve: {exc}", file=sys.stderr)
             return 2
         with client:
-            ok = client.is_serving(LIVENESS_SERVICE if args.liveness else args.service, timeout=args.timeout)
-        print("SERVING" if ok else "NOT_SERVING")
-        return 0 if ok else 1
+            health = client.health_status(LIVENESS_SERVICE if args.liveness else args.service, timeout=args.timeout)
+        print(health.status)
+        if health.detail:
+            print(f"stageserve: {args.addr}: {health.detail}", file=sys.stderr)
+        return health.exit_code
     from shared.config import CacheConfig, ConfigError, ParallelConfig, SchedulerConfig
+    from shared.grpc_options import CannotListen
     from shared.security import SecurityConfigError, StageAccess, client_tls, read_token
 
     try:
@@ -410,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
             from shared.launcher import choose_up_partition
             from shared.memory_plan import format_partition
 
+            if args.port == 0:
+                # `up` checks its router on the port it gave it; an OS-chosen one it would not know.
+                raise ConfigError("--port 0 is not supported by `up`: give a free port (default 50051)")
             model = args.model or str(ensure_demo_model())
             setup_logging("up", args.log_format)
             if args.prompt is not None:
@@ -446,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_path=args.model,
                 stage_addresses=tuple(a.strip() for a in args.stages.split(",") if a.strip()),
                 host=args.host, port=args.port, rendezvous_port=args.rendezvous_port,
+                rendezvous_host=args.rendezvous_host, expose_stage_addresses=args.expose_stage_addresses,
                 scheduler=SchedulerConfig(
                     max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                     max_queue_len=args.max_queue_len, max_inflight_steps=args.max_inflight_steps,
@@ -506,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SecurityConfigError) as exc:
         print(f"stageserve: {exc}", file=sys.stderr)
         return 2
+    except CannotListen as exc:
+        print(f"stageserve: {exc}", file=sys.stderr)
+        return 1
     return 2
 
 

@@ -156,6 +156,8 @@ class Launcher:
             [
                 "router", "--model", cfg.model_path, "--stages", ",".join(stage_addresses),
                 "--host", cfg.host, "--port", str(cfg.port), "--rendezvous-port", str(rendezvous_port),
+                # The stages run on this machine: the store never needs another interface.
+                "--rendezvous-host", "127.0.0.1",
                 *cfg.router_args, *self._ops_args(0), *router_security,
             ],
         )
@@ -196,16 +198,21 @@ class Launcher:
                 return f"{name} exited with code {code}"
         return None
 
-    def wait_until_serving(self) -> None:
+    def wait_until_serving(self, stop: threading.Event) -> bool:
+        """True once the router serves; False as soon as `stop` is set (a signal during a
+        long model load must not wait for the load, nor for --startup-timeout)."""
         deadline = time.monotonic() + self.config.startup_timeout_s
         with self.client() as client:
-            while not client.is_serving():
+            # A short health deadline: each check is also how long a signal may go unnoticed.
+            while not client.is_serving(timeout=0.5):
                 dead = self.dead_child()
                 if dead:
                     raise RuntimeError(dead)
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"not serving after {self.config.startup_timeout_s:.0f} s")
-                time.sleep(0.3)
+                if stop.wait(0.3):
+                    return False
+        return True
 
     def stop(self, timeout_s: float = 15.0) -> None:
         for _, proc in self.procs:
@@ -230,7 +237,9 @@ def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
         signal.signal(sig, lambda *_: stop.set())
     launcher.start()
     try:
-        launcher.wait_until_serving()
+        if not launcher.wait_until_serving(stop):
+            print("stageserve: stopped during start-up", file=sys.stderr, flush=True)
+            return 0
         print(f"stageserve is serving on {launcher.router_address}", flush=True)
         if prompt is not None:
             from shared.client import stream_to_stdout

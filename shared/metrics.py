@@ -18,6 +18,8 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from shared.grpc_options import CannotListen
+
 log = logging.getLogger("stageserve.metrics")
 
 # The `_created` series double every counter and histogram for a timestamp Prometheus does
@@ -69,11 +71,14 @@ class MetricsEndpoint:
 
 def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> MetricsEndpoint:
     """Serves `registry` in the Prometheus text format on http://host:port/metrics (any
-    path answers) from a daemon thread. Raises OSError with the address if it is taken."""
+    path answers) from a daemon thread. Raises CannotListen with the address if it is taken
+    (the HTTP server sets SO_REUSEADDR only, which never shares a listening port)."""
     try:
         server, thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
+        raise CannotListen(
+            f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose another --metrics-port"
+        ) from exc
     endpoint = MetricsEndpoint(server=server, thread=thread)
     log.info("metrics on http://%s:%d/metrics", host, endpoint.port)
     return endpoint

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shared.client import LIVENESS_SERVICE
 from shared.config import ConfigError, ModelConfig, ParallelConfig
-from shared.grpc_options import channel_options
+from shared.grpc_options import server_options
 from shared.interpreter import apply_interpreter_settings
 from shared.metrics import serve_metrics
 from shared.proto import stage_worker_pb2 as pb
@@ -390,24 +390,22 @@ def serve(config: StageServerConfig) -> None:
     # Checked before the ranks spawn: a bad token file fails the stage at once.
     interceptors = [RequireToken(stage_token_check(config.stage_token_file))] if config.stage_token_file else []
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16), options=channel_options(), interceptors=interceptors
+        futures.ThreadPoolExecutor(max_workers=16), options=server_options(), interceptors=interceptors
     )
     service = StageWorkerService(config, health_servicer)
     pb_grpc.add_StageWorkerServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
+    metrics_endpoint = None
     try:
-        port = add_port(server, address, config.tls)
+        # A taken port (CannotListen) ends the stage here, its ranks with it.
+        add_port(server, address, config.tls)
+        if config.metrics_port is not None:
+            metrics_endpoint = serve_metrics(service.metrics.registry, config.metrics_port, config.host)
     except BaseException:
         service.shutdown()
         raise
-    if port == 0:
-        service.shutdown()
-        raise SystemExit(f"cannot listen on {address}")
     server.start()
-    metrics_endpoint = None
-    if config.metrics_port is not None:
-        metrics_endpoint = serve_metrics(service.metrics.registry, config.metrics_port, config.host)
     log.info("stage %d of %d listening on %s (layers [%d, %d), tp %d, %s %s, %s weights; %s, %s)",
              config.stage_index, config.parallel.num_stages, address, service.layout.first_layer,
              service.layout.last_layer, config.parallel.tp_size, config.device_type, config.dtype,
