@@ -36,7 +36,7 @@ from shared.client import LIVENESS_SERVICE
 from shared.config import CacheConfig, ModelConfig, SchedulerConfig
 from shared.grpc_options import CannotListen, server_options
 from shared.interpreter import apply_interpreter_settings, freeze_startup_objects
-from shared.metrics import new_registry, serve_metrics
+from shared.metrics import MODEL_NAME_LABEL, add_build_info, model_name_of, new_registry, serve_metrics
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
 from shared.rendezvous import EPOCH_KEY
@@ -256,7 +256,7 @@ class GenerationService(gen_grpc.GenerationServicer):
 
     async def GetModelInfo(self, request: gen.GetModelInfoRequest, context) -> gen.ModelInfo:
         info = gen.ModelInfo(
-            model_name=self.model.model_path.rstrip("/").rsplit("/", 1)[-1],
+            model_name=model_name_of(self.model.model_path),
             architecture=self.model.architecture,
             max_context=self.model.max_context,
             vocab_size=self.model.vocab_size,
@@ -344,7 +344,17 @@ class Router:
                         "text prompts, stop strings and Tokenize get FAILED_PRECONDITION, and responses "
                         "carry token ids with empty text", config.model_path, ", ".join(TOKENIZER_FILES))
         self.service = GenerationService(config, self.model, tokenizer)
-        self.metrics = self.service.metrics = RouterMetrics(new_registry())
+        self.metrics = self.service.metrics = RouterMetrics(
+            new_registry(labels={MODEL_NAME_LABEL: model_name_of(config.model_path)})
+        )
+        add_build_info(
+            self.metrics.registry, component="router", architecture=self.model.architecture,
+            pipeline_parallel_size=len(config.stage_addresses), block_size=config.cache.block_size,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            async_scheduling=config.scheduler.async_scheduling, stream_interval=config.stream_interval,
+            prefix_caching=config.scheduler.enable_prefix_caching, tls=config.tls is not None,
+        )
         self.health = health.aio.HealthServicer()
         self.stages = [StageClient(a, config.stage_access) for a in config.stage_addresses]
         self._store = None

@@ -24,7 +24,7 @@ from shared.client import LIVENESS_SERVICE
 from shared.config import ConfigError, ModelConfig, ParallelConfig
 from shared.grpc_options import server_options
 from shared.interpreter import apply_interpreter_settings
-from shared.metrics import serve_metrics
+from shared.metrics import add_build_info, model_name_of, serve_metrics
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
 from shared.security import RequireToken, ServerTls, add_port, stage_token_check
@@ -109,8 +109,15 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
         self._set_health(False)
         # Liveness: SERVING while the process runs and its ranks are alive (readiness is "").
         self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self.metrics = StageMetrics(config.stage_index)
+        self.metrics = StageMetrics(config.stage_index, model_name_of(config.model_path))
         self.metrics.attach(self)
+        add_build_info(
+            self.metrics.registry, component="stage", stage=config.stage_index,
+            num_stages=config.parallel.num_stages, tensor_parallel_size=config.parallel.tp_size,
+            first_layer=self.layout.first_layer, last_layer=self.layout.last_layer,
+            device=config.device_type, dtype=config.dtype, load_format=config.load_format,
+            kernel_backend=config.kernel_backend, sequence_parallel=config.parallel.sequence_parallel,
+        )
         tp = config.parallel.tp_size
         cpu_threads = max(1, (os.cpu_count() or 1) // (tp * config.parallel.num_stages))
         self._rank_args = [

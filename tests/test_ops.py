@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -32,6 +33,7 @@ from shared.demo_model import write_tiny_model
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
 from tests.e2e_harness import REPO, child_pids, command_of, free_port
+from tests.metrics_lint import lint
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -138,8 +140,12 @@ def probe(address: str, *extra: str) -> int:
     ).returncode
 
 
+def scrape_text(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = scrape_text(port)
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text) for s in family.samples
@@ -287,26 +293,34 @@ def test_metrics_move_after_a_request_and_the_log_names_it(system: Cluster) -> N
     assert moved("stageserve_e2e_request_latency_seconds_sum") > 0
     assert moved("stageserve_steps_total") >= 6
     for stage in ("0", "1"):
-        assert moved("stageserve_stage_step_seconds_count", stage=stage) >= 6
+        assert moved("stageserve_router_stage_step_seconds_count", stage=stage) >= 6
         assert moved("stageserve_stage_result_latency_seconds_count", stage=stage) >= 6
         # The phases add up to the step time, as each stage measured it (the last stage also
         # fills the reply with its sampled tokens).
         phases = ("prepare", "launch", "wait") + (("reply",) if stage == "1" else ())
         for phase in phases:
-            assert moved("stageserve_stage_step_phase_seconds_count", stage=stage, phase=phase) >= 6
-        phase_sum = sum(moved("stageserve_stage_step_phase_seconds_sum", stage=stage, phase=p) for p in phases)
-        step_sum = moved("stageserve_stage_step_seconds_sum", stage=stage)
+            assert moved("stageserve_router_stage_step_phase_seconds_count", stage=stage, phase=phase) >= 6
+        phase_sum = sum(moved("stageserve_router_stage_step_phase_seconds_sum", stage=stage, phase=p) for p in phases)
+        step_sum = moved("stageserve_router_stage_step_seconds_sum", stage=stage)
         assert 0.95 * step_sum <= phase_sum <= step_sum * 1.0001
         # Labelled by what the step computed: the prompt's prefill, then one-token decodes.
-        assert moved("stageserve_stage_step_seconds_count", stage=stage, kind="prefill") >= 1
-        assert moved("stageserve_stage_step_seconds_count", stage=stage, kind="decode") >= 5
+        assert moved("stageserve_router_stage_step_seconds_count", stage=stage, kind="prefill") >= 1
+        assert moved("stageserve_router_stage_step_seconds_count", stage=stage, kind="decode") >= 5
         assert moved("stageserve_stage_result_latency_seconds_count", stage=stage, kind="decode") >= 5
+    # Per request: queue, prefill and decode time; prompt and answer lengths; tokens per step.
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_prompt_tokens", "request_generation_tokens"):
+        assert moved(f"stageserve_{name}_count") == 1, name
+    assert moved("stageserve_request_generation_tokens_sum") == 6
+    assert moved("stageserve_request_prompt_tokens_sum") == result.prompt_tokens
+    assert moved("stageserve_step_tokens_count") == moved("stageserve_steps_total")
+    assert moved("stageserve_step_tokens_sum") >= result.prompt_tokens + 5
     assert metric(after, "stageserve_router_serving") == 1
-    assert metric(after, "stageserve_kv_blocks_total") > 0
+    assert metric(after, "stageserve_kv_blocks") > 0
     assert metric(after, "stageserve_prefix_cache_queries_total") > 0
     for name in ("stageserve_queue_length", "stageserve_num_requests_waiting", "stageserve_num_requests_running",
                  "stageserve_kv_cache_usage_ratio", "stageserve_prefix_cache_hit_rate"):
-        assert (name, ()) in after, name
+        assert (name, (("model_name", "model"),)) in after, name
     assert "process_resident_memory_bytes" in {name for name, _ in after}
     for index, port in enumerate(system.stage_metrics_ports):
         stage_after, label = scrape(port), str(index)
@@ -315,7 +329,20 @@ def test_metrics_move_after_a_request_and_the_log_names_it(system: Cluster) -> N
         assert metric(stage_after, "stageserve_stage_step_wall_seconds_count", stage=label) >= ok
         assert metric(stage_after, "stageserve_stage_state", stage=label, stageserve_stage_state="SERVING") == 1
         assert metric(stage_after, "stageserve_stage_kv_blocks", stage=label) == metric(
-            after, "stageserve_kv_blocks_total")
+            after, "stageserve_kv_blocks")
+    # promtool's naming rules on every endpoint; the model's name on every stageserve series;
+    # the version and configuration as an info metric; nothing but 404 off /metrics.
+    for port, component in ((system.metrics_port, "router"), *((p, "stage") for p in system.stage_metrics_ports)):
+        text = scrape_text(port)
+        assert lint(text) == [], (component, lint(text))
+        samples = scrape(port)
+        ours = [labels for name, labels in samples if name.startswith("stageserve_")]
+        assert ours and all(("model_name", "model") in labels for labels in ours), component
+        assert metric(samples, "stageserve_build_info", component=component) == 1
+        assert [lbls for name, lbls in samples if name == "stageserve_build_info" and ("version", "") in lbls] == []
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
+        assert err.value.code == 404
     # One JSON line per finished request, carrying the client's request id.
     deadline = time.monotonic() + 10
     while True:
@@ -634,3 +661,15 @@ def test_retry_policy_rejects_what_grpc_cannot_do() -> None:
     config = json.loads(FAST_RETRY.service_config())["methodConfig"][0]
     assert config["name"] == [{"service": GENERATION}]
     assert config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+
+
+# ---- metrics naming rules -----------------------------------------------------------------
+
+
+def test_the_metrics_lint_finds_what_promtool_finds() -> None:
+    bad = ("# HELP x_kv_blocks_total Blocks.\n# TYPE x_kv_blocks_total gauge\nx_kv_blocks_total 3\n"
+           "# HELP x_requests Requests.\n# TYPE x_requests counter\nx_requests 1\n"
+           "# HELP x_lat_milliseconds L.\n# TYPE x_lat_milliseconds gauge\nx_lat_milliseconds 1\n")
+    assert lint(bad) == ["x_kv_blocks_total: gauge with the counter suffix _total",
+                         "x_requests: counter without the _total suffix",
+                         "x_lat_milliseconds: use base units (seconds, bytes)"]
