@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -16,8 +17,11 @@ if TYPE_CHECKING:
 
 DESCRIPTION = "stageserve: LLM serving with pipeline stages as separate gRPC services"
 
+# add_argument is all the _add_*_flags helpers use: a parser or one of its argument groups.
+Flags = argparse.ArgumentParser | argparse._ArgumentGroup
 
-def _add_ops_flags(p: argparse.ArgumentParser, metrics_help: str) -> None:
+
+def _add_ops_flags(p: Flags, metrics_help: str) -> None:
     p.add_argument("--metrics-port", type=int, default=None, help=metrics_help)
     p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("STAGESERVE_LOG_FORMAT", "text"),
                    help="json: one object per line with request ids (default: $STAGESERVE_LOG_FORMAT or text)")
@@ -40,7 +44,7 @@ def _unsigned(bits: int) -> Callable[[str], int]:
     return parse
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+def _add_sampling_flags(p: Flags) -> None:
     p.add_argument("--max-new-tokens", type=_unsigned(32), default=64, help="0: up to the context limit")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=_unsigned(32), default=0, help="0 disables")
@@ -71,7 +75,7 @@ def _env_path(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-def _add_load_format_flag(p: argparse.ArgumentParser) -> None:
+def _add_load_format_flag(p: Flags) -> None:
     # The choices are stage_worker.loader.LOAD_FORMATS, spelled out so that parsing stays
     # free of torch (the stage validates them again).
     p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
@@ -80,7 +84,7 @@ def _add_load_format_flag(p: argparse.ArgumentParser) -> None:
                         "prompt_token_ids only if the folder has no tokenizer)")
 
 
-def _add_execution_flags(p: argparse.ArgumentParser) -> None:
+def _add_execution_flags(p: Flags) -> None:
     # Spelled out like --load-format, so that parsing stays free of torch.
     p.add_argument("--kernel-backend", choices=["auto", "reference", "triton"], default="auto",
                    help="auto: Triton kernels (paged attention, fused norm/rotary/activation) on CUDA, the "
@@ -89,7 +93,7 @@ def _add_execution_flags(p: argparse.ArgumentParser) -> None:
                    help="no CUDA graphs for decode steps (they are captured at startup by default on CUDA)")
 
 
-def _add_client_tls_flags(p: argparse.ArgumentParser, cert: bool = False) -> None:
+def _add_client_tls_flags(p: Flags, cert: bool = False) -> None:
     p.add_argument("--tls-ca", default=None,
                    help="connect over TLS, trusting this CA's certificates (PEM); default: plaintext")
     p.add_argument("--tls-server-name", default=None,
@@ -106,7 +110,7 @@ def _client_tls_from(args: argparse.Namespace) -> ClientTls | None:
                       args.tls_server_name)
 
 
-def _add_api_security_flags(p: argparse.ArgumentParser) -> None:
+def _add_api_security_flags(p: Flags) -> None:
     p.add_argument("--tls-cert", default=None, help="serve the public API over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
     p.add_argument("--auth-token-file", default=_env_path("STAGESERVE_AUTH_TOKEN_FILE"),
@@ -121,8 +125,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_router_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-size", type=int, default=16)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, unless it is nothing worth saying (None, False for a
+    switch) or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS, []) or "default" in help_text.lower():
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        # argparse skips the help column of a flag without help text: give it the default.
+        if not action.help and action.default not in (None, False, argparse.SUPPRESS, []) and action.option_strings:
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def _add_router_flags(p: Flags, memory: Flags | None = None) -> None:
+    """Scheduler flags on `p`, KV memory flags on `memory` (default: `p` too)."""
+    memory = memory if memory is not None else p
+    memory.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step")
     p.add_argument("--max-queue-len", type=int, default=4096,
@@ -142,16 +165,21 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-even-micro-batches", action="store_true",
                    help="with pipeline stages, let a micro-batch take any sequences not in flight (up to "
                         "--max-num-seqs) instead of one of pp even lanes taking turns; for comparison")
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--kv-cache-bytes", type=int, default=0, help="fixed KV bytes per rank (default: profiled)")
-    p.add_argument("--max-kv-blocks", type=int, default=0, help="cap on the KV pool (0: no cap)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV blocks of shared prompt prefixes")
+    memory.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of each GPU a stage may fill (weights, activations, KV cache)")
+    memory.add_argument("--kv-cache-bytes", type=int, default=0,
+                        help="fixed KV bytes per rank (0: what fits, profiled; CPU: 256 MiB)")
+    memory.add_argument("--max-kv-blocks", type=int, default=0, help="cap on the KV pool (0: no cap)")
     p.add_argument("--step-timeout", type=float, default=120.0,
                    help="seconds the pipeline may take to answer a step before it is declared stuck")
+    p.add_argument("--shuffle-blocks-seed", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _add_topology_flag(p: Flags) -> None:
     p.add_argument("--expose-stage-addresses", action="store_true",
                    help="list each stage's address in GetModelInfo (default: left empty, so API clients "
                         "do not learn the internal topology; the router logs the addresses at start-up)")
-    p.add_argument("--shuffle-blocks-seed", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def _router_flag_values(args: argparse.Namespace) -> list[str]:
@@ -191,36 +219,48 @@ def _server_tls(args: argparse.Namespace, client_ca: str | None = None) -> Serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stageserve", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="stageserve", description=DESCRIPTION, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    # Every command's --help shows the defaults.
+    add_command = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
-    up = sub.add_parser("up", help="start router and stages on this machine and serve until Ctrl-C")
-    up.add_argument("--model", default=None, help="HF model folder (default: a built-in demo model)")
-    up.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    up.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
-    up.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    up.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=50051)
-    up.add_argument("--layer-partition", default=None, help="layers per stage, e.g. 10,12,10")
-    up.add_argument("--sequence-parallel", action="store_true",
-                    help="shard the residual stream by tokens inside each stage's TP group")
-    up.add_argument("--startup-timeout", type=float, default=1800.0)
-    _add_load_format_flag(up)
-    _add_execution_flags(up)
-    up.add_argument("--prompt", default=None,
-                    help="once serving, stream an answer to this prompt (needs the model folder's tokenizer)")
-    _add_api_security_flags(up)
-    up.add_argument("--tls-ca", default=None,
-                    help="the CA `up` itself trusts when it checks the router (default: --tls-cert, "
-                         "right for a self-signed certificate)")
-    up.add_argument("--no-stage-token", action="store_true",
-                    help="do not give router and stages a fresh random stage token (default: one, in a 0600 file)")
-    _add_router_flags(up)
-    _add_sampling_flags(up)
-    _add_ops_flags(up, "Prometheus /metrics: the router on this port, stage i on this port + 1 + i (default: none)")
+    up = add_command("up", help="start router and stages on this machine and serve until Ctrl-C",
+                     description="Starts the router and one process per stage on this machine, waits until "
+                                 "they serve, and serves until Ctrl-C / SIGTERM.")
+    serving = up.add_argument_group("serving")
+    serving.add_argument("--model", default=None, help="HF model folder (default: a built-in demo model)")
+    serving.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    serving.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
+    serving.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                         help="auto: cuda if this machine has pp x tp GPUs")
+    serving.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, "
+                                                         "bfloat16, float16")
+    serving.add_argument("--host", default="127.0.0.1", help="the router's API address")
+    serving.add_argument("--port", type=int, default=50051, help="the router's API port")
+    serving.add_argument("--layer-partition", default=None, help="layers per stage, e.g. 10,12,10")
+    serving.add_argument("--sequence-parallel", action="store_true",
+                         help="shard the residual stream by tokens inside each stage's TP group")
+    serving.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for SERVING")
+    _add_load_format_flag(serving)
+    _add_execution_flags(serving)
+    _add_ops_flags(serving, "Prometheus /metrics: the router on this port, stage i on this port + 1 + i "
+                            "(default: none)")
+    _add_router_flags(up.add_argument_group("scheduler"), up.add_argument_group("memory"))
+    security = up.add_argument_group("security")
+    _add_api_security_flags(security)
+    security.add_argument("--tls-ca", default=None,
+                          help="the CA `up` itself trusts when it checks the router (default: --tls-cert, "
+                               "right for a self-signed certificate)")
+    security.add_argument("--no-stage-token", action="store_true",
+                          help="do not give router and stages a fresh random stage token (default: one, in a "
+                               "0600 file)")
+    _add_topology_flag(security)
+    prompt = up.add_argument_group("--prompt", "stream one answer once serving (these flags sample it)")
+    prompt.add_argument("--prompt", default=None,
+                        help="once serving, stream an answer to this prompt (needs the model folder's tokenizer)")
+    _add_sampling_flags(prompt)
 
-    router = sub.add_parser("router", help="run the router service")
+    router = add_command("router", help="run the router service")
     router.add_argument("--model", required=True, help="HF model folder (config and tokenizer are read)")
     router.add_argument("--stages", required=True, help="stage addresses in stage order, comma-separated")
     router.add_argument("--host", default="0.0.0.0")
@@ -240,9 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--stage-tls-server-name", default=None,
                         help="the name checked in the stages' certificates (default: each stage's host)")
     _add_router_flags(router)
+    _add_topology_flag(router)
     _add_ops_flags(router, "serve Prometheus /metrics on this port (default: none)")
 
-    stage = sub.add_parser("stage", help="run one pipeline stage")
+    stage = add_command("stage", help="run one pipeline stage")
     stage.add_argument("--model", required=True)
     stage.add_argument("--stage-index", type=int, required=True)
     stage.add_argument("--num-stages", type=int, required=True)
@@ -266,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: $STAGESERVE_STAGE_TOKEN_FILE, else no check)")
     _add_ops_flags(stage, "serve Prometheus /metrics on this port (default: none)")
 
-    generate = sub.add_parser("generate", help="stream an answer from a running router")
+    generate = add_command("generate", help="stream an answer from a running router")
     generate.add_argument("prompt")
     generate.add_argument("--addr", default="127.0.0.1:50051")
     generate.add_argument("--timeout", type=float, default=None, help="deadline of the whole call, in seconds")
@@ -278,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: $STAGESERVE_AUTH_TOKEN_FILE)")
     _add_sampling_flags(generate)
 
-    health = sub.add_parser(
+    health = add_command(
         "health", help="exit 0 only if the service reports SERVING",
         description="Prints the status and exits as grpc_health_probe does: 0 SERVING, 2 unreachable "
                     "(connection failed or timed out), 3 the call failed otherwise (e.g. credentials), "
@@ -290,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0)
     _add_client_tls_flags(health, cert=True)
 
-    plan = sub.add_parser("plan", help="print the layer partition, each stage's weights and KV blocks, "
+    plan = add_command("plan", help="print the layer partition, each stage's weights and KV blocks, "
                                        "and the pool, from config.json alone (no weights are read)")
     plan.add_argument("--model", required=True, help="model folder; config.json is all it needs")
     plan.add_argument("--pp", type=int, default=1, help="pipeline stages")
@@ -303,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--layer-partition", default=None, help="also show this partition, e.g. 9,11,12")
     _add_memory_flags(plan)
 
-    save = sub.add_parser("save-sharded", help="write the weights as one file set per stage x TP rank, "
+    save = add_command("save-sharded", help="write the weights as one file set per stage x TP rank, "
                                                "which stages load with no re-slicing")
     save.add_argument("--model", required=True, help="Hugging Face model folder")
     save.add_argument("--pp", type=int, default=1, help="pipeline stages")

@@ -274,3 +274,12 @@ def test_up_passes_its_router_knobs_through_to_the_router() -> None:
     assert router.steps_in_flight_per_seq == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--stream-interval", "0"])
+
+
+def test_help_shows_defaults_and_groups_up_flags() -> None:
+    text = build_parser()._subparsers._group_actions[0].choices["up"].format_help()  # noqa: SLF001
+    for group in ("serving:", "scheduler:", "memory:", "security:", "--prompt:"):
+        assert f"\n{group}" in text, group
+    assert "(default: 50051)" in text and "(default: 2048)" in text and "(default: 0.9)" in text
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()  # noqa: SLF001
+    assert "(default: 127.0.0.1:50051)" in generate

@@ -559,6 +559,36 @@ def test_up_stops_at_once_on_a_signal_during_start_up(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "--port 0 is not supported" in refused.stderr
 
 
+def test_up_with_a_prompt_prints_the_answer_whole_and_stops_cleanly(tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "model", "LlamaForCausalLM", seed=5)
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        # stdout and stderr into one file, as a terminal shows them.
+        up = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--device", "cpu", "--port",
+             str(free_port()), "--prompt", "hi", "--max-new-tokens", "24", "--ignore-eos"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while "[finish:" not in log_path.read_text(errors="replace"):
+                assert up.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")
+                time.sleep(0.2)
+            up.send_signal(signal.SIGINT)
+            code = up.wait(60)
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+    lines = log_path.read_text(errors="replace").splitlines()
+    serving = next(i for i, line in enumerate(lines) if line.startswith("stageserve is serving on"))
+    # The answer, then how it ended: no log line in between (the children's logs wait).
+    assert lines[serving + 2] == "[finish: length]", lines[serving:]
+    assert code == 0
+    # A rank ends with os._exit: nothing of it may look leaked (tqdm's lock was one).
+    assert "leaked" not in "\n".join(lines), lines[-10:]
+
+
 # ---- retries (a scripted server: the real gRPC stack, failures on demand) ----------------
 
 
