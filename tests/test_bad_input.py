@@ -337,7 +337,7 @@ def test_huge_requests_are_refused_early_and_leave_no_memory_behind(system: Serv
     assert after - before < 150 * 2**20
 
 
-QUIET_S = 6.0
+QUIET_S = 10.0
 
 
 def test_huge_requests_do_not_stall_other_streams(system: ServingSystem, stub: Api) -> None:
@@ -363,8 +363,9 @@ def test_huge_requests_do_not_stall_other_streams(system: ServingSystem, stub: A
         streamer.start()
         while len(gaps) < 20:
             time.sleep(0.01)
-        # The host's own noise first (other processes share its cores): the bound below is
-        # 0.25 s, or twice that noise on a busy host.
+        # The host's own noise first, over about as long as the longest phase below (other
+        # processes share its cores): the bound is 0.25 s, or twice that noise on a busy host
+        # (before issue 20's fix the stalls were seconds, far over either).
         time.sleep(QUIET_S)
         quiet = max(gaps)
         longest = {}
