@@ -268,15 +268,15 @@ def _step_profile(samples: list[tuple[str, dict[str, str], float]], num_stages: 
     profile: dict[str, float] = {}
     for stage in range(num_stages):
         for prefix, kind in (("", {}), ("decode_", {"kind": "decode"})):
-            for key, metric in (("compute", "stage_step_seconds"), ("result", "stage_result_latency_seconds")):
+            for key, metric in (("compute", "router_stage_step_seconds"), ("result", "stage_result_latency_seconds")):
                 profile[f"stage{stage}_{prefix}{key}_ms"] = _mean_ms(samples, metric, stage=str(stage), **kind)
             for phase in PHASES:
-                value = _mean_ms(samples, "stage_step_phase_seconds", stage=str(stage), phase=phase, **kind)
+                value = _mean_ms(samples, "router_stage_step_phase_seconds", stage=str(stage), phase=phase, **kind)
                 if value == value:  # not NaN: the stage reports this phase
                     profile[f"stage{stage}_{prefix}{phase}_ms"] = value
     last = str(num_stages - 1)
     for kind in ("decode", "prefill", "mixed"):
-        profile[f"{kind}_steps"] = sum(v for n, lbls, v in samples if n == "stageserve_stage_step_seconds_count"
+        profile[f"{kind}_steps"] = sum(v for n, lbls, v in samples if n == "stageserve_router_stage_step_seconds_count"
                                        and lbls.get("stage") == last and lbls.get("kind") == kind)
     profile["steps"] = sum(profile[f"{kind}_steps"] for kind in ("decode", "prefill", "mixed"))
     profile["router_result_queue_ms"] = _mean_ms(samples, "router_result_queue_seconds")

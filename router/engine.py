@@ -56,6 +56,8 @@ class _Request:
     sink: ResponseSink
     stage_sampling: pb.StageSamplingParams
     submitted: float = field(default_factory=time.monotonic)
+    # First put in a step (end of its queue time), and its first token.
+    scheduled_at: float | None = None
     first_token_at: float | None = None
     # Tokens held back by --stream-interval, as one response, and how many.
     unsent: gen.GenerateResponse | None = None
@@ -267,12 +269,19 @@ class Engine:
             if batch is None:
                 return
             self.stats.preemptions += len(batch.preempted)
-            sampling = {e.seq.seq_id: self._requests[e.seq.seq_id].stage_sampling for e in batch.entries}
+            sampling = {}
+            now = time.monotonic()
+            for entry in batch.entries:
+                req = self._requests[entry.seq.seq_id]
+                sampling[entry.seq.seq_id] = req.stage_sampling
+                if req.scheduled_at is None:
+                    req.scheduled_at = now
+                    self.metrics.on_scheduled(now - req.submitted)
             step = self._builder.build(batch, sampling)
             if not self._inflight:
                 self._progress_at = time.monotonic()
             self._inflight[step.step_id] = batch
-            self.metrics.on_step_sent(step.step_id, batch.kind)
+            self.metrics.on_step_sent(step.step_id, batch.kind, batch.num_tokens)
             for stage in self.stages:
                 stage.send_step(step)
             if self._timeline is not None:
@@ -410,7 +419,7 @@ class Engine:
         self._requests.pop(req.seq.seq_id, None)
         self._release_pending()
         self.stats.requests_finished += 1
-        self.metrics.on_finished(req.seq, req.submitted, last)
+        self.metrics.on_finished(req.seq, req.submitted, last, req.scheduled_at, req.first_token_at)
         req.sink(last)
         req.sink(end)
 

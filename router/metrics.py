@@ -51,6 +51,12 @@ STEP_PHASES = (
 # little about either. "unknown": a result whose step record was already dropped.
 STEP_KINDS = ("decode", "prefill", "mixed", "unknown")
 
+# Tokens: a prompt's or an answer's length, and a step's batch (1 to --max-num-batched-tokens).
+TOKEN_BUCKETS = (
+    1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072,
+    262144, 524288, 1048576,
+)
+
 # Step-send records older than this many steps are dropped: a step whose last result never
 # comes (the pipeline failed) must not keep its record forever.
 _MAX_TRACKED_STEPS = 1024
@@ -97,14 +103,16 @@ class RouterMetrics:
             "step kind.",
             ["stage", "kind"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
         )
+        # router_ names: the stage's own endpoint exports stage_step_seconds from the same
+        # reports; one name for both would double every sum over the two jobs.
         self.stage_step = Histogram(
-            "stage_step_seconds", "Time the stage's TP rank 0 spent executing a step, as the "
+            "router_stage_step_seconds", "Time the stage's TP rank 0 spent executing a step, as the "
             "stage reports it (for stages after the first, waiting for hidden states included), by "
             "step kind (decode: one new token per sequence; prefill: prompt chunks; mixed: both).",
             ["stage", "kind"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
         )
         self.stage_phase = Histogram(
-            "stage_step_phase_seconds", "Where stage_step_seconds went, by phase (prepare, "
+            "router_stage_step_phase_seconds", "Where router_stage_step_seconds went, by phase (prepare, "
             "launch, wait, reply: see StepResult.phase_seconds in protos/stage_worker.proto) and "
             "step kind.",
             ["stage", "phase", "kind"], namespace=ns, registry=r, buckets=STEP_BUCKETS,
@@ -125,6 +133,32 @@ class RouterMetrics:
             "router sending its next step: the router's share of the pipeline's critical path "
             "(steps sent with no result in between are not counted).",
             namespace=ns, registry=r, buckets=STEP_BUCKETS,
+        )
+        self.queue_time = Histogram(
+            "request_queue_time_seconds", "Time from a request's admission to its first step "
+            "(waiting for a slot and KV blocks).",
+            namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.prefill_time = Histogram(
+            "request_prefill_time_seconds", "Time from a request's first step to its first token "
+            "(its prompt's prefill, chunked or not).",
+            namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.decode_time = Histogram(
+            "request_decode_time_seconds", "Time from a request's first token to its last.",
+            namespace=ns, registry=r, buckets=LATENCY_BUCKETS,
+        )
+        self.prompt_length = Histogram(
+            "request_prompt_tokens", "Prompt length of finished requests, in tokens.",
+            namespace=ns, registry=r, buckets=TOKEN_BUCKETS,
+        )
+        self.generation_length = Histogram(
+            "request_generation_tokens", "Tokens generated per finished request.",
+            namespace=ns, registry=r, buckets=TOKEN_BUCKETS,
+        )
+        self.step_tokens = Histogram(
+            "step_tokens", "Tokens in each step sent to the stages (prompt chunks and decodes).",
+            namespace=ns, registry=r, buckets=TOKEN_BUCKETS,
         )
         self.serving = Gauge(
             "router_serving", "1 while the router reports SERVING on the health service.",
@@ -167,14 +201,27 @@ class RouterMetrics:
         self._last_token_at[seq_id] = now
         self.generation_tokens.inc()
 
-    def on_finished(self, seq: Sequence, submitted: float, last: gen.GenerateResponse) -> None:
-        e2e = time.monotonic() - submitted
+    def on_scheduled(self, queued_s: float) -> None:
+        """A request's first step was sent `queued_s` after its admission."""
+        self.queue_time.observe(queued_s)
+
+    def on_finished(
+        self, seq: Sequence, submitted: float, last: gen.GenerateResponse,
+        scheduled_at: float | None = None, first_token_at: float | None = None,
+    ) -> None:
+        now = time.monotonic()
+        e2e = now - submitted
         outcome = OUTCOMES.get(last.finish_reason, "error")
-        self._last_token_at.pop(seq.seq_id, None)
+        last_token_at = self._last_token_at.pop(seq.seq_id, None)
         self.requests.labels(outcome).inc()
         self.e2e.observe(e2e)
         self.prompt_tokens.inc(seq.num_prompt_tokens)
         self.cached_prompt_tokens.inc(seq.num_cached_prompt_tokens)
+        self.prompt_length.observe(seq.num_prompt_tokens)
+        self.generation_length.observe(seq.num_output_tokens)
+        if scheduled_at is not None and first_token_at is not None:
+            self.prefill_time.observe(first_token_at - scheduled_at)
+            self.decode_time.observe((last_token_at or first_token_at) - first_token_at)
         request_log.info(
             "request %s finished: %s, %d prompt tokens (%d cached), %d generated, %.3f s%s",
             seq.request_id, outcome, seq.num_prompt_tokens, seq.num_cached_prompt_tokens,
@@ -193,8 +240,10 @@ class RouterMetrics:
     def on_turnaround(self, seconds: float) -> None:
         self.turnaround.observe(seconds)
 
-    def on_step_sent(self, step_id: int, kind: str) -> None:
+    def on_step_sent(self, step_id: int, kind: str, num_tokens: int = 0) -> None:
         assert kind in STEP_KINDS, kind
+        if num_tokens:
+            self.step_tokens.observe(num_tokens)
         self._steps[step_id] = (time.monotonic(), kind, {})
         if len(self._steps) > _MAX_TRACKED_STEPS:
             self._steps.popitem(last=False)
@@ -246,7 +295,8 @@ class _EngineCollector(Collector):
                                 value=scheduler.num_running)
         yield GaugeMetricFamily(f"{ns}_steps_in_flight", "Steps sent that not every stage has "
                                 "answered yet.", value=self.metrics.num_tracked_steps)
-        yield GaugeMetricFamily(f"{ns}_kv_blocks_total", "Blocks in the KV pool (every stage).",
+        # Not kv_blocks_total: a gauge, and _total is the counter suffix (promtool check metrics).
+        yield GaugeMetricFamily(f"{ns}_kv_blocks", "Blocks in the KV pool (every stage).",
                                 value=blocks.num_total_blocks)
         yield GaugeMetricFamily(f"{ns}_kv_blocks_free", "Free blocks (cached-but-free included).",
                                 value=blocks.num_free_blocks)

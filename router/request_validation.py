@@ -113,7 +113,7 @@ ChatRender = Callable[[Sequence[generation_pb2.ChatMessage]], list[int]]
 
 def validate_request(
     req: generation_pb2.GenerateRequest,
-    tokenizer_encode: Callable[[str], list[int]],
+    tokenizer_encode: Callable[[str], Sequence[int]],
     limits: RequestLimits,
     render_chat: ChatRender | None = None,
 ) -> ValidatedRequest:
@@ -173,7 +173,7 @@ def check_chat_messages(messages: Sequence[generation_pb2.ChatMessage], limits: 
 
 def _resolve_prompt(
     req: generation_pb2.GenerateRequest,
-    tokenizer_encode: Callable[[str], list[int]],
+    tokenizer_encode: Callable[[str], Sequence[int]],
     limits: RequestLimits,
     render_chat: ChatRender | None,
 ) -> tuple[int, ...]:
@@ -182,45 +182,51 @@ def _resolve_prompt(
         raise InvalidRequestError(
             "the request has no input: set exactly one of prompt, prompt_token_ids or messages"
         )
+    ids: Sequence[int]
     if kind == "messages":
         messages = req.messages.messages
         check_chat_messages(messages, limits)
         if render_chat is None:
             raise InvalidRequestError("this router cannot render chat messages (the model has no chat template)")
-        ids = tuple(int(t) for t in render_chat(messages))
-        if not ids:
+        ids = render_chat(messages)
+        if not len(ids):
             raise InvalidRequestError("the chat template rendered these messages to zero tokens")
         where = "the chat-template-rendered prompt"
     elif kind == "prompt":
-        if not req.prompt:
+        prompt = req.prompt  # each read of a proto string field builds a new str
+        if not prompt:
             raise InvalidRequestError("prompt is empty: give a non-empty prompt or non-empty prompt_token_ids")
-        if len(req.prompt) > limits.max_prompt_chars:
+        if len(prompt) > limits.max_prompt_chars:
             raise InvalidRequestError(
-                f"prompt has {len(req.prompt)} characters; at most {limits.max_prompt_chars} are allowed"
+                f"prompt has {len(prompt)} characters; at most {limits.max_prompt_chars} are allowed"
             )
-        ids = tuple(int(t) for t in tokenizer_encode(req.prompt))
-        if not ids:
+        ids = tokenizer_encode(prompt)
+        if not len(ids):
             raise InvalidRequestError("prompt tokenized to zero tokens; give a prompt that produces at least one")
         where = "the tokenized prompt"
     else:
-        ids = tuple(req.prompt_token_ids.ids)
-        if not ids:
+        # The repeated field itself, not a copy: its length costs nothing.
+        ids = req.prompt_token_ids.ids
+        if not len(ids):
             raise InvalidRequestError(
                 "prompt_token_ids is empty: give at least one token id (or a non-empty prompt)"
             )
         where = "prompt_token_ids"
-    for i, token_id in enumerate(ids):
-        if not 0 <= token_id < limits.vocab_size:
-            raise InvalidRequestError(
-                f"{where}[{i}] = {token_id} is outside the vocabulary; token ids must be in "
-                f"[0, {limits.vocab_size - 1}]"
-            )
+    # The length first: a prompt too long to serve is refused before a Python int is made
+    # for each of its tokens (millions of them: seconds of GIL and hundreds of MB).
     if len(ids) >= limits.max_context:
         raise InvalidRequestError(
             f"prompt has {len(ids)} tokens but the context limit is {limits.max_context}; a prompt may "
             f"have at most {limits.max_context - 1} tokens so that at least one can be generated"
         )
-    return ids
+    resolved = tuple(int(t) for t in ids)
+    for i, token_id in enumerate(resolved):
+        if not 0 <= token_id < limits.vocab_size:
+            raise InvalidRequestError(
+                f"{where}[{i}] = {token_id} is outside the vocabulary; token ids must be in "
+                f"[0, {limits.vocab_size - 1}]"
+            )
+    return resolved
 
 
 def _in_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
@@ -268,8 +274,9 @@ def _resolve_sampling(
             f"sampling.logprobs must be in [0, {limits.max_top_logprobs}], got {top_logprobs}"
         )
 
-    stop = _resolve_stop_strings(list(params.stop), limits)
-    stop_token_ids = _resolve_stop_token_ids(list(params.stop_token_ids), limits)
+    # The repeated fields themselves: their lengths are checked before any element is read.
+    stop = _resolve_stop_strings(params.stop, limits)
+    stop_token_ids = _resolve_stop_token_ids(params.stop_token_ids, limits)
 
     room = limits.max_context - prompt_len
     max_new_tokens = int(params.max_new_tokens)
@@ -303,7 +310,7 @@ def _resolve_sampling(
     )
 
 
-def _resolve_stop_strings(stop: list[str], limits: RequestLimits) -> tuple[str, ...]:
+def _resolve_stop_strings(stop: Sequence[str], limits: RequestLimits) -> tuple[str, ...]:
     if len(stop) > limits.max_stop_strings:
         raise InvalidRequestError(
             f"sampling.stop has {len(stop)} strings; at most {limits.max_stop_strings} are allowed"
@@ -320,7 +327,7 @@ def _resolve_stop_strings(stop: list[str], limits: RequestLimits) -> tuple[str, 
     return tuple(dict.fromkeys(stop))
 
 
-def _resolve_stop_token_ids(ids: list[int], limits: RequestLimits) -> frozenset[int]:
+def _resolve_stop_token_ids(ids: Sequence[int], limits: RequestLimits) -> frozenset[int]:
     if len(ids) > limits.max_stop_token_ids:
         raise InvalidRequestError(
             f"sampling.stop_token_ids has {len(ids)} ids; at most {limits.max_stop_token_ids} are allowed"

@@ -8,8 +8,10 @@ import asyncio
 import functools
 import logging
 import signal
+import socket
 import threading
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +26,18 @@ from router.control_plane import CachePlan, PipelineState, bring_up
 from router.engine import DEFAULT_STEP_TIMEOUT_S, Engine, EngineUnavailable
 from router.malformed_requests import RejectMalformedRequests
 from router.metrics import RouterMetrics
+from router.prompt_encoder import LARGE_TEXT_CHARS, PromptEncoder
 from router.recovery import PipelineRecovery
+from router.request_size import generate_request_bounds, max_request_bytes, size_check, tokenize_request_bounds
 from router.request_validation import InvalidRequestError, RequestLimits, validate_request
 from router.response_stream import ResponseOutbox, StreamItem, coalesce, drain
 from router.scheduler import QueueFullError, Scheduler
 from router.stage_client import StageClient
 from shared.client import LIVENESS_SERVICE
 from shared.config import CacheConfig, ModelConfig, SchedulerConfig
-from shared.grpc_options import channel_options
+from shared.grpc_options import CannotListen, server_options
 from shared.interpreter import apply_interpreter_settings, freeze_startup_objects
-from shared.metrics import new_registry, serve_metrics
+from shared.metrics import MODEL_NAME_LABEL, add_build_info, model_name_of, new_registry, serve_metrics
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
 from shared.rendezvous import EPOCH_KEY
@@ -102,6 +106,16 @@ class RouterConfig:
     auth_token_file: str | None = None
     # mTLS and the stage token the router presents to its stages.
     stage_access: StageAccess = StageAccess()
+    # The address the rendezvous store listens on; None: `host`. The store has no
+    # authentication, so it should listen only where the stages' ranks reach it.
+    rendezvous_host: str | None = None
+    # GetModelInfo lists each stage's address only with this on: the internal topology is
+    # the operator's business, not every API client's (the router logs it at start-up).
+    expose_stage_addresses: bool = False
+
+    @property
+    def store_host(self) -> str:
+        return self.host if self.rendezvous_host is None else self.rendezvous_host
 
 
 class GenerationService(gen_grpc.GenerationServicer):
@@ -111,6 +125,12 @@ class GenerationService(gen_grpc.GenerationServicer):
         # None: the folder has no tokenizer; only prompt_token_ids requests without stop strings.
         self.tokenizer = tokenizer
         self.limits = RequestLimits.from_model_config(model)
+        # Ids past the context are never needed: such a prompt is refused by its count.
+        self._encoder = PromptEncoder(tokenizer, self.limits.max_context) if tokenizer is not None else None
+        # Long texts (Tokenize, or prompts of a slow tokenizer) take a second or more of a
+        # core each: one at a time on one thread, so that eight of them at once still leave
+        # the event loop and the engine thread a core.
+        self._large_text_worker = ThreadPoolExecutor(1, thread_name_prefix="large-text")
         self.engine: Engine | None = None
         self.pipeline: PipelineState | None = None
         # Why the pipeline is being re-formed; None while it serves or first starts.
@@ -128,8 +148,32 @@ class GenerationService(gen_grpc.GenerationServicer):
             self._outbox = ResponseOutbox(loop)
         return self._outbox
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True)
+    def _encode(self, text: str) -> Sequence[int]:
+        assert self._encoder is not None, "checked by _needs_tokenizer"
+        return self._encoder.encode(text)
+
+    def start(self) -> None:
+        """Starts the tokenizer process for long prompts (router/prompt_encoder.py)."""
+        if self._encoder is not None:
+            self._encoder.start()
+
+    def close(self) -> None:
+        """Ends the tokenizer process and the large-text thread."""
+        if self._encoder is not None:
+            self._encoder.close()
+        self._large_text_worker.shutdown(wait=False, cancel_futures=True)
+
+    def _executor_for(self, text_chars: int) -> ThreadPoolExecutor | None:
+        """The large-text worker for long texts, else the loop's default executor (None)."""
+        return self._large_text_worker if text_chars >= LARGE_TEXT_CHARS else None
+
+    def size_checks(self) -> dict[str, Any]:
+        """Per-method checks of serialized requests (router/request_size.py): a request too
+        large to be valid is refused before it is parsed."""
+        return {
+            f"/{SERVICE_NAME}/Generate": size_check(generate_request_bounds(self.limits)),
+            f"/{SERVICE_NAME}/Tokenize": size_check(tokenize_request_bounds(self.limits)),
+        }
 
     def _no_tokenizer(self, needs: str) -> str:
         return (
@@ -188,14 +232,23 @@ class GenerationService(gen_grpc.GenerationServicer):
             self.metrics.on_rejected("unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not serving: {reason}")
         loop = asyncio.get_running_loop()
+        prompt_chars = len(request.prompt) if request.WhichOneof("input") == "prompt" else 0
+        refusal = None
         try:
             # Tokenizing a long prompt must not stall every other stream on the event loop.
             validated = await loop.run_in_executor(
-                None, validate_request, request, self._encode, self.limits, self.render_chat
+                self._executor_for(prompt_chars), validate_request, request, self._encode, self.limits,
+                self.render_chat,
             )
         except InvalidRequestError as exc:
+            refusal = str(exc)
+        if refusal is not None:
+            # Aborted outside the except block: inside it, the abort's exception would chain
+            # the validation error, whose traceback holds the validation frames and their
+            # locals (the tokenized prompt), in a reference cycle only a full garbage
+            # collection frees (rare: shared/interpreter.py raises the thresholds).
             self.metrics.on_rejected("invalid_argument")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
         responses: asyncio.Queue[StreamItem] = asyncio.Queue()
         outbox = self._outbox_for(loop)
         try:
@@ -235,7 +288,7 @@ class GenerationService(gen_grpc.GenerationServicer):
 
     async def GetModelInfo(self, request: gen.GetModelInfoRequest, context) -> gen.ModelInfo:
         info = gen.ModelInfo(
-            model_name=self.model.model_path.rstrip("/").rsplit("/", 1)[-1],
+            model_name=model_name_of(self.model.model_path),
             architecture=self.model.architecture,
             max_context=self.model.max_context,
             vocab_size=self.model.vocab_size,
@@ -255,7 +308,7 @@ class GenerationService(gen_grpc.GenerationServicer):
             ):
                 info.stages.add(
                     stage_index=stage_info.stage_index,
-                    address=address,
+                    address=address if self.config.expose_stage_addresses else "",
                     first_layer=stage_info.first_layer,
                     last_layer=stage_info.last_layer,
                     weight_bytes=profile.weight_bytes,
@@ -272,19 +325,43 @@ class GenerationService(gen_grpc.GenerationServicer):
     async def Tokenize(self, request: gen.TokenizeRequest, context) -> gen.TokenizeResponse:
         if self.tokenizer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._no_tokenizer("tokenize text"))
-        if len(request.text) > self.limits.max_prompt_chars:
+        text = request.text  # each read of a proto string field builds a new str
+        if len(text) > self.limits.max_prompt_chars:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"text has {len(request.text)} characters; at most {self.limits.max_prompt_chars} allowed",
+                f"text has {len(text)} characters; at most {self.limits.max_prompt_chars} allowed",
             )
         # A long text costs seconds of CPU: off the event loop, or every stream stalls meanwhile.
         return await asyncio.get_running_loop().run_in_executor(
-            None, self._tokenize, request.text, request.add_special_tokens
+            self._executor_for(len(text)), self._tokenize, text, request.add_special_tokens
         )
 
     def _tokenize(self, text: str, add_special_tokens: bool) -> gen.TokenizeResponse:
         ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return gen.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
+
+
+def listen_socket(host: str, port: int, what: str, flag: str) -> socket.socket:
+    """A TCP socket listening on host:port, or CannotListen saying which flag to change.
+    SO_REUSEADDR (a restart may reuse a port still in TIME_WAIT) but never SO_REUSEPORT:
+    a port another process listens on is refused, not shared."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise CannotListen(f"cannot listen for the {what} on {host}:{port}: {exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise CannotListen(
+            f"cannot listen for the {what} on {host}:{port}: {exc.strerror or exc}; choose another {flag}"
+        ) from exc
+    return sock
 
 
 class Router:
@@ -299,10 +376,21 @@ class Router:
                         "text prompts, stop strings and Tokenize get FAILED_PRECONDITION, and responses "
                         "carry token ids with empty text", config.model_path, ", ".join(TOKENIZER_FILES))
         self.service = GenerationService(config, self.model, tokenizer)
-        self.metrics = self.service.metrics = RouterMetrics(new_registry())
+        self.metrics = self.service.metrics = RouterMetrics(
+            new_registry(labels={MODEL_NAME_LABEL: model_name_of(config.model_path)})
+        )
+        add_build_info(
+            self.metrics.registry, component="router", architecture=self.model.architecture,
+            pipeline_parallel_size=len(config.stage_addresses), block_size=config.cache.block_size,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            async_scheduling=config.scheduler.async_scheduling, stream_interval=config.stream_interval,
+            prefix_caching=config.scheduler.enable_prefix_caching, tls=config.tls is not None,
+        )
         self.health = health.aio.HealthServicer()
         self.stages = [StageClient(a, config.stage_access) for a in config.stage_addresses]
         self._store = None
+        self._store_socket: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.recovery = PipelineRecovery(
             self.stages, self._publish_epoch, self._stop_engine, self.start_engine,
@@ -319,12 +407,15 @@ class Router:
         import torch.distributed as dist
 
         # The stages' ranks join the process group through this store; the router is the
-        # one process every stage already has to reach.
+        # one process every stage already has to reach. TCPStore itself listens on every
+        # interface whatever host it is given, so it gets a socket bound here instead.
+        host, port = self.config.store_host, self.config.rendezvous_port
+        self._store_socket = listen_socket(host, port, "rendezvous store", "--rendezvous-port")
         self._store = dist.TCPStore(
-            "0.0.0.0", self.config.rendezvous_port, is_master=True, wait_for_workers=False
+            host, port, is_master=True, wait_for_workers=False, master_listen_fd=self._store_socket.fileno()
         )
         self._publish_epoch(0)
-        log.info("rendezvous store on port %d", self.config.rendezvous_port)
+        log.info("rendezvous store on %s:%d", host, port)
 
     def start_engine(self) -> None:
         cfg = self.config
@@ -412,8 +503,13 @@ async def serve_async(config: RouterConfig) -> None:
     router.host_rendezvous()
     # The token check comes first: an unauthenticated caller's request is not even parsed.
     auth = [AsyncRequireToken(api_token_check(config.auth_token_file))] if config.auth_token_file else []
+    refuse = RejectMalformedRequests(
+        SERVICE_NAME, size_checks=router.service.size_checks(),
+        on_refused=lambda method: router.metrics.on_rejected("invalid_argument") if method.endswith("/Generate") else None,
+    )
     server = grpc.aio.server(
-        options=channel_options(), interceptors=[*auth, RejectMalformedRequests(SERVICE_NAME)]
+        options=server_options(max_receive_bytes=max_request_bytes(router.service.limits)),
+        interceptors=[*auth, refuse],
     )
     gen_grpc.add_GenerationServicer_to_server(router.service, server)
     health_pb2_grpc.add_HealthServicer_to_server(router.health, server)
@@ -422,8 +518,7 @@ async def serve_async(config: RouterConfig) -> None:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"{config.host}:{config.port}"
-    if add_port(server, address, config.tls) == 0:
-        raise SystemExit(f"cannot listen on {address}")
+    add_port(server, address, config.tls)
     await router.set_serving(False)
     # Liveness: SERVING while this process runs, whatever the pipeline's state (readiness).
     await router.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -431,9 +526,9 @@ async def serve_async(config: RouterConfig) -> None:
     if config.metrics_port is not None:
         metrics_endpoint = serve_metrics(router.metrics.registry, config.metrics_port, config.host)
     await server.start()
-    log.info("router listening on %s (%s, %s); waiting for %d stage(s)", address,
+    log.info("router listening on %s (%s, %s); waiting for %d stage(s): %s", address,
              "TLS" if config.tls else "plaintext", "bearer token required" if auth else "no auth",
-             len(config.stage_addresses))
+             len(config.stage_addresses), ", ".join(config.stage_addresses))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -451,6 +546,8 @@ async def serve_async(config: RouterConfig) -> None:
             loop.call_soon_threadsafe(startup.set_exception, exc)
 
     threading.Thread(target=bring_up_thread, name="bring-up", daemon=True).start()
+    # While the stages load their weights: the tokenizer process is up before serving.
+    await loop.run_in_executor(None, router.service.start)
     stop_wait = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
     watcher = None
@@ -475,6 +572,7 @@ async def serve_async(config: RouterConfig) -> None:
     await server.stop(grace=2.0)
     if metrics_endpoint is not None:
         metrics_endpoint.stop()
+    router.service.close()
     for stage in router.stages:
         stage.close()
 

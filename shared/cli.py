@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shared.logging_setup import setup_logging
@@ -15,20 +17,40 @@ if TYPE_CHECKING:
 
 DESCRIPTION = "stageserve: LLM serving with pipeline stages as separate gRPC services"
 
+# add_argument is all the _add_*_flags helpers use: a parser or one of its argument groups.
+Flags = argparse.ArgumentParser | argparse._ArgumentGroup
 
-def _add_ops_flags(p: argparse.ArgumentParser, metrics_help: str) -> None:
+
+def _add_ops_flags(p: Flags, metrics_help: str) -> None:
     p.add_argument("--metrics-port", type=int, default=None, help=metrics_help)
     p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("STAGESERVE_LOG_FORMAT", "text"),
                    help="json: one object per line with request ids (default: $STAGESERVE_LOG_FORMAT or text)")
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=0.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+def _unsigned(bits: int) -> Callable[[str], int]:
+    """An argparse type for a uintN proto field: a value out of range is a usage error
+    (exit 2, a message), not a traceback when the request is built."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if not 0 <= value < 2**bits:
+            raise argparse.ArgumentTypeError(f"must be in [0, {2**bits - 1}], got {value}")
+        return value
+
+    parse.__name__ = f"uint{bits}"
+    return parse
+
+
+def _add_sampling_flags(p: Flags) -> None:
+    p.add_argument("--max-new-tokens", type=_unsigned(32), default=64, help="0: up to the context limit")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-k", type=_unsigned(32), default=0, help="0 disables")
+    p.add_argument("--top-p", type=float, default=0.0, help="0 means 1")
+    p.add_argument("--min-p", type=float, default=0.0, help="0 disables")
+    p.add_argument("--seed", type=_unsigned(64), default=None, help="default: a random one per request")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--repetition-penalty", type=float, default=0.0)
@@ -53,7 +75,7 @@ def _env_path(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-def _add_load_format_flag(p: argparse.ArgumentParser) -> None:
+def _add_load_format_flag(p: Flags) -> None:
     # The choices are stage_worker.loader.LOAD_FORMATS, spelled out so that parsing stays
     # free of torch (the stage validates them again).
     p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
@@ -62,7 +84,7 @@ def _add_load_format_flag(p: argparse.ArgumentParser) -> None:
                         "prompt_token_ids only if the folder has no tokenizer)")
 
 
-def _add_execution_flags(p: argparse.ArgumentParser) -> None:
+def _add_execution_flags(p: Flags) -> None:
     # Spelled out like --load-format, so that parsing stays free of torch.
     p.add_argument("--kernel-backend", choices=["auto", "reference", "triton"], default="auto",
                    help="auto: Triton kernels (paged attention, fused norm/rotary/activation) on CUDA, the "
@@ -71,7 +93,7 @@ def _add_execution_flags(p: argparse.ArgumentParser) -> None:
                    help="no CUDA graphs for decode steps (they are captured at startup by default on CUDA)")
 
 
-def _add_client_tls_flags(p: argparse.ArgumentParser, cert: bool = False) -> None:
+def _add_client_tls_flags(p: Flags, cert: bool = False) -> None:
     p.add_argument("--tls-ca", default=None,
                    help="connect over TLS, trusting this CA's certificates (PEM); default: plaintext")
     p.add_argument("--tls-server-name", default=None,
@@ -88,7 +110,7 @@ def _client_tls_from(args: argparse.Namespace) -> ClientTls | None:
                       args.tls_server_name)
 
 
-def _add_api_security_flags(p: argparse.ArgumentParser) -> None:
+def _add_api_security_flags(p: Flags) -> None:
     p.add_argument("--tls-cert", default=None, help="serve the public API over TLS with this certificate (PEM)")
     p.add_argument("--tls-key", default=None, help="the certificate's private key (PEM)")
     p.add_argument("--auth-token-file", default=_env_path("STAGESERVE_AUTH_TOKEN_FILE"),
@@ -103,8 +125,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_router_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-size", type=int, default=16)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, unless it is nothing worth saying (None, False for a
+    switch) or the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS, []) or "default" in help_text.lower():
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        # argparse skips the help column of a flag without help text: give it the default.
+        if not action.help and action.default not in (None, False, argparse.SUPPRESS, []) and action.option_strings:
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+def _add_router_flags(p: Flags, memory: Flags | None = None) -> None:
+    """Scheduler flags on `p`, KV memory flags on `memory` (default: `p` too)."""
+    memory = memory if memory is not None else p
+    memory.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one step")
     p.add_argument("--max-queue-len", type=int, default=4096,
@@ -124,13 +165,21 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-even-micro-batches", action="store_true",
                    help="with pipeline stages, let a micro-batch take any sequences not in flight (up to "
                         "--max-num-seqs) instead of one of pp even lanes taking turns; for comparison")
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--kv-cache-bytes", type=int, default=0, help="fixed KV bytes per rank (default: profiled)")
-    p.add_argument("--max-kv-blocks", type=int, default=0, help="cap on the KV pool (0: no cap)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse the KV blocks of shared prompt prefixes")
+    memory.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of each GPU a stage may fill (weights, activations, KV cache)")
+    memory.add_argument("--kv-cache-bytes", type=int, default=0,
+                        help="fixed KV bytes per rank (0: what fits, profiled; CPU: 256 MiB)")
+    memory.add_argument("--max-kv-blocks", type=int, default=0, help="cap on the KV pool (0: no cap)")
     p.add_argument("--step-timeout", type=float, default=120.0,
                    help="seconds the pipeline may take to answer a step before it is declared stuck")
     p.add_argument("--shuffle-blocks-seed", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _add_topology_flag(p: Flags) -> None:
+    p.add_argument("--expose-stage-addresses", action="store_true",
+                   help="list each stage's address in GetModelInfo (default: left empty, so API clients "
+                        "do not learn the internal topology; the router logs the addresses at start-up)")
 
 
 def _router_flag_values(args: argparse.Namespace) -> list[str]:
@@ -150,6 +199,8 @@ def _router_flag_values(args: argparse.Namespace) -> list[str]:
         out.append("--no-async-scheduling")
     if args.no_even_micro_batches:
         out.append("--no-even-micro-batches")
+    if args.expose_stage_addresses:
+        out.append("--expose-stage-addresses")
     if args.shuffle_blocks_seed is not None:
         out += ["--shuffle-blocks-seed", str(args.shuffle_blocks_seed)]
     return out
@@ -168,46 +219,61 @@ def _server_tls(args: argparse.Namespace, client_ca: str | None = None) -> Serve
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stageserve", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="stageserve", description=DESCRIPTION, formatter_class=_HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    # Every command's --help shows the defaults.
+    add_command = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
-    up = sub.add_parser("up", help="start router and stages on this machine and serve until Ctrl-C")
-    up.add_argument("--model", default=None, help="HF model folder (default: a built-in demo model)")
-    up.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    up.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
-    up.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    up.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=50051)
-    up.add_argument("--layer-partition", default=None, help="layers per stage, e.g. 10,12,10")
-    up.add_argument("--sequence-parallel", action="store_true",
-                    help="shard the residual stream by tokens inside each stage's TP group")
-    up.add_argument("--startup-timeout", type=float, default=1800.0)
-    _add_load_format_flag(up)
-    _add_execution_flags(up)
-    up.add_argument("--prompt", default=None,
-                    help="once serving, stream an answer to this prompt (needs the model folder's tokenizer)")
-    _add_api_security_flags(up)
-    up.add_argument("--tls-ca", default=None,
-                    help="the CA `up` itself trusts when it checks the router (default: --tls-cert, "
-                         "right for a self-signed certificate)")
-    up.add_argument("--no-stage-token", action="store_true",
-                    help="do not give router and stages a fresh random stage token (default: one, in a 0600 file)")
-    up.add_argument("--openai-port", type=int, default=None,
-                    help="also start the OpenAI-compatible HTTP front (`stageserve openai`) on this port, "
-                         "on --host (default: none)")
-    up.add_argument("--served-model-name", default=None,
-                    help="with --openai-port: the model id of the HTTP API (default: the model folder's name)")
-    _add_router_flags(up)
-    _add_sampling_flags(up)
-    _add_ops_flags(up, "Prometheus /metrics: the router on this port, stage i on this port + 1 + i (default: none)")
+    up = add_command("up", help="start router and stages on this machine and serve until Ctrl-C",
+                     description="Starts the router and one process per stage on this machine, waits until "
+                                 "they serve, and serves until Ctrl-C / SIGTERM.")
+    serving = up.add_argument_group("serving")
+    serving.add_argument("--model", default=None, help="HF model folder (default: a built-in demo model)")
+    serving.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    serving.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
+    serving.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                         help="auto: cuda if this machine has pp x tp GPUs")
+    serving.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu), float32, "
+                                                         "bfloat16, float16")
+    serving.add_argument("--host", default="127.0.0.1", help="the router's API address")
+    serving.add_argument("--port", type=int, default=50051, help="the router's API port")
+    serving.add_argument("--layer-partition", default=None, help="layers per stage, e.g. 10,12,10")
+    serving.add_argument("--sequence-parallel", action="store_true",
+                         help="shard the residual stream by tokens inside each stage's TP group")
+    serving.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for SERVING")
+    serving.add_argument("--openai-port", type=int, default=None,
+                         help="also start the OpenAI-compatible HTTP front (`stageserve openai`) on this port, "
+                              "on --host (default: none)")
+    serving.add_argument("--served-model-name", default=None,
+                         help="with --openai-port: the model id of the HTTP API (default: the model folder's name)")
+    _add_load_format_flag(serving)
+    _add_execution_flags(serving)
+    _add_ops_flags(serving, "Prometheus /metrics: the router on this port, stage i on this port + 1 + i "
+                            "(default: none)")
+    _add_router_flags(up.add_argument_group("scheduler"), up.add_argument_group("memory"))
+    security = up.add_argument_group("security")
+    _add_api_security_flags(security)
+    security.add_argument("--tls-ca", default=None,
+                          help="the CA `up` itself trusts when it checks the router (default: --tls-cert, "
+                               "right for a self-signed certificate)")
+    security.add_argument("--no-stage-token", action="store_true",
+                          help="do not give router and stages a fresh random stage token (default: one, in a "
+                               "0600 file)")
+    _add_topology_flag(security)
+    prompt = up.add_argument_group("--prompt", "stream one answer once serving (these flags sample it)")
+    prompt.add_argument("--prompt", default=None,
+                        help="once serving, stream an answer to this prompt (needs the model folder's tokenizer)")
+    _add_sampling_flags(prompt)
 
-    router = sub.add_parser("router", help="run the router service")
+    router = add_command("router", help="run the router service")
     router.add_argument("--model", required=True, help="HF model folder (config and tokenizer are read)")
     router.add_argument("--stages", required=True, help="stage addresses in stage order, comma-separated")
     router.add_argument("--host", default="0.0.0.0")
     router.add_argument("--port", type=int, default=50051)
     router.add_argument("--rendezvous-port", type=int, default=29500)
+    router.add_argument("--rendezvous-host", default=None,
+                        help="address the rendezvous store listens on, which the stages' ranks must reach "
+                             "(default: --host); it has no authentication, so keep it off public interfaces")
     router.add_argument("--startup-timeout", type=float, default=1800.0)
     _add_api_security_flags(router)
     router.add_argument("--stage-token-file", default=_env_path("STAGESERVE_STAGE_TOKEN_FILE"),
@@ -219,9 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--stage-tls-server-name", default=None,
                         help="the name checked in the stages' certificates (default: each stage's host)")
     _add_router_flags(router)
+    _add_topology_flag(router)
     _add_ops_flags(router, "serve Prometheus /metrics on this port (default: none)")
 
-    stage = sub.add_parser("stage", help="run one pipeline stage")
+    stage = add_command("stage", help="run one pipeline stage")
     stage.add_argument("--model", required=True)
     stage.add_argument("--stage-index", type=int, required=True)
     stage.add_argument("--num-stages", type=int, required=True)
@@ -245,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: $STAGESERVE_STAGE_TOKEN_FILE, else no check)")
     _add_ops_flags(stage, "serve Prometheus /metrics on this port (default: none)")
 
-    front = sub.add_parser("openai", help="serve the OpenAI-compatible HTTP API as a gRPC client of a router")
+    front = add_command("openai", help="serve the OpenAI-compatible HTTP API as a gRPC client of a router")
     front.add_argument("--router", default="127.0.0.1:50051", help="the router's public API, host:port")
     front.add_argument("--host", default="0.0.0.0")
     front.add_argument("--port", type=int, default=8080)
@@ -260,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                        default=os.environ.get("STAGESERVE_LOG_FORMAT", "text"),
                        help="json: one object per line (default: $STAGESERVE_LOG_FORMAT or text)")
 
-    generate = sub.add_parser("generate", help="stream an answer from a running router")
+    generate = add_command("generate", help="stream an answer from a running router")
     generate.add_argument("prompt", help="the prompt; with --chat, the user's message")
     generate.add_argument("--chat", action="store_true",
                           help="send the prompt as a user message, rendered by the model's chat template "
@@ -277,7 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "(default: $STAGESERVE_AUTH_TOKEN_FILE)")
     _add_sampling_flags(generate)
 
-    health = sub.add_parser("health", help="exit 0 only if the service reports SERVING")
+    health = add_command(
+        "health", help="exit 0 only if the service reports SERVING",
+        description="Prints the status and exits as grpc_health_probe does: 0 SERVING, 2 unreachable "
+                    "(connection failed or timed out), 3 the call failed otherwise (e.g. credentials), "
+                    "4 NOT_SERVING or unknown service.")
     health.add_argument("--addr", default="127.0.0.1:50051")
     health.add_argument("--service", default="", help="health service name (default \"\": readiness)")
     health.add_argument("--liveness", action="store_true",
@@ -285,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0)
     _add_client_tls_flags(health, cert=True)
 
-    plan = sub.add_parser("plan", help="print the layer partition, each stage's weights and KV blocks, "
+    plan = add_command("plan", help="print the layer partition, each stage's weights and KV blocks, "
                                        "and the pool, from config.json alone (no weights are read)")
     plan.add_argument("--model", required=True, help="model folder; config.json is all it needs")
     plan.add_argument("--pp", type=int, default=1, help="pipeline stages")
@@ -298,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--layer-partition", default=None, help="also show this partition, e.g. 9,11,12")
     _add_memory_flags(plan)
 
-    save = sub.add_parser("save-sharded", help="write the weights as one file set per stage x TP rank, "
+    save = add_command("save-sharded", help="write the weights as one file set per stage x TP rank, "
                                                "which stages load with no re-slicing")
     save.add_argument("--model", required=True, help="Hugging Face model folder")
     save.add_argument("--pp", type=int, default=1, help="pipeline stages")
@@ -419,6 +490,10 @@ def main(argv: list[str] | None = None) -> int:
         except SecurityConfigError as exc:
             print(f"stageserve: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            # Ctrl-C: the call is cancelled as the channel closes; the shell's convention, no traceback.
+            print(file=sys.stderr)
+            return 130
     if args.command == "openai":
         # A client of the router like `generate`: no torch here either.
         from shared.openai_front.server import OpenAIFrontConfig, serve
@@ -446,10 +521,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stageserve: {exc}", file=sys.stderr)
             return 2
         with client:
-            ok = client.is_serving(LIVENESS_SERVICE if args.liveness else args.service, timeout=args.timeout)
-        print("SERVING" if ok else "NOT_SERVING")
-        return 0 if ok else 1
+            health = client.health_status(LIVENESS_SERVICE if args.liveness else args.service, timeout=args.timeout)
+        print(health.status)
+        if health.detail:
+            print(f"stageserve: {args.addr}: {health.detail}", file=sys.stderr)
+        return health.exit_code
     from shared.config import CacheConfig, ConfigError, ParallelConfig, SchedulerConfig
+    from shared.grpc_options import CannotListen
     from shared.security import SecurityConfigError, StageAccess, client_tls, read_token
 
     try:
@@ -460,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
             from shared.launcher import choose_up_partition
             from shared.memory_plan import format_partition
 
+            if args.port == 0:
+                # `up` checks its router on the port it gave it; an OS-chosen one it would not know.
+                raise ConfigError("--port 0 is not supported by `up`: give a free port (default 50051)")
             model = args.model or str(ensure_demo_model())
             setup_logging("up", args.log_format)
             if args.prompt is not None:
@@ -497,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_path=args.model,
                 stage_addresses=tuple(a.strip() for a in args.stages.split(",") if a.strip()),
                 host=args.host, port=args.port, rendezvous_port=args.rendezvous_port,
+                rendezvous_host=args.rendezvous_host, expose_stage_addresses=args.expose_stage_addresses,
                 scheduler=SchedulerConfig(
                     max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                     max_queue_len=args.max_queue_len, max_inflight_steps=args.max_inflight_steps,
@@ -557,6 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SecurityConfigError) as exc:
         print(f"stageserve: {exc}", file=sys.stderr)
         return 2
+    except CannotListen as exc:
+        print(f"stageserve: {exc}", file=sys.stderr)
+        return 1
     return 2
 
 

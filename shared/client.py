@@ -120,6 +120,24 @@ def build_request(prompt: Prompt, request_id: str = "", **sampling: object) -> g
     return request
 
 
+# Exit codes of `stageserve health`, grpc_health_probe's: 0 SERVING, 2 the connection failed,
+# 3 the call failed otherwise (credentials refused, ...), 4 any answer but SERVING.
+HEALTH_EXIT_CODES = {"SERVING": 0, "UNREACHABLE": 2, "RPC_FAILED": 3}
+
+
+@dataclass(frozen=True)
+class HealthStatus:
+    """A health check's outcome: SERVING, NOT_SERVING, SERVICE_UNKNOWN or UNKNOWN (the
+    server's answer), or UNREACHABLE / RPC_FAILED (no answer; `detail` says why)."""
+
+    status: str
+    detail: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return HEALTH_EXIT_CODES.get(self.status, 4)
+
+
 class GenerationClient:
     """`tls`: connect over TLS (None: plaintext). `token`: sent as `authorization: Bearer`
     on every API call, for a router started with --auth-token-file (health needs none)."""
@@ -190,6 +208,16 @@ class GenerationClient:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
+    def health_status(self, service: str = "", timeout: float = 2.0) -> HealthStatus:
+        """What a health probe reports: the service's status, or why there was no answer."""
+        try:
+            reply = self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as exc:
+            unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            return HealthStatus("UNREACHABLE" if unreachable else "RPC_FAILED",
+                                f"{exc.code().name}: {exc.details() or ''}")
+        return HealthStatus(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
     def wait_until_serving(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -211,8 +239,12 @@ def stream_to_stdout(
                 if msg.finish_reason:
                     reason = FINISH_REASONS.get(msg.finish_reason, "?")
                     extra = f": {msg.error_message}" if msg.error_message else ""
-                    print(f"\n[finish: {reason}{extra}]")
+                    # stdout is the answer alone (pipe it); how it ended goes to stderr.
+                    sys.stdout.write("\n")
+                    sys.stdout.flush()
+                    print(f"[finish: {reason}{extra}]", file=sys.stderr)
         except grpc.RpcError as exc:
             print(f"\nstageserve: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            # The request itself was wrong: a usage error, as argparse's.
+            return 2 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
     return 0

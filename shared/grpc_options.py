@@ -1,10 +1,16 @@
-"""gRPC channel and server options used by every stageserve endpoint."""
+"""gRPC channel and server options used by every stageserve endpoint, and the error every
+server raises when it cannot take its port."""
 
 from __future__ import annotations
 
 # Generous for step messages of large batches, yet bounded so no peer can make us
 # buffer an arbitrarily large message.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class CannotListen(RuntimeError):
+    """A server could not take its address (port taken, or not an address of this host);
+    the command that started it prints the message and exits non-zero."""
 
 
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
@@ -18,4 +24,22 @@ def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[st
         ("grpc.http2.max_pings_without_data", 0),
         # Server side: accept the keepalive pings above instead of answering GOAWAY.
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
+
+
+def server_options(
+    max_message_bytes: int = MAX_MESSAGE_BYTES, max_receive_bytes: int | None = None
+) -> list[tuple[str, int]]:
+    """`channel_options` plus what only a server needs; `max_receive_bytes` (default
+    `max_message_bytes`) caps the requests it accepts."""
+    options = [
+        (name, max_receive_bytes if name == "grpc.max_receive_message_length" and max_receive_bytes else value)
+        for name, value in channel_options(max_message_bytes)
+    ]
+    return [
+        *options,
+        # grpcio turns SO_REUSEPORT on by default: a second router started on a taken port
+        # would bind it too, and the kernel would split new connections between the two.
+        # Off, the second one fails to bind and says so.
+        ("grpc.so_reuseport", 0),
     ]

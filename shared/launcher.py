@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import IO
 
 from shared.client import GenerationClient
 from shared.config import ModelConfig, replace
@@ -110,10 +111,58 @@ def choose_up_partition(
     return default_partition(model, num_stages, tp_size, settings)
 
 
+class LogRelay:
+    """Copies the children's stderr (their logs) to ours line by line; while held, lines
+    wait, so that an answer streamed to the terminal (`up --prompt`) is not cut by a log
+    line (the router logs a request's end just before its last message goes out)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: list[bytes] | None = None
+        self._threads: list[threading.Thread] = []
+
+    def follow(self, stream: IO[bytes]) -> None:
+        thread = threading.Thread(target=self._copy, args=(stream,), name="log-relay", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _copy(self, stream: IO[bytes]) -> None:
+        for line in iter(stream.readline, b""):
+            with self._lock:
+                if self._held is not None:
+                    self._held.append(line)
+                else:
+                    self._write([line])
+
+    @staticmethod
+    def _write(lines: list[bytes]) -> None:
+        sys.stderr.buffer.write(b"".join(lines))
+        sys.stderr.buffer.flush()
+
+    def hold(self) -> None:
+        with self._lock:
+            self._held = []
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, None
+            if held:
+                self._write(held)
+
+    def drain(self, timeout_s: float) -> None:
+        """Waits for the children's last lines (they have exited)."""
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 class Launcher:
-    def __init__(self, config: UpConfig) -> None:
+    def __init__(self, config: UpConfig, relay_logs: bool = False) -> None:
         self.config = config
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        # With --prompt, the children's logs pass through `up`, which holds them while the
+        # answer streams; otherwise they write to the terminal directly.
+        self.logs = LogRelay() if relay_logs else None
         self.router_address = f"127.0.0.1:{config.port}"
         self.client_tls = (
             client_tls(config.tls_ca or config.tls.cert_file) if config.tls is not None else None
@@ -143,9 +192,13 @@ class Launcher:
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "shared.cli", *args]
         proc = subprocess.Popen(
-            cmd, env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent
+            cmd, env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent,
+            stderr=subprocess.PIPE if self.logs is not None else None,
         )
         self.procs.append((name, proc))
+        if self.logs is not None:
+            assert proc.stderr is not None
+            self.logs.follow(proc.stderr)
 
     def start(self) -> None:
         cfg = self.config
@@ -159,6 +212,8 @@ class Launcher:
             [
                 "router", "--model", cfg.model_path, "--stages", ",".join(stage_addresses),
                 "--host", cfg.host, "--port", str(cfg.port), "--rendezvous-port", str(rendezvous_port),
+                # The stages run on this machine: the store never needs another interface.
+                "--rendezvous-host", "127.0.0.1",
                 *cfg.router_args, *self._ops_args(0), *router_security,
             ],
         )
@@ -240,16 +295,21 @@ class Launcher:
                 return f"{name} exited with code {code}"
         return None
 
-    def wait_until_serving(self) -> None:
+    def wait_until_serving(self, stop: threading.Event) -> bool:
+        """True once the router serves; False as soon as `stop` is set (a signal during a
+        long model load must not wait for the load, nor for --startup-timeout)."""
         deadline = time.monotonic() + self.config.startup_timeout_s
         with self.client() as client:
-            while not client.is_serving():
+            # A short health deadline: each check is also how long a signal may go unnoticed.
+            while not client.is_serving(timeout=0.5):
                 dead = self.dead_child()
                 if dead:
                     raise RuntimeError(dead)
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"not serving after {self.config.startup_timeout_s:.0f} s")
-                time.sleep(0.3)
+                if stop.wait(0.3):
+                    return False
+        return True
 
     def stop(self, timeout_s: float = 15.0) -> None:
         for _, proc in self.procs:
@@ -265,16 +325,21 @@ class Launcher:
         if self.stage_token_file is not None:
             os.unlink(self.stage_token_file)
             self.stage_token_file = None
+        if self.logs is not None:
+            self.logs.release()
+            self.logs.drain(timeout_s=2.0)
 
 
 def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
-    launcher = Launcher(config)
+    launcher = Launcher(config, relay_logs=prompt is not None)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     launcher.start()
     try:
-        launcher.wait_until_serving()
+        if not launcher.wait_until_serving(stop):
+            print("stageserve: stopped during start-up", file=sys.stderr, flush=True)
+            return 0
         print(f"stageserve is serving on {launcher.router_address}", flush=True)
         if launcher.openai_url is not None:
             launcher.wait_until_front_serves()
@@ -282,9 +347,14 @@ def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
         if prompt is not None:
             from shared.client import stream_to_stdout
 
-            stream_to_stdout(
-                launcher.router_address, prompt, prompt_args, tls=launcher.client_tls, token=launcher.client_token
-            )
+            assert launcher.logs is not None
+            launcher.logs.hold()
+            try:
+                stream_to_stdout(
+                    launcher.router_address, prompt, prompt_args, tls=launcher.client_tls, token=launcher.client_token
+                )
+            finally:
+                launcher.logs.release()
         while not stop.wait(0.5):
             dead = launcher.dead_child()
             if dead:

@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from shared.grpc_options import CannotListen
+
 AUTHORIZATION = "authorization"
 _BEARER = "bearer "
 
@@ -142,10 +144,20 @@ def open_aio_channel(address: str, options: Sequence[tuple[str, Any]], tls: Clie
 
 
 def add_port(server: grpc.Server | grpc.aio.Server, address: str, tls: ServerTls | None) -> int:
-    """The bound port (0: could not listen)."""
-    if tls is None:
-        return server.add_insecure_port(address)
-    return server.add_secure_port(address, tls.credentials())
+    """The bound port; raises CannotListen if the address cannot be taken (with
+    `server_options`, a port another process listens on is refused, not shared)."""
+    try:
+        port = server.add_insecure_port(address) if tls is None else server.add_secure_port(address, tls.credentials())
+    except RuntimeError as exc:  # grpcio >= 1.60 raises; older versions return 0
+        raise CannotListen(_cannot_listen(address)) from exc
+    if port == 0:
+        raise CannotListen(_cannot_listen(address))
+    return port
+
+
+def _cannot_listen(address: str) -> str:
+    return (f"cannot listen on {address}: the port is already in use (another stageserve?) or the "
+            "host is not an address of this machine; choose another --port / --host")
 
 
 # ---- token checks ------------------------------------------------------------------------

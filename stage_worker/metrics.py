@@ -14,7 +14,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, StateSetMetricFamily
 from prometheus_client.registry import Collector
 
-from shared.metrics import NAMESPACE, STEP_BUCKETS, new_registry
+from shared.metrics import MODEL_NAME_LABEL, NAMESPACE, STEP_BUCKETS, new_registry
 from shared.proto import stage_worker_pb2 as pb
 
 
@@ -26,8 +26,8 @@ class StageView(Protocol):
 
 
 class StageMetrics:
-    def __init__(self, stage_index: int) -> None:
-        self.registry = new_registry()
+    def __init__(self, stage_index: int, model_name: str = "") -> None:
+        self.registry = new_registry(labels={MODEL_NAME_LABEL: model_name} if model_name else None)
         ns, r = NAMESPACE, self.registry
         self.stage = str(stage_index)
         self.step = Histogram(

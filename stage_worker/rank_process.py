@@ -79,6 +79,13 @@ def rank_main(args: RankArgs, conn: Connection) -> None:
     # `kill -USR1 <pid>` prints every thread's stack: where a stuck rank waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     apply_interpreter_settings()
+    # tqdm (the weight loader's progress bar) otherwise creates a multiprocessing lock, a
+    # named semaphore the resource tracker watches; a rank ends with os._exit, which skips
+    # the lock's cleanup, and every shutdown printed "leaked semaphore objects". A thread
+    # lock is all one process's bars need.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     try:
         _run(args, conn)
     except (EOFError, BrokenPipeError):

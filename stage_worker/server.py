@@ -22,9 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shared.client import LIVENESS_SERVICE
 from shared.config import ConfigError, ModelConfig, ParallelConfig
-from shared.grpc_options import channel_options
+from shared.grpc_options import server_options
 from shared.interpreter import apply_interpreter_settings
-from shared.metrics import serve_metrics
+from shared.metrics import add_build_info, model_name_of, serve_metrics
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
 from shared.security import RequireToken, ServerTls, add_port, stage_token_check
@@ -109,8 +109,15 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
         self._set_health(False)
         # Liveness: SERVING while the process runs and its ranks are alive (readiness is "").
         self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self.metrics = StageMetrics(config.stage_index)
+        self.metrics = StageMetrics(config.stage_index, model_name_of(config.model_path))
         self.metrics.attach(self)
+        add_build_info(
+            self.metrics.registry, component="stage", stage=config.stage_index,
+            num_stages=config.parallel.num_stages, tensor_parallel_size=config.parallel.tp_size,
+            first_layer=self.layout.first_layer, last_layer=self.layout.last_layer,
+            device=config.device_type, dtype=config.dtype, load_format=config.load_format,
+            kernel_backend=config.kernel_backend, sequence_parallel=config.parallel.sequence_parallel,
+        )
         tp = config.parallel.tp_size
         cpu_threads = max(1, (os.cpu_count() or 1) // (tp * config.parallel.num_stages))
         self._rank_args = [
@@ -390,24 +397,22 @@ def serve(config: StageServerConfig) -> None:
     # Checked before the ranks spawn: a bad token file fails the stage at once.
     interceptors = [RequireToken(stage_token_check(config.stage_token_file))] if config.stage_token_file else []
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16), options=channel_options(), interceptors=interceptors
+        futures.ThreadPoolExecutor(max_workers=16), options=server_options(), interceptors=interceptors
     )
     service = StageWorkerService(config, health_servicer)
     pb_grpc.add_StageWorkerServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
+    metrics_endpoint = None
     try:
-        port = add_port(server, address, config.tls)
+        # A taken port (CannotListen) ends the stage here, its ranks with it.
+        add_port(server, address, config.tls)
+        if config.metrics_port is not None:
+            metrics_endpoint = serve_metrics(service.metrics.registry, config.metrics_port, config.host)
     except BaseException:
         service.shutdown()
         raise
-    if port == 0:
-        service.shutdown()
-        raise SystemExit(f"cannot listen on {address}")
     server.start()
-    metrics_endpoint = None
-    if config.metrics_port is not None:
-        metrics_endpoint = serve_metrics(service.metrics.registry, config.metrics_port, config.host)
     log.info("stage %d of %d listening on %s (layers [%d, %d), tp %d, %s %s, %s weights; %s, %s)",
              config.stage_index, config.parallel.num_stages, address, service.layout.first_layer,
              service.layout.last_layer, config.parallel.tp_size, config.device_type, config.dtype,

@@ -26,6 +26,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (Linux /proc)."""
+    pids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+def command_of(pid: int) -> list[str]:
+    """argv of `pid` (empty once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except FileNotFoundError:
+        return []
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of `pid`."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 class ServingSystem:
     """`stageserve up` in a subprocess; stopped with SIGTERM like Ctrl-C would."""
 
@@ -40,9 +64,10 @@ class ServingSystem:
         cmd = [
             sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--pp", str(pp), "--tp", str(tp),
             "--device", device, "--port", str(self.port),
-            # Tests call stages' GetInfo directly, as an operator would; the stage token `up`
-            # gives its children by default is covered by tests/test_security.py.
-            "--no-stage-token", *extra,
+            # Tests call stages' GetInfo directly, as an operator would (so they need the
+            # stages' addresses in GetModelInfo); the stage token `up` gives its children by
+            # default is covered by tests/test_security.py.
+            "--no-stage-token", "--expose-stage-addresses", *extra,
         ]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
         # `token`: for a system started with --auth-token-file (health needs none).
@@ -56,6 +81,10 @@ class ServingSystem:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
+
+    def child_pid(self, command: str) -> int:
+        """The pid of `up`'s child running `stageserve <command>` ("router", "stage")."""
+        return next(pid for pid in child_pids(self.proc.pid) if command_of(pid)[3:4] == [command])
 
     def stop(self) -> int:
         self.client.close()

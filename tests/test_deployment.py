@@ -164,7 +164,9 @@ def test_k8s_manifests_use_native_grpc_probes_and_agree_with_each_other() -> Non
         if doc["kind"] != "Kustomization":
             by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    # servicemonitor.yaml needs the Prometheus Operator's CRDs, so it is applied on its own.
+    optional = {"kustomization.yaml", "servicemonitor.yaml"}
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name not in optional)
     config = by_kind["ConfigMap"]["stageserve-config"]["data"]
     services = by_kind["Service"]
     deployments = by_kind["Deployment"]
@@ -210,6 +212,51 @@ def test_k8s_manifests_use_native_grpc_probes_and_agree_with_each_other() -> Non
         assert rendezvous_port == flag(router_args, "--rendezvous-port")
         assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["volumes"])
     assert int(config["NUM_STAGES"]) == len(STAGES)
+    _check_network_policies(by_kind["NetworkPolicy"], deployments, int(flag(router_args, "--rendezvous-port")))
+    monitor = by_kind["ServiceMonitor"]["stageserve"]
+    assert all(_selects(monitor["spec"]["selector"], s["metadata"]["labels"]) for s in services.values())
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions In/NotIn) selects `labels`."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        inside = labels.get(e["key"]) in e["values"]
+        if (e["operator"] == "In") != inside:
+            return False
+    return True
+
+
+def _check_network_policies(policies: dict, deployments: dict, rendezvous_port: int) -> None:
+    """Only the router reaches a stage's control port, only the stages the rendezvous port."""
+    pods = {name: d["spec"]["template"]["metadata"]["labels"] for name, d in deployments.items()}
+
+    def allowed(source: str, target: str, port: int) -> bool:
+        for policy in policies.values():
+            if not _selects(policy["spec"]["podSelector"], pods[target]):
+                continue
+            for rule in policy["spec"]["ingress"]:
+                ports = {p["port"] for p in rule.get("ports", [])}
+                peers = rule.get("from")
+                if (not ports or port in ports) and (
+                    peers is None or any("podSelector" in p and _selects(p["podSelector"], pods[source]) for p in peers)
+                ):
+                    return True
+        return False
+
+    stages = [name for name in pods if name != "stageserve-router"]
+    for stage in stages:
+        assert allowed("stageserve-router", stage, 50061)
+        assert allowed(stages[0], stage, 12345)  # NCCL between stages, any port
+        assert allowed(stage, "stageserve-router", rendezvous_port)
+        assert allowed(stage, "stageserve-router", 50051)
+    # Any other pod (no stageserve labels): the router's API only.
+    pods["client"] = {"app": "client"}
+    assert allowed("client", "stageserve-router", 50051)
+    assert not allowed("client", "stageserve-router", rendezvous_port)
+    assert not any(allowed("client", stage, 50061) for stage in stages)
 
 
 def test_dockerfile_installs_the_package_on_a_cuda_pytorch_base() -> None:
@@ -241,3 +288,12 @@ def test_up_passes_its_router_knobs_through_to_the_router() -> None:
     assert router.steps_in_flight_per_seq == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--stream-interval", "0"])
+
+
+def test_help_shows_defaults_and_groups_up_flags() -> None:
+    text = build_parser()._subparsers._group_actions[0].choices["up"].format_help()  # noqa: SLF001
+    for group in ("serving:", "scheduler:", "memory:", "security:", "--prompt:"):
+        assert f"\n{group}" in text, group
+    assert "(default: 50051)" in text and "(default: 2048)" in text and "(default: 0.9)" in text
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()  # noqa: SLF001
+    assert "(default: 127.0.0.1:50051)" in generate

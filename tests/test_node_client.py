@@ -86,7 +86,8 @@ def test_node_client_streams_the_same_tokens_as_the_python_client(
 def test_node_client_plain_output_and_errors(node_client: Path, system: ServingSystem) -> None:
     out = run_node(node_client, "--addr", system.address, "--max-new-tokens", "3", "Hi")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.rstrip().endswith("[finish: FINISH_REASON_LENGTH]")
+    # stdout is the answer alone; how it ended goes to stderr.
+    assert "[finish" not in out.stdout and out.stderr.rstrip().endswith("[finish: FINISH_REASON_LENGTH]")
     # The router's validation reaches a Node caller as a status with its message.
     bad = run_node(node_client, "--addr", system.address, "--temperature=-1", "Hi")
     assert bad.returncode == 1
@@ -96,3 +97,8 @@ def test_node_client_plain_output_and_errors(node_client: Path, system: ServingS
                     "--timeout", "0.3", "Hi")
     assert late.returncode == 1 and late.stderr.startswith("DEADLINE_EXCEEDED"), late.stderr
     assert run_node(node_client, "--max-new-tokens", "x", "Hi").returncode == 2
+    # The TLS and token options of the Python client: a file that is not there is a usage error.
+    missing = run_node(node_client, "--auth-token-file", "/nonexistent/token", "Hi")
+    assert missing.returncode == 2 and "cannot read the auth token file" in missing.stderr
+    missing = run_node(node_client, "--tls-ca", "/nonexistent/ca.pem", "Hi")
+    assert missing.returncode == 2 and "cannot read the CA file" in missing.stderr

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -31,7 +32,8 @@ from shared.client import LIVENESS_SERVICE, GenerationClient, RetryPolicy
 from shared.demo_model import write_tiny_model
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
-from tests.e2e_harness import REPO, free_port
+from tests.e2e_harness import REPO, child_pids, command_of, free_port
+from tests.metrics_lint import lint
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -138,8 +140,12 @@ def probe(address: str, *extra: str) -> int:
     ).returncode
 
 
+def scrape_text(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    text = scrape_text(port)
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(text) for s in family.samples
@@ -188,8 +194,9 @@ def test_router_not_serving_while_a_stage_is_down_then_serving(cluster: Cluster)
     cluster.wait_until(cluster.stage_addresses[0], LIVENESS_SERVICE, timeout=120)
     # Liveness yes, readiness no: the router runs, but stage 1 is missing.
     assert probe(cluster.address, "--liveness") == 0
-    assert probe(cluster.address) == 1
-    assert probe(cluster.address, "--service", GENERATION) == 1
+    # grpc_health_probe's exit codes: 4 is an answer other than SERVING.
+    assert probe(cluster.address) == 4
+    assert probe(cluster.address, "--service", GENERATION) == 4
     assert not cluster.client.is_serving()
     with pytest.raises(grpc.RpcError) as err:
         cluster.client.generate("hi", max_new_tokens=2, timeout=30)
@@ -197,7 +204,7 @@ def test_router_not_serving_while_a_stage_is_down_then_serving(cluster: Cluster)
     assert "not serving" in err.value.details()
     # Stage 0 is alive but not ready: the router has not allocated its cache.
     assert probe(cluster.stage_addresses[0], "--liveness") == 0
-    assert probe(cluster.stage_addresses[0]) == 1
+    assert probe(cluster.stage_addresses[0]) == 4
     # A stage's readiness only follows the router's InitCache, so nothing here may wait for
     # stages to be healthy before the router runs (the compose ordering).
     cluster.start_stage(1)
@@ -286,26 +293,34 @@ def test_metrics_move_after_a_request_and_the_log_names_it(system: Cluster) -> N
     assert moved("stageserve_e2e_request_latency_seconds_sum") > 0
     assert moved("stageserve_steps_total") >= 6
     for stage in ("0", "1"):
-        assert moved("stageserve_stage_step_seconds_count", stage=stage) >= 6
+        assert moved("stageserve_router_stage_step_seconds_count", stage=stage) >= 6
         assert moved("stageserve_stage_result_latency_seconds_count", stage=stage) >= 6
         # The phases add up to the step time, as each stage measured it (the last stage also
         # fills the reply with its sampled tokens).
         phases = ("prepare", "launch", "wait") + (("reply",) if stage == "1" else ())
         for phase in phases:
-            assert moved("stageserve_stage_step_phase_seconds_count", stage=stage, phase=phase) >= 6
-        phase_sum = sum(moved("stageserve_stage_step_phase_seconds_sum", stage=stage, phase=p) for p in phases)
-        step_sum = moved("stageserve_stage_step_seconds_sum", stage=stage)
+            assert moved("stageserve_router_stage_step_phase_seconds_count", stage=stage, phase=phase) >= 6
+        phase_sum = sum(moved("stageserve_router_stage_step_phase_seconds_sum", stage=stage, phase=p) for p in phases)
+        step_sum = moved("stageserve_router_stage_step_seconds_sum", stage=stage)
         assert 0.95 * step_sum <= phase_sum <= step_sum * 1.0001
         # Labelled by what the step computed: the prompt's prefill, then one-token decodes.
-        assert moved("stageserve_stage_step_seconds_count", stage=stage, kind="prefill") >= 1
-        assert moved("stageserve_stage_step_seconds_count", stage=stage, kind="decode") >= 5
+        assert moved("stageserve_router_stage_step_seconds_count", stage=stage, kind="prefill") >= 1
+        assert moved("stageserve_router_stage_step_seconds_count", stage=stage, kind="decode") >= 5
         assert moved("stageserve_stage_result_latency_seconds_count", stage=stage, kind="decode") >= 5
+    # Per request: queue, prefill and decode time; prompt and answer lengths; tokens per step.
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds", "request_decode_time_seconds",
+                 "request_prompt_tokens", "request_generation_tokens"):
+        assert moved(f"stageserve_{name}_count") == 1, name
+    assert moved("stageserve_request_generation_tokens_sum") == 6
+    assert moved("stageserve_request_prompt_tokens_sum") == result.prompt_tokens
+    assert moved("stageserve_step_tokens_count") == moved("stageserve_steps_total")
+    assert moved("stageserve_step_tokens_sum") >= result.prompt_tokens + 5
     assert metric(after, "stageserve_router_serving") == 1
-    assert metric(after, "stageserve_kv_blocks_total") > 0
+    assert metric(after, "stageserve_kv_blocks") > 0
     assert metric(after, "stageserve_prefix_cache_queries_total") > 0
     for name in ("stageserve_queue_length", "stageserve_num_requests_waiting", "stageserve_num_requests_running",
                  "stageserve_kv_cache_usage_ratio", "stageserve_prefix_cache_hit_rate"):
-        assert (name, ()) in after, name
+        assert (name, (("model_name", "model"),)) in after, name
     assert "process_resident_memory_bytes" in {name for name, _ in after}
     for index, port in enumerate(system.stage_metrics_ports):
         stage_after, label = scrape(port), str(index)
@@ -314,7 +329,20 @@ def test_metrics_move_after_a_request_and_the_log_names_it(system: Cluster) -> N
         assert metric(stage_after, "stageserve_stage_step_wall_seconds_count", stage=label) >= ok
         assert metric(stage_after, "stageserve_stage_state", stage=label, stageserve_stage_state="SERVING") == 1
         assert metric(stage_after, "stageserve_stage_kv_blocks", stage=label) == metric(
-            after, "stageserve_kv_blocks_total")
+            after, "stageserve_kv_blocks")
+    # promtool's naming rules on every endpoint; the model's name on every stageserve series;
+    # the version and configuration as an info metric; nothing but 404 off /metrics.
+    for port, component in ((system.metrics_port, "router"), *((p, "stage") for p in system.stage_metrics_ports)):
+        text = scrape_text(port)
+        assert lint(text) == [], (component, lint(text))
+        samples = scrape(port)
+        ours = [labels for name, labels in samples if name.startswith("stageserve_")]
+        assert ours and all(("model_name", "model") in labels for labels in ours), component
+        assert metric(samples, "stageserve_build_info", component=component) == 1
+        assert [lbls for name, lbls in samples if name == "stageserve_build_info" and ("version", "") in lbls] == []
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
+        assert err.value.code == 404
     # One JSON line per finished request, carrying the client's request id.
     deadline = time.monotonic() + 10
     while True:
@@ -396,7 +424,169 @@ def test_generate_command_streams_through_the_client(system: Cluster) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.rstrip().endswith("[finish: length]")
+    # stdout is the answer alone; how it ended goes to stderr.
+    assert "[finish" not in out.stdout and out.stdout.endswith("\n")
+    assert out.stderr.strip().endswith("[finish: length]")
+
+
+def test_generate_and_health_commands_fail_with_a_message_and_their_exit_code(system: Cluster) -> None:
+    # Out of range for the request's unsigned fields: a usage error, caught before sending.
+    for flag, value in (("--top-k", "-5"), ("--seed", "-1"), ("--max-new-tokens", str(2**32))):
+        out = _run_cli("generate", "x", "--addr", system.address, flag, value)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert f"argument {flag}: must be in [0, " in out.stderr, out.stderr
+    # In range for the proto, refused by the router: its message, exit 2 as well.
+    out = _run_cli("generate", "x", "--addr", system.address, "--top-k", "5000", "--retries", "0")
+    assert out.returncode == 2 and "INVALID_ARGUMENT: sampling.top_k must be in" in out.stderr, out.stderr
+    # Unreachable (2) is not NOT_SERVING (4, above); each says which.
+    out = _run_cli("health", "--addr", f"127.0.0.1:{free_port()}", "--timeout", "1")
+    assert out.returncode == 2 and out.stdout.strip() == "UNREACHABLE", out
+    out = _run_cli("health", "--addr", system.address)
+    assert out.returncode == 0 and out.stdout.strip() == "SERVING"
+
+
+def test_generate_exits_130_on_ctrl_c(system: Cluster) -> None:
+    gen_cli = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "generate", "a long answer", "--addr", system.address,
+         "--max-new-tokens", "480", "--ignore-eos", "--timeout", "120"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert gen_cli.stdout is not None
+    gen_cli.stdout.read(1)  # streaming has begun
+    gen_cli.send_signal(signal.SIGINT)
+    _, err = gen_cli.communicate(timeout=60)
+    assert gen_cli.returncode == 130 and "Traceback" not in err, err
+
+
+# ---- ports, addresses and start-up (issue 20) ------------------------------------------
+
+
+def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_server_on_a_taken_port_exits_with_a_clear_message(system: Cluster) -> None:
+    # Each port of the running cluster, taken by a second router or stage (grpc's default
+    # SO_REUSEPORT used to let them share the port and split its connections).
+    router = ["router", "--model", str(system.model), "--stages", ",".join(system.stage_addresses),
+              "--host", "127.0.0.1"]
+    stage = ["stage", "--model", str(system.model), "--stage-index", "0", "--num-stages", "2", "--tp", "1",
+             "--host", "127.0.0.1", "--rendezvous", f"127.0.0.1:{free_port()}", "--device", "cpu",
+             "--port"]
+    free = [str(free_port()) for _ in range(4)]
+    cases = {
+        "router port": (router + ["--port", str(system.port), "--rendezvous-port", free[0]],
+                        f"cannot listen on 127.0.0.1:{system.port}"),
+        "rendezvous port": (router + ["--port", free[1], "--rendezvous-port", str(system.rendezvous)],
+                            f"cannot listen for the rendezvous store on 127.0.0.1:{system.rendezvous}"),
+        "router metrics port": (router + ["--port", free[2], "--rendezvous-port", free[3],
+                                          "--metrics-port", str(system.metrics_port)],
+                                f"cannot serve metrics on 127.0.0.1:{system.metrics_port}"),
+        "stage port": (stage + [str(system.stage_ports[0])], f"cannot listen on 127.0.0.1:{system.stage_ports[0]}"),
+        "stage metrics port": (stage + [str(free_port()), "--metrics-port", str(system.stage_metrics_ports[1])],
+                               f"cannot serve metrics on 127.0.0.1:{system.stage_metrics_ports[1]}"),
+    }
+    with futures.ThreadPoolExecutor(len(cases)) as pool:
+        runs = {name: pool.submit(_run_cli, *args) for name, (args, _) in cases.items()}
+    for name, (_, says) in cases.items():
+        out = runs[name].result()
+        assert out.returncode == 1, f"{name}: exit {out.returncode}\n{out.stderr[-2000:]}"
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"stageserve: {says}") and "in use" in last, f"{name}: {last}"
+    # The cluster still serves, through its own router alone.
+    assert system.client.generate("still mine", max_new_tokens=2, timeout=60).finish_reason == "length"
+
+
+def _listening(pid: int, port: int) -> set[str]:
+    """The local addresses `pid` listens on at `port` (its /proc/net tables: tcp, tcp6)."""
+    addresses = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, port_hex = local.split(":")
+            if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                addresses.add(host)
+    return addresses
+
+
+def test_the_rendezvous_store_listens_on_the_router_host_only(system: Cluster) -> None:
+    # The router runs with --host 127.0.0.1: its store (no authentication) must not be
+    # reachable from other hosts. 0100007F is 127.0.0.1 as /proc/net/tcp writes it.
+    assert _listening(system.procs["router"].proc.pid, system.rendezvous) == {"0100007F"}
+
+
+def test_model_info_does_not_reveal_the_stage_addresses(system: Cluster) -> None:
+    info = system.client.model_info()
+    assert len(info.stages) == 2
+    for index, stage in enumerate(info.stages):
+        assert stage.address == "", "the internal topology is the operator's (--expose-stage-addresses)"
+        assert stage.stage_index == index and stage.kv_blocks > 0
+    # The operator still finds them in the router's log.
+    assert all(a in system.procs["router"].log() for a in system.stage_addresses)
+
+
+def test_up_stops_at_once_on_a_signal_during_start_up(tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "model", "LlamaForCausalLM", seed=3)
+    log = open(tmp_path / "up.log", "wb")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--pp", "2", "--device", "cpu",
+         "--port", str(free_port()), "--no-stage-token"],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        # Once its children run, and long before a pipeline of two CPU stages can serve.
+        deadline = time.monotonic() + 60
+        while len(child_pids(up.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        children = child_pids(up.pid)
+        assert len(children) == 3, (tmp_path / "up.log").read_text()
+        up.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        code = up.wait(30)
+        took = time.monotonic() - start
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        log.close()
+    out = (tmp_path / "up.log").read_text()
+    print(f"\n`up` exited {code} {took:.1f} s after SIGTERM during start-up")
+    assert code == 0 and "stopped during start-up" in out and "is serving" not in out, out[-3000:]
+    assert not [pid for pid in children if command_of(pid)], "a child outlived `up`"
+    # `up` cannot poll a port it does not know.
+    refused = _run_cli("up", "--port", "0", "--model", str(model), "--device", "cpu")
+    assert refused.returncode == 2 and "--port 0 is not supported" in refused.stderr
+
+
+def test_up_with_a_prompt_prints_the_answer_whole_and_stops_cleanly(tmp_path: Path) -> None:
+    model = write_tiny_model(tmp_path / "model", "LlamaForCausalLM", seed=5)
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as log:
+        # stdout and stderr into one file, as a terminal shows them.
+        up = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--device", "cpu", "--port",
+             str(free_port()), "--prompt", "hi", "--max-new-tokens", "24", "--ignore-eos"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 180
+            while "[finish:" not in log_path.read_text(errors="replace"):
+                assert up.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")
+                time.sleep(0.2)
+            up.send_signal(signal.SIGINT)
+            code = up.wait(60)
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+    lines = log_path.read_text(errors="replace").splitlines()
+    serving = next(i for i, line in enumerate(lines) if line.startswith("stageserve is serving on"))
+    # The answer, then how it ended: no log line in between (the children's logs wait).
+    assert lines[serving + 2] == "[finish: length]", lines[serving:]
+    assert code == 0
+    # A rank ends with os._exit: nothing of it may look leaked (tqdm's lock was one).
+    assert "leaked" not in "\n".join(lines), lines[-10:]
 
 
 # ---- retries (a scripted server: the real gRPC stack, failures on demand) ----------------
@@ -501,3 +691,15 @@ def test_retry_policy_rejects_what_grpc_cannot_do() -> None:
     config = json.loads(FAST_RETRY.service_config())["methodConfig"][0]
     assert config["name"] == [{"service": GENERATION}]
     assert config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+
+
+# ---- metrics naming rules -----------------------------------------------------------------
+
+
+def test_the_metrics_lint_finds_what_promtool_finds() -> None:
+    bad = ("# HELP x_kv_blocks_total Blocks.\n# TYPE x_kv_blocks_total gauge\nx_kv_blocks_total 3\n"
+           "# HELP x_requests Requests.\n# TYPE x_requests counter\nx_requests 1\n"
+           "# HELP x_lat_milliseconds L.\n# TYPE x_lat_milliseconds gauge\nx_lat_milliseconds 1\n")
+    assert lint(bad) == ["x_kv_blocks_total: gauge with the counter suffix _total",
+                         "x_requests: counter without the _total suffix",
+                         "x_lat_milliseconds: use base units (seconds, bytes)"]

@@ -224,3 +224,62 @@ def test_to_stage_proto() -> None:
 def test_limits_validated(kwargs: dict[str, int]) -> None:
     with pytest.raises(ConfigError):
         RequestLimits(**kwargs)
+
+
+# ---- oversized input: refused before a Python object per element is built (issue 20) ------
+
+
+class CountOnly:
+    """A prompt's ids whose elements must never be read (like a tokenized prompt over the
+    context, of which only the count comes back from the tokenizer process)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        raise AssertionError("an element was read before the length was checked")
+
+    __getitem__ = __iter__
+
+
+def test_a_prompt_over_the_context_is_refused_by_its_count_alone() -> None:
+    with pytest.raises(InvalidRequestError, match="prompt has 1000000 tokens but the context limit is 64"):
+        validate_request(make("hi"), lambda text: CountOnly(1_000_000), LIMITS)
+    # Token ids: too many is said before any id is looked at (id 10^6 is outside the vocabulary).
+    with pytest.raises(InvalidRequestError, match="prompt has 100 tokens"):
+        validate_request(make(None, ids=[10**6] * 100), encode, LIMITS)
+
+
+def test_wire_sizes_refuse_oversized_fields_before_parsing() -> None:
+    from router.request_size import (
+        generate_request_bounds, max_request_bytes, size_check, tokenize_request_bounds, top_level_field_sizes,
+    )
+
+    check = size_check(generate_request_bounds(LIMITS))
+    ok = make("x" * 200, stop=["abcdefgh"] * 4, stop_token_ids=[1, 2, 3], request_id="r" * 128)
+    assert check(ok.SerializeToString()) is None
+    # The largest valid values of every field (4-byte characters, 5-byte ids) pass too.
+    widest = make("\U0001F600" * 200, request_id="\U0001F600" * 128, stop=["\U0001F600" * 8] * 4,
+                  stop_token_ids=[2**32 - 1] * 3, max_new_tokens=2**32 - 1, seed=2**64 - 1, top_k=2**32 - 1)
+    assert check(widest.SerializeToString()) is None
+    assert check(make(None, ids=[2**32 - 1] * 63).SerializeToString()) is None
+
+    too_many_ids = make(None, ids=[5] * 10_000).SerializeToString()
+    assert top_level_field_sizes(too_many_ids) == {2: 10_003, 3: 0}  # packed ids: 2 + 10,001 bytes
+    reason = check(too_many_ids)
+    assert reason is not None and reason.startswith("prompt_token_ids is 10003 bytes on the wire")
+    assert "at most 63 token ids (the context limit is 64)" in reason
+    reason = check(make("hi", stop=["s" * 60] * 1000).SerializeToString())
+    assert reason is not None and "sampling.stop may hold at most 4 strings of at most 8 characters" in reason
+    # Unknown fields (a newer client's) are not this check's business; garbage is the parser's.
+    unknown = make("hi").SerializeToString() + bytes([0x7A]) + bytes([0x80, 0x80, 0x04]) + b"z" * 65536
+    assert check(unknown) is None
+    assert check(b"\xff\xff\xff\xff\x0f") is None and check(b"\x0a\xff") is None
+    assert size_check(tokenize_request_bounds(LIMITS))(
+        generation_pb2.TokenizeRequest(text="a" * 2000).SerializeToString()
+    ).startswith("text is 2000 bytes")
+    # The receive cap: room for the widest valid request, twice over.
+    assert max_request_bytes(LIMITS) >= 2 * (len(widest.SerializeToString()) - len(widest.request_id.encode()))

@@ -132,6 +132,8 @@ def secured(certs: Certs, model: Path, tmp_path_factory: pytest.TempPathFactory)
         "up", "--model", str(model), "--pp", "1", "--device", "cpu", "--port", str(port), *SMALL,
         "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key), "--tls-ca", str(certs.ca),
         "--auth-token-file", str(token_file),
+        # The stage test below finds a stage as an operator would: through GetModelInfo.
+        "--expose-stage-addresses",
     ], d)
     address = f"127.0.0.1:{port}"
     try:
@@ -192,7 +194,7 @@ def test_cli_generate_and_health_speak_tls(secured: Secured) -> None:
     out = subprocess.run([*base, "generate", "hi", *ca, "--auth-token-file", str(secured.token_file),
                           "--max-new-tokens", "3", "--ignore-eos", "--timeout", "60"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
-    assert out.returncode == 0 and "[finish: length]" in out.stdout, out.stderr
+    assert out.returncode == 0 and "[finish: length]" in out.stderr, out.stderr
     out = subprocess.run([*base, "generate", "hi", *ca, "--retries", "0", "--timeout", "20"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr

@@ -4,19 +4,26 @@
 //
 //   npm install
 //   node client.js --addr 127.0.0.1:50051 --max-new-tokens 32 "Hello"
+//   node client.js --addr router.example:50051 --tls-ca ca.pem --auth-token-file token "Hello"
+//
+// Like the Python client: --tls-ca connects over TLS trusting that CA (--tls-server-name if
+// the certificate names another host than --addr); --auth-token-file sends the file's first
+// token as `authorization: Bearer <token>` ($STAGESERVE_AUTH_TOKEN_FILE by default).
 //
 // Text goes to stdout as it streams. --json prints one JSON summary line at the end
 // instead (token ids, finish reason, ...). Exit status: 0 when the call ended OK, 1 on a
 // gRPC error (printed as CODE: details), 2 on bad arguments.
 'use strict';
 
+const fs = require('node:fs');
 const path = require('node:path');
 const { parseArgs } = require('node:util');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
 const USAGE = 'usage: node client.js [--addr HOST:PORT] [--proto-dir DIR] [--max-new-tokens N] ' +
-  '[--temperature T] [--seed S] [--ignore-eos] [--timeout SECONDS] [--request-id ID] [--json] PROMPT';
+  '[--temperature T] [--seed S] [--ignore-eos] [--timeout SECONDS] [--request-id ID] [--json] ' +
+  '[--tls-ca FILE] [--tls-server-name NAME] [--auth-token-file FILE] PROMPT';
 
 function parseCommandLine(argv) {
   const { values, positionals } = parseArgs({
@@ -32,6 +39,10 @@ function parseCommandLine(argv) {
       timeout: { type: 'string' },
       'request-id': { type: 'string', default: '' },
       'ignore-eos': { type: 'boolean', default: false },
+      'tls-ca': { type: 'string' },
+      'tls-server-name': { type: 'string' },
+      // Compose passes "${VAR:-}": an empty value means "not set".
+      'auth-token-file': { type: 'string', default: process.env.STAGESERVE_AUTH_TOKEN_FILE || undefined },
       json: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
@@ -55,7 +66,28 @@ function parseCommandLine(argv) {
     requestId: values['request-id'],
     ignoreEos: values['ignore-eos'],
     json: values.json,
+    tlsCa: values['tls-ca'],
+    tlsServerName: values['tls-server-name'],
+    token: values['auth-token-file'] === undefined ? undefined : readToken(values['auth-token-file']),
   };
+}
+
+// The first non-empty line of the file (the router accepts any line of its own file).
+function readToken(file) {
+  let text;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new Error(`cannot read the auth token file ${file}: ${err.message}`);
+  }
+  const token = text.split('\n').map((line) => line.trim()).find((line) => line.length > 0);
+  if (token === undefined) throw new Error(`the auth token file ${file} holds no token`);
+  return token;
+}
+
+function channelCredentials(args) {
+  if (args.tlsCa === undefined) return grpc.credentials.createInsecure();
+  return grpc.credentials.createSsl(fs.readFileSync(args.tlsCa));
 }
 
 function loadGenerationService(protoDir) {
@@ -78,7 +110,17 @@ function main() {
     process.exit(2);
   }
   const Generation = loadGenerationService(args.protoDir);
-  const client = new Generation(args.addr, grpc.credentials.createInsecure());
+  let credentials;
+  try {
+    credentials = channelCredentials(args);
+  } catch (err) {
+    process.stderr.write(`cannot read the CA file ${args.tlsCa}: ${err.message}\n`);
+    process.exit(2);
+  }
+  const channelOptions = args.tlsServerName === undefined ? {} : { 'grpc.ssl_target_name_override': args.tlsServerName };
+  const client = new Generation(args.addr, credentials, channelOptions);
+  const metadata = new grpc.Metadata();
+  if (args.token !== undefined) metadata.set('authorization', `Bearer ${args.token}`);
 
   const sampling = { max_new_tokens: args.maxNewTokens, temperature: args.temperature, ignore_eos: args.ignoreEos };
   if (args.seed !== undefined) sampling.seed = args.seed;
@@ -89,7 +131,7 @@ function main() {
   }
 
   const summary = { token_ids: [], text: '', finish_reason: '', error_message: '', prompt_tokens: 0, messages: 0 };
-  const call = client.Generate(request, options);
+  const call = client.Generate(request, metadata, options);
   call.on('data', (msg) => {
     summary.messages += 1;
     summary.token_ids.push(...msg.token_ids);
@@ -110,7 +152,9 @@ function main() {
     if (args.json) {
       process.stdout.write(`${JSON.stringify(summary)}\n`);
     } else {
-      process.stdout.write(`\n[finish: ${summary.finish_reason}]\n`);
+      // stdout is the answer alone, as with `stageserve generate`.
+      process.stdout.write('\n');
+      process.stderr.write(`[finish: ${summary.finish_reason}]\n`);
     }
     client.close();
   });
