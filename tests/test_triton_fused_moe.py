@@ -234,9 +234,11 @@ def test_float32_on_gpu() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("num_tokens", [1, 16, 512])
+@pytest.mark.parametrize("num_tokens", [1, 16, 512, 1024])
 def test_replays_from_cuda_graph(num_tokens: int) -> None:
-    """Captured with one routing, replayed with another: the grouping happens on the device."""
+    """Captured with one routing, replayed with another: the grouping happens on the device.
+    1024 tokens (8192 pairs) capture the torch align steps (a decode graph of more than 512
+    sequences would)."""
     moe = qwen3_experts(2, seed=0)
     set_kernel_backend(moe, "triton")
     s = QWEN3_30B

@@ -86,14 +86,16 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 # ---- step 1: align -----------------------------------------------------------------------
 
 
-@triton.jit
+# The pair and row counts change with every batch size: specializing on them (a value of 1,
+# divisibility by 16) would compile more variants for nothing.
+@triton.jit(do_not_specialize=["num_pairs", "num_rows"])
 def _moe_align_kernel(
     topk_ids_ptr,
     sorted_pair_ptr,
     block_expert_ptr,
     num_pairs,
+    num_rows,  # max_padded_rows
     NUM_EXPERTS: tl.constexpr,
-    NUM_ROWS: tl.constexpr,  # max_padded_rows
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,  # >= num_pairs, a power of 2
     BLOCK_E: tl.constexpr,  # > NUM_EXPERTS, a power of 2 (bin NUM_EXPERTS holds the lanes past num_pairs)
@@ -119,16 +121,16 @@ def _moe_align_kernel(
     rows = offs + tl.gather(shift, tl.minimum(sorted_expert, NUM_EXPERTS), 0)
 
     # Every row the sort leaves empty is padding: fill all with the sentinel, then the pairs.
-    for start in range(0, NUM_ROWS, CHUNK):
+    for start in range(0, num_rows, CHUNK):
         r = start + tl.arange(0, CHUNK)
-        tl.store(sorted_pair_ptr + r, tl.zeros([CHUNK], tl.int32) + num_pairs, mask=r < NUM_ROWS)
+        tl.store(sorted_pair_ptr + r, tl.zeros([CHUNK], tl.int32) + num_pairs, mask=r < num_rows)
     tl.debug_barrier()
     tl.store(sorted_pair_ptr + rows, sorted_pair, mask=valid)
 
     # A block's expert: the number of experts whose padded segment ends at or before the
     # block's first row (empty experts end where the previous one does); NUM_EXPERTS or
     # more means past the last real block.
-    num_blocks = NUM_ROWS // BLOCK_M
+    num_blocks = num_rows // BLOCK_M
     for start in range(0, num_blocks, CHUNK):
         b = start + tl.arange(0, CHUNK)
         first_row = b * BLOCK_M
@@ -179,8 +181,8 @@ def moe_align(
             sorted_pair_ids,
             block_expert,
             num_pairs,
+            num_rows,
             NUM_EXPERTS=num_experts,
-            NUM_ROWS=num_rows,
             BLOCK_M=block_m,
             BLOCK_P=block_p,
             BLOCK_E=triton.next_power_of_2(num_experts + 1),
@@ -193,7 +195,7 @@ def moe_align(
 # ---- steps 2 and 3: the grouped GEMMs --------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gemm_kernel(
     a_ptr,
     w_ptr,
@@ -372,5 +374,6 @@ def fused_moe(
     _launch_gemm(x, w13, h, aligned, routing, num_pairs, inter, top_k, True, cfg13)
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # weighted expert outputs, by pair
     _launch_gemm(h, w2, y, aligned, routing, num_pairs, hidden, 1, False, cfg2)
-    # Pair token * top_k + k is row k of the token's [top_k, hidden] slab.
-    return y.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    # Pair token * top_k + k is row k of the token's [top_k, hidden] slab; torch sums a
+    # half-precision slab in float32 and rounds once.
+    return y.view(num_tokens, top_k, hidden).sum(dim=1)
