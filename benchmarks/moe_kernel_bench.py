@@ -100,6 +100,7 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / (ms * 1e-3)
 
 
+@torch.no_grad()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tp", type=int, default=1, help="TP size: each rank holds I / tp of every expert")
@@ -139,7 +140,7 @@ def main() -> None:
 
         t_triton = do_bench_cudagraph(triton_all, return_mode="median") * 1e3 / len(layers)
         t_loop = do_bench(loop_all, return_mode="median") * 1e3 / len(layers)
-        cfg13 = choose_config(t * TOP_K, EXPERTS, inter, HIDDEN, num_sms)
+        cfg13 = choose_config(t * TOP_K, EXPERTS, inter, HIDDEN, num_sms, gated=True)
         cfg2 = choose_config(t * TOP_K, EXPERTS, HIDDEN, inter, num_sms)
         t_align = do_bench_cudagraph(lambda: moe_align(ids, EXPERTS, cfg13.block_m), return_mode="median") * 1e3
         t_gmm = float("nan")
@@ -150,7 +151,9 @@ def main() -> None:
                 ) * 1e3 / len(layers)
             except Exception as exc:  # noqa: BLE001 - e.g. not capturable: time it eagerly
                 print(f"    grouped mm in a CUDA graph: {type(exc).__name__}: {str(exc)[:120]}; timed eagerly")
-                t_gmm = do_bench(lambda: [grouped(x, m.w13_weight, m.w2_weight, weights, ids) for m in layers]) * 1e3 / len(layers)
+                t_gmm = do_bench(
+                    lambda: [grouped(x, m.w13_weight, m.w2_weight, weights, ids) for m in layers], return_mode="median"
+                ) * 1e3 / len(layers)
         moe = layers[0]
         exact = FusedMoE(EXPERTS, TOP_K, HIDDEN, inter, torch.float32, torch.device("cuda"))
         with torch.no_grad():

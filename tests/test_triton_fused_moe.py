@@ -98,7 +98,9 @@ def make_experts(top_k: int, seed: int) -> FusedMoE:
     return moe
 
 
-def run_both(moe: FusedMoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def run_both(
+    moe: FusedMoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         set_kernel_backend(moe, "reference")
         ref = moe(x, weights, ids)
@@ -165,8 +167,9 @@ def test_config_by_number_of_pairs() -> None:
     decode = choose_config(8, 128, 768, 2048, 132)
     assert decode.block_m == 16 and decode.block_n <= 32
     assert choose_config(64 * 8, 128, 768, 2048, 132).block_m == 16
-    prefill = choose_config(4096 * 8, 128, 768, 2048, 132)
+    prefill = choose_config(4096 * 8, 128, 2048, 768, 132)
     assert prefill.block_m == 128 and prefill.block_n == 128
+    assert choose_config(4096 * 8, 128, 768, 2048, 132, gated=True).block_n == 64
     # Both projections of a forward share block_m (the alignment).
     assert {choose_config(p, 128, n, k, 132).block_m for p in (8, 2048, 32768) for n, k in ((768, 2048), (2048, 768))
             } == {16, 128}
@@ -182,7 +185,9 @@ QWEN3_30B = {"experts": 128, "top_k": 8, "hidden": 2048, "intermediate": 768}
 def qwen3_experts(tp: int, seed: int) -> FusedMoE:
     torch.manual_seed(seed)
     s = QWEN3_30B
-    moe = FusedMoE(s["experts"], s["top_k"], s["hidden"], s["intermediate"] // tp, torch.bfloat16, torch.device("cuda"))
+    moe = FusedMoE(
+        s["experts"], s["top_k"], s["hidden"], s["intermediate"] // tp, torch.bfloat16, torch.device("cuda")
+    )
     with torch.no_grad():
         # About the scale of trained expert weights (std ~ 1 / sqrt(fan_in)).
         moe.w13_weight.normal_(0.0, 0.02)

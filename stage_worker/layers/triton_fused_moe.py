@@ -279,12 +279,14 @@ def choose_block_m(num_pairs: int, num_experts: int) -> int:
     return 128
 
 
-def choose_config(num_pairs: int, num_experts: int, n: int, k: int, num_sms: int) -> MoeConfig:
-    """Tiles of one projection: output columns n (per half, for the gated w13), reduction k."""
+def choose_config(num_pairs: int, num_experts: int, n: int, k: int, num_sms: int, gated: bool = False) -> MoeConfig:
+    """Tiles of one projection: output columns n (per half, for the gated w13, whose programs
+    compute block_n columns of each half), reduction k."""
     block_m = choose_block_m(num_pairs, num_experts)
     if block_m >= 64:
-        # Compute bound: big tiles, deep pipeline.
-        return MoeConfig(block_m, 128, 64, 8 if block_m == 128 else 4, 3)
+        # Many pairs per expert: big tiles, each weight tile read by few programs. A gated
+        # program holds two accumulators, so half the columns of each.
+        return MoeConfig(block_m, 64 if gated else 128, 64, 8 if block_m == 128 else 4, 3)
     # Memory bound: each program streams BLOCK_N rows of the expert's weight. Narrow the tile
     # until about two programs per SM stream weights (the blocks that hold pairs: at most
     # one per pair, and the pairs' blocks themselves).
@@ -364,7 +366,7 @@ def fused_moe(
     if configs is None:
         num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
         configs = (
-            choose_config(num_pairs, num_experts, inter, hidden, num_sms),
+            choose_config(num_pairs, num_experts, inter, hidden, num_sms, gated=True),
             choose_config(num_pairs, num_experts, hidden, inter, num_sms),
         )
     cfg13, cfg2 = configs
