@@ -170,6 +170,10 @@ def test_config_by_number_of_pairs() -> None:
     prefill = choose_config(4096 * 8, 128, 2048, 768, 132)
     assert prefill.block_m == 128 and prefill.block_n == 128
     assert choose_config(4096 * 8, 128, 768, 2048, 132, gated=True).block_n == 64
+    # float32 operands: the pipeline still fits in shared memory.
+    for p in (8, 2048, 32768):
+        c = choose_config(p, 128, 768, 2048, 132, gated=True, element_size=4)
+        assert c.num_stages * c.block_k * (c.block_m + 2 * c.block_n) * 4 <= 160 * 1024
     # Both projections of a forward share block_m (the alignment).
     assert {choose_config(p, 128, n, k, 132).block_m for p in (8, 2048, 32768) for n, k in ((768, 2048), (2048, 768))
             } == {16, 128}

@@ -51,6 +51,8 @@ if interpreting():
 
 # Pairs the single-program align kernel sorts in registers: 512 decode rows at top-8.
 ALIGN_MAX_PAIRS = 4096
+# Shared memory a GEMM program's pipeline may take, leaving room for the epilogue.
+SMEM_BUDGET = 160 * 1024
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def _moe_align_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,  # >= num_pairs, a power of 2
     BLOCK_E: tl.constexpr,  # > NUM_EXPERTS, a power of 2 (bin NUM_EXPERTS holds the lanes past num_pairs)
-    CHUNK: tl.constexpr,
+    FILL: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK_P)
     valid = offs < num_pairs
@@ -120,23 +122,18 @@ def _moe_align_kernel(
     shift = (padded_end - padded) - (count_end - counts)  # [BLOCK_E]
     rows = offs + tl.gather(shift, tl.minimum(sorted_expert, NUM_EXPERTS), 0)
 
-    # Every row the sort leaves empty is padding: fill all with the sentinel, then the pairs.
-    for start in range(0, num_rows, CHUNK):
-        r = start + tl.arange(0, CHUNK)
-        tl.store(sorted_pair_ptr + r, tl.zeros([CHUNK], tl.int32) + num_pairs, mask=r < num_rows)
+    # Every row the sort leaves empty is padding and every block past the real ones has no
+    # expert: fill all with the sentinel and -1 first, then write the pairs over them.
+    num_blocks = num_rows // BLOCK_M
+    for start in range(0, num_rows, FILL):
+        r = start + tl.arange(0, FILL)
+        tl.store(sorted_pair_ptr + r, tl.zeros([FILL], tl.int32) + num_pairs, mask=r < num_rows)
+        tl.store(block_expert_ptr + r, tl.zeros([FILL], tl.int32) - 1, mask=r < num_blocks)
     tl.debug_barrier()
     tl.store(sorted_pair_ptr + rows, sorted_pair, mask=valid)
-
-    # A block's expert: the number of experts whose padded segment ends at or before the
-    # block's first row (empty experts end where the previous one does); NUM_EXPERTS or
-    # more means past the last real block.
-    num_blocks = num_rows // BLOCK_M
-    for start in range(0, num_blocks, CHUNK):
-        b = start + tl.arange(0, CHUNK)
-        first_row = b * BLOCK_M
-        ended = (padded_end[None, :] <= first_row[:, None]) & (e[None, :] < NUM_EXPERTS)  # [CHUNK, BLOCK_E]
-        expert = tl.sum(ended.to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + b, tl.where(expert < NUM_EXPERTS, expert, -1), mask=b < num_blocks)
+    # A block's first row always holds a pair (an expert's padding comes after all its pairs,
+    # and fills less than a block), whose expert is the block's.
+    tl.store(block_expert_ptr + rows // BLOCK_M, sorted_expert, mask=valid & (rows % BLOCK_M == 0))
 
 
 def _align_torch(
@@ -186,7 +183,8 @@ def moe_align(
             BLOCK_M=block_m,
             BLOCK_P=block_p,
             BLOCK_E=triton.next_power_of_2(num_experts + 1),
-            CHUNK=32,
+            # One fill iteration for decode batches (num_rows 128 at batch 1, top-8 of 128).
+            FILL=256,
             num_warps=4 if block_p <= 1024 else 8,
         )
     return AlignedPairs(sorted_pair_ids, block_expert, block_m)
@@ -279,22 +277,35 @@ def choose_block_m(num_pairs: int, num_experts: int) -> int:
     return 128
 
 
-def choose_config(num_pairs: int, num_experts: int, n: int, k: int, num_sms: int, gated: bool = False) -> MoeConfig:
+def choose_config(
+    num_pairs: int, num_experts: int, n: int, k: int, num_sms: int, gated: bool = False, element_size: int = 2
+) -> MoeConfig:
     """Tiles of one projection: output columns n (per half, for the gated w13, whose programs
-    compute block_n columns of each half), reduction k."""
+    compute block_n columns of each half), reduction k, operands of element_size bytes."""
     block_m = choose_block_m(num_pairs, num_experts)
     if block_m >= 64:
         # Many pairs per expert: big tiles, each weight tile read by few programs. A gated
         # program holds two accumulators, so half the columns of each.
-        return MoeConfig(block_m, 64 if gated else 128, 64, 8 if block_m == 128 else 4, 3)
-    # Memory bound: each program streams BLOCK_N rows of the expert's weight. Narrow the tile
-    # until about two programs per SM stream weights (the blocks that hold pairs: at most
-    # one per pair, and the pairs' blocks themselves).
-    busy_blocks = min(num_pairs, num_experts) + num_pairs // block_m
-    block_n = 64
-    while block_n > 16 and busy_blocks * triton.cdiv(n, block_n) < 2 * num_sms:
-        block_n //= 2
-    return MoeConfig(block_m, block_n, 128 if k >= 128 else 64, 4, 4)
+        block_n, block_k, warps, stages = (64 if gated else 128), 64, (8 if block_m == 128 else 4), 3
+    else:
+        # Memory bound: each program streams BLOCK_N rows of the expert's weight. Narrow the
+        # tile until about two programs per SM stream weights (the blocks that hold pairs: at
+        # most one per pair, and the pairs' blocks themselves).
+        busy_blocks = min(num_pairs, num_experts) + num_pairs // block_m
+        block_n = 64
+        while block_n > 16 and busy_blocks * triton.cdiv(n, block_n) < 2 * num_sms:
+            block_n //= 2
+        block_k, warps, stages = (128 if k >= 128 else 64), 4, 4
+    # The pipeline's buffers in shared memory (228 KB an SM on H100): float32 operands get
+    # fewer stages, then shorter K steps.
+    def smem(bk: int, st: int) -> int:
+        return st * bk * (block_m + (2 if gated else 1) * block_n) * element_size
+
+    while smem(block_k, stages) > SMEM_BUDGET and stages > 2:
+        stages -= 1
+    while smem(block_k, stages) > SMEM_BUDGET and block_k > 32:
+        block_k //= 2
+    return MoeConfig(block_m, block_n, block_k, warps, stages)
 
 
 def _launch_gemm(
@@ -366,8 +377,8 @@ def fused_moe(
     if configs is None:
         num_sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
         configs = (
-            choose_config(num_pairs, num_experts, inter, hidden, num_sms, gated=True),
-            choose_config(num_pairs, num_experts, hidden, inter, num_sms),
+            choose_config(num_pairs, num_experts, inter, hidden, num_sms, gated=True, element_size=x.element_size()),
+            choose_config(num_pairs, num_experts, hidden, inter, num_sms, element_size=x.element_size()),
         )
     cfg13, cfg2 = configs
     aligned = moe_align(topk_ids, num_experts, cfg13.block_m)
