@@ -8,9 +8,10 @@ FusedMoE's forward with kernel_backend "triton" within float32 rounding of the r
 tiles), for 1 token (some experts get nothing), 5 and 33 tokens (experts with more pairs
 than a block), with the default tiles and with small forced ones (several column tiles,
 partial K steps). The `gpu` tests run bf16 at the Qwen3-30B-A3B shape of one TP rank (128
-experts, top-8, hidden 2048, I = 768 / tp) against the reference in bf16 and float32, and
-replay the layer from a CUDA graph with other routing than it was captured with (on a GPU
-host: `python3 -m pytest -q tests/test_triton_fused_moe.py`).
+experts, top-8, hidden 2048, I = 768 / tp) against the reference in bf16 and float32, bf16 at
+Mixtral-8x7B's tp-2 shape, float32 (no TF32), and replay the layer from a CUDA graph with
+other routing than it was captured with (on a GPU host:
+`python3 -m pytest -q tests/test_triton_fused_moe.py`).
 """
 
 from __future__ import annotations
@@ -226,6 +227,24 @@ def test_bf16_qwen3_30b_shape_on_gpu(tp: int, num_tokens: int) -> None:
         exact = moe32(x.float(), weights.float(), ids)
     err, err_ref = relative_error(out, exact), relative_error(ref, exact)
     assert err <= 2 * err_ref + 2e-3, (err, err_ref)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("num_tokens", [1, 300])
+def test_bf16_mixtral_shape_on_gpu(num_tokens: int) -> None:
+    """Mixtral-8x7B at tp 2 (8 experts, top-2, hidden 4096, I 14336 / 2): long K loops, few
+    experts, routing weights in float32 (Mixtral does not round them)."""
+    torch.manual_seed(1)
+    moe = FusedMoE(8, 2, 4096, 7168, torch.bfloat16, torch.device("cuda"))
+    with torch.no_grad():
+        moe.w13_weight.normal_(0.0, 0.015)
+        moe.w2_weight.normal_(0.0, 0.012)
+    gen = torch.Generator().manual_seed(num_tokens)
+    x = torch.randn(num_tokens, 4096, generator=gen).to(torch.bfloat16).cuda()
+    weights, ids = routing(num_tokens, 8, 2, gen)
+    out, ref = run_both(moe, x, weights.cuda(), ids.cuda())
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
 
 
