@@ -17,6 +17,7 @@ other routing than it was captured with (on a GPU host:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from stage_worker.layers.triton_fused_moe import (
     max_padded_rows,
     moe_align,
 )
+from stage_worker.models.sparse_moe import SparseMoeBlock
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -132,9 +134,9 @@ def test_forced_tiles_and_strided_input(config: MoeConfig) -> None:
     and 64 (partial over I in the down projection), x a row-strided view."""
     gen = torch.Generator().manual_seed(7)
     moe = make_experts(3, seed=7)
-    wide = torch.randn(21, HIDDEN + 16, generator=gen).to(DEVICE)
+    wide = torch.randn(9, HIDDEN + 16, generator=gen).to(DEVICE)
     x = wide[:, :HIDDEN]  # rows HIDDEN + 16 apart
-    weights, ids = routing(21, NUM_EXPERTS, 3, gen)
+    weights, ids = routing(9, NUM_EXPERTS, 3, gen)
     weights, ids = weights.to(DEVICE), ids.to(DEVICE)
     with torch.no_grad():
         out = fused_moe(x, moe.w13_weight, moe.w2_weight, weights, ids, (config, config))
@@ -154,6 +156,30 @@ def test_routing_weights_in_model_dtype_and_no_tokens() -> None:
     with torch.no_grad():
         empty = moe(x[:0], weights[:0].to(DEVICE), ids[:0].to(DEVICE))
     assert empty.shape == (0, HIDDEN)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_block_matches_transformers(tmp_path: Path, kind: str) -> None:
+    """The whole sparse block (router, routing-weight dtype, experts) on the Triton path
+    against transformers' module."""
+    try:
+        from tests.test_moe_models import _block_case, _load_block
+    except ImportError:
+        from test_moe_models import _block_case, _load_block
+
+    config, hf_block = _block_case(tmp_path, kind, norm_topk_prob=True)
+    ours = SparseMoeBlock(
+        config, torch.float32, torch.device("cpu"), reduce_results=True,
+        routing_weights_in_model_dtype=kind == "qwen3_moe",
+    )
+    _load_block(ours, hf_block)
+    set_kernel_backend(ours.to(DEVICE), "triton")
+    x = torch.randn(9, config.hidden_size, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = hf_block(x[None])[0]  # [num_tokens, hidden]
+        out = ours(x.to(DEVICE)).cpu()
+    assert ref.std() > 0.1
+    assert (out - ref).abs().max().item() < 1e-5
 
 
 def test_graph_capture_follows_the_backend() -> None:
