@@ -7,7 +7,8 @@ FusedMoE's forward with kernel_backend "triton" within float32 rounding of the r
 8 experts, top-2 to top-4, hidden 64 and an intermediate size of 96 (not a multiple of the
 tiles), for 1 token (some experts get nothing), 5 and 33 tokens (experts with more pairs
 than a block), with the default tiles and with small forced ones (several column tiles,
-partial K steps). The `gpu` tests run bf16 at the Qwen3-30B-A3B shape of one TP rank (128
+partial K steps); and the whole sparse block (router, then the Triton experts) against
+transformers' Qwen3-MoE and Mixtral blocks. On a GPU the same tests run compiled; the `gpu` tests run bf16 at the Qwen3-30B-A3B shape of one TP rank (128
 experts, top-8, hidden 2048, I = 768 / tp) against the reference in bf16 and float32, bf16 at
 Mixtral-8x7B's tp-2 shape, float32 (no TF32), and replay the layer from a CUDA graph with
 other routing than it was captured with (on a GPU host:
