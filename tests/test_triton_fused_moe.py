@@ -7,7 +7,8 @@ FusedMoE's forward with kernel_backend "triton" within float32 rounding of the r
 8 experts, top-2 to top-4, hidden 64 and an intermediate size of 96 (not a multiple of the
 tiles), for 1 token (some experts get nothing), 5 and 33 tokens (experts with more pairs
 than a block), with the default tiles and with small forced ones (several column tiles,
-partial K steps); and the whole sparse block (router, then the Triton experts) against
+partial K steps); float16 and bfloat16 within a few ulps (the same roundings, other sum
+orders); and the whole sparse block (router, then the Triton experts) against
 transformers' Qwen3-MoE and Mixtral blocks. On a GPU the same tests run compiled; the `gpu` tests run bf16 at the Qwen3-30B-A3B shape of one TP rank (128
 experts, top-8, hidden 2048, I = 768 / tp) against the reference in bf16 and float32, bf16 at
 Mixtral-8x7B's tp-2 shape, float32 (no TF32), and replay the layer from a CUDA graph with
@@ -127,6 +128,26 @@ def test_forward_matches_reference(num_tokens: int, top_k: int) -> None:
     weights, ids = routing(num_tokens, NUM_EXPERTS, top_k, gen)
     out, ref = run_both(moe, x, weights.to(DEVICE), ids.to(DEVICE))
     assert_close_float32(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_reference(dtype: torch.dtype) -> None:
+    """The model-dtype roundings (the products, silu, silu * up, the routing weight) are the
+    reference's; what may differ is the float32 summation order inside the products and the
+    top-k sum (float32 here, the model dtype expert by expert in the reference)."""
+    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    moe = FusedMoE(NUM_EXPERTS, 2, HIDDEN, INTERMEDIATE, dtype, DEVICE)
+    with torch.no_grad():
+        moe.w13_weight.normal_(0.0, 0.2)
+        moe.w2_weight.normal_(0.0, 0.2)
+    x = torch.randn(6, HIDDEN, generator=gen).to(dtype).to(DEVICE)
+    weights, ids = routing(6, NUM_EXPERTS, 2, gen)
+    out, ref = run_both(moe, x, weights.to(dtype).to(DEVICE), ids.to(DEVICE))
+    assert out.dtype == dtype
+    # A few ulps of the output's scale: the reference rounds after each expert's add.
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.float(), ref.float(), rtol=4 * eps, atol=4 * eps * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("config", [MoeConfig(16, 32, 32, 4, 2), MoeConfig(32, 64, 64, 4, 2)])

@@ -213,6 +213,7 @@ def _moe_gemm_kernel(
     MUL_ROUTING: tl.constexpr,
     PRECISION: tl.constexpr,
     LIBDEVICE: tl.constexpr,
+    DOT_IN_FLOAT32: tl.constexpr,  # the interpreter's tl.dot gets bf16 wrong: exact float32 products instead
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -240,9 +241,14 @@ def _moe_gemm_kernel(
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_IN_FLOAT32:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         if GATED:
             w_up = tl.load(w_ptrs + N * stride_wn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_IN_FLOAT32:
+                w_up = w_up.to(tl.float32)
             acc_up = tl.dot(a, w_up, acc_up, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
@@ -342,6 +348,7 @@ def _launch_gemm(
         # float32 models: exact float32 products, not TF32 (what F.linear does by default).
         PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
         LIBDEVICE=a.is_cuda and not interpreting(),
+        DOT_IN_FLOAT32=interpreting() and a.dtype == torch.bfloat16,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
