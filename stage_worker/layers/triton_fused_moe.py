@@ -11,8 +11,10 @@ tensor shapes (CUDA graphs capture it):
    expert wastes at most BLOCK_M - 1 rows), and blocks past the real ones get expert -1.
    Up to ALIGN_MAX_PAIRS pairs (decode, and CUDA graphs up to 512 sequences at top-8) this
    is one single-program Triton kernel (a sort of expert * P + pair keys in registers): the
-   ~15 small torch ops it replaces cost more than the whole expert GEMM of a batch-1 step.
-   Larger batches (prefill, eager) use the same steps in torch ops.
+   ~15 small torch ops it replaces would cost a launch each (~2 us even in a graph), about as
+   much as the expert GEMMs of a batch-1 step (~25 us at Qwen3-30B-A3B's shape on an H100).
+   Larger batches (prefill; decode graphs of more than 512 sequences) use the same steps in
+   torch ops, which need no host sync either.
 2. gate/up GEMM with SiluAndMul fused: a program owns one row block and BLOCK_N columns of
    both the gate and the up half of its expert's w13 [2 * I, H], gathers its rows of x
    (token = pair // top_k), and writes silu(gate) * up for its pairs: [num_pairs, I].
