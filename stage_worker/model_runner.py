@@ -88,8 +88,9 @@ class ModelRunner:
         set_kernel_backend(self.model, self.kernel_backend)
         # Graphs replay the Triton path only (the reference loops over sequences on the
         # host), and a sequence-parallel stage's decode rows are too few to be worth it.
-        # A layer without a graph-safe path yet (the MoE experts' loop sizes each expert's
-        # batch on the host) says so with supports_cuda_graphs = False.
+        # A layer whose path in this backend is not graph-safe says so with
+        # supports_cuda_graphs False (read after set_kernel_backend: FusedMoE's reference loop
+        # sizes each expert's batch on the host, its Triton path does not).
         self.use_cuda_graphs = (
             device.type == "cuda"
             and self.kernel_backend == "triton"

@@ -1,5 +1,7 @@
 """The GPU fast path (Triton paged attention + decode CUDA graphs) held to the references.
 
+A dense Llama and a Qwen3-MoE (its experts on the Triton path inside the graphs), each:
+
 * float32: concurrent requests (decode steps of several sequences, replayed from a graph
   captured for a larger batch, so padding rows run too) give transformers' float32 greedy
   tokens and logprobs, as tightly as the plain-torch path does.
@@ -38,10 +40,12 @@ FP32_TOL = 2e-3
 PROMPT_LENGTHS = (5, 17, 33, 60, 101, 140)
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+# Dense, and Qwen3-MoE (layer 0 dense, then 8 experts top-2: the Triton experts of
+# layers/triton_fused_moe.py, captured in the decode graphs).
+@pytest.fixture(scope="module", params=["LlamaForCausalLM", "Qwen3MoeForCausalLM"])
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(
-        tmp_path_factory.mktemp("fast-path") / "llama", "LlamaForCausalLM", num_layers=4, hidden_size=256,
+        tmp_path_factory.mktemp("fast-path") / request.param, request.param, num_layers=4, hidden_size=256,
         num_heads=8, num_kv_heads=2, intermediate_size=512, initializer_range=0.1, seed=11,
     )
 

@@ -14,7 +14,9 @@ Checkpoints store each expert separately (HF keys `experts.N.gate_proj`, `.up_pr
 parameter's weight_loader with the shard id (expert id, "w1" | "w3" | "w2").
 
 The reference path (CPU, and the parity baseline) sorts the (token, expert) pairs by expert
-and loops over the experts that received tokens.
+and loops over the experts that received tokens. The Triton path (layers/triton_fused_moe.py,
+`kernel_backend == "triton"`) groups the pairs on the device and runs one grouped GEMM launch
+per projection; it reads nothing back to the host, so decode steps are captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -66,10 +68,6 @@ class FusedMoE(nn.Module):
     sum over each token's experts, [num_tokens, hidden], all-reduced over the TP group unless
     reduce_results is False (the caller then reduces, e.g. reduce-scatters by tokens)."""
 
-    # The reference path reads the experts' token counts on the host: it cannot be captured
-    # in a CUDA graph (model_runner.py then runs decode steps eagerly).
-    supports_cuda_graphs = False
-
     def __init__(
         self,
         num_experts: int,
@@ -96,9 +94,14 @@ class FusedMoE(nn.Module):
         self.w2_weight = new_parameter((num_experts, hidden_size, local), dtype, device)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
-        # See layers/kernel_backend.py. Only the reference path exists so far: with "triton"
-        # the experts still run it.
+        # See layers/kernel_backend.py.
         self.kernel_backend = "reference"
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """The reference path reads the experts' token counts on the host, so it cannot be
+        captured (model_runner.py then runs decode steps eagerly); the Triton path can."""
+        return self.kernel_backend == "triton"
 
     def weight_loader(self, param: nn.Parameter, loaded: Loaded, shard_id: tuple[int, str]) -> None:
         expert_id, shard = shard_id
@@ -119,7 +122,12 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, hidden]; topk_weights [num_tokens, top_k] (the product with an expert's
         output is taken in their dtype, then cast to x's); topk_ids [num_tokens, top_k]."""
-        out = self._forward_reference(x, topk_weights, topk_ids)
+        if self.kernel_backend == "triton":
+            from stage_worker.layers.triton_fused_moe import fused_moe
+
+            out = fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        else:
+            out = self._forward_reference(x, topk_weights, topk_ids)
         if self.reduce_results and self.tp_size > 1:
             out = get_tp_group().all_reduce(out)
         return out
