@@ -116,7 +116,7 @@ def main() -> None:
 
 def _candidates(m: int) -> list[tuple[int, int, int, int, int]]:
     if m <= 16:
-        return [(16, bn, s, 4, st) for bn in (16, 32, 64, 128) for s in (1, 2, 4, 8) for st in (3, 4, 6)]
+        return [(16, bn, s, 4, 4) for bn in (16, 32, 64) for s in (1, 2, 4)]
     if m <= 64:
         return [(bm, bn, s, w, 4) for bm in (32, 64) for bn in (64, 128) for s in (1, 2, 4) for w in (4, 8)]
     return [(bm, bn, 1, w, st) for bm in (64, 128) for bn in (128, 256) for w in (4, 8) for st in (3, 4)]

@@ -225,7 +225,7 @@ def test_generate_cli_chat_sends_the_conversation(system: ServingSystem, tmp_pat
         cwd=REPO, env=_with_token(tmp_path), capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(expected.text) and "[finish: length]" in out.stdout
+    assert out.stdout.startswith(expected.text) and "[finish: length]" in out.stderr
     # --chat alone: the prompt is the only (user) message.
     alone = system.client.generate([CONVERSATION[1]], max_new_tokens=4, ignore_eos=True, timeout=60)
     out = subprocess.run(
