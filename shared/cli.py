@@ -103,6 +103,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
 def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
@@ -130,6 +137,10 @@ def _add_router_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kv-blocks", type=int, default=0, help="cap on the KV pool (0: no cap)")
     p.add_argument("--step-timeout", type=float, default=120.0,
                    help="seconds the pipeline may take to answer a step before it is declared stuck")
+    p.add_argument("--recovery-timeout", type=_non_negative_float, default=60.0,
+                   help="when a stage fails, keep the requests in flight (and queue new ones) this many "
+                        "seconds for the pipeline to recover, then recompute and continue them; past it "
+                        "they end with UNAVAILABLE (0: at once, for clients that retry themselves)")
     p.add_argument("--shuffle-blocks-seed", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -143,6 +154,7 @@ def _router_flag_values(args: argparse.Namespace) -> list[str]:
         "--gpu-memory-utilization", str(args.gpu_memory_utilization),
         "--kv-cache-bytes", str(args.kv_cache_bytes), "--max-kv-blocks", str(args.max_kv_blocks),
         "--step-timeout", str(args.step_timeout), "--stream-interval", str(args.stream_interval),
+        "--recovery-timeout", str(args.recovery_timeout),
     ]
     if args.no_prefix_caching:
         out.append("--no-prefix-caching")
@@ -510,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
                 kv_cache_bytes=args.kv_cache_bytes, max_kv_blocks=args.max_kv_blocks,
                 startup_timeout_s=args.startup_timeout, shuffle_blocks_seed=args.shuffle_blocks_seed,
                 step_timeout_s=args.step_timeout, stream_interval=args.stream_interval,
-                metrics_port=args.metrics_port,
+                recovery_timeout_s=args.recovery_timeout, metrics_port=args.metrics_port,
                 tls=_server_tls(args), auth_token_file=args.auth_token_file,
                 stage_access=StageAccess(
                     tls=client_tls(args.stage_tls_ca, args.stage_tls_cert, args.stage_tls_key,
