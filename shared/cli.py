@@ -103,6 +103,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:  # NaN too
@@ -208,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--openai-port", type=int, default=None,
                     help="also start the OpenAI-compatible HTTP front (`stageserve openai`) on this port, "
                          "on --host (default: none)")
+    up.add_argument("--max-stage-failures", type=_positive_int, default=3,
+                    help="a stage process that exits while serving is started again, unless this is its "
+                         "Nth exit within --stage-failure-window; then `up` stops with its error (1: never "
+                         "restart)")
+    up.add_argument("--stage-failure-window", type=_positive_float, default=300.0,
+                    help="seconds over which --max-stage-failures counts a stage's exits")
     up.add_argument("--served-model-name", default=None,
                     help="with --openai-port: the model id of the HTTP API (default: the model folder's name)")
     _add_router_flags(up)
@@ -467,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             from shared.demo_model import ensure_demo_model
-            from shared.launcher import UpConfig, resolve_device, run_up
+            from shared.launcher import StageRestartPolicy, UpConfig, resolve_device, run_up
 
             from shared.launcher import choose_up_partition
             from shared.memory_plan import format_partition
@@ -499,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                 stage_token=not args.no_stage_token, load_format=args.load_format,
                 kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
                 openai_port=args.openai_port, served_model_name=args.served_model_name,
+                stage_restart=StageRestartPolicy(args.max_stage_failures, args.stage_failure_window),
             )
             return run_up(config, args.prompt, _sampling_from(args))
         if args.command == "router":
