@@ -144,6 +144,10 @@ class Engine:
         # Requests kept across the recovery must see it complete before this time (monotonic).
         self._carry_until: float | None = None
         self._carried: set[int] = set()
+        # After a resume, the last deadline until the re-formed pipeline completes a step: a
+        # pipeline that fails again at once (a request that crashes a stage, recomputed)
+        # must not win every kept request a fresh timeout, round after round.
+        self._unconfirmed_deadline: float | None = None
         # Each set of Execute streams has a number: events of older, closed streams (their
         # readers report the close) must not fail the new pipeline.
         self._streams = 0
@@ -342,6 +346,7 @@ class Engine:
         batch = self._inflight.pop(result.step_id, None)
         if batch is None:
             return
+        self._unconfirmed_deadline = None  # the re-formed pipeline works
         self._answered.pop(result.step_id, None)
         self._progress_at = time.monotonic()
         self.metrics.on_result_handled(self._progress_at - arrived)
@@ -510,7 +515,7 @@ class Engine:
         # The next stream starts from a clean slate: every sequence is sent whole again.
         self._builder.restart_stream()
         if self.recovery_timeout_s > 0 and self.failed is None:
-            self._carry_until = self._down_since + self.recovery_timeout_s
+            self._carry_until = self._unconfirmed_deadline or self._down_since + self.recovery_timeout_s
             self._carried = set(self._requests)
             log.warning("keeping %d requests for up to %g s while the pipeline recovers (--recovery-timeout)",
                         len(self._carried), self.recovery_timeout_s)
@@ -537,6 +542,7 @@ class Engine:
         self.metrics.on_recovered(down_s, carried)
         log.warning("pipeline serving again after %.1f s; %d requests carried over", down_s, carried)
         self.down = self.failed = None
+        self._unconfirmed_deadline = self._carry_until
         self._carry_until, self._carried = None, set()
         self._open_streams()
 

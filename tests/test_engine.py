@@ -643,6 +643,24 @@ def test_past_the_recovery_timeout_requests_end_unavailable_until_resumed(make) 
     assert h.submit([0, 2, 3], max_new_tokens=3, ignore_eos=True)[1].wait().tokens == reference([0, 2, 3], 3)
 
 
+def test_a_pipeline_that_fails_again_before_any_step_keeps_the_first_deadline(make) -> None:
+    # A request that crashes a stage would crash every re-formed pipeline: the rounds must
+    # not each win the kept requests a fresh recovery timeout.
+    h = make(pp=2, recovery_timeout_s=1.0)
+    h.pipeline.set_hold(True)
+    _, sink = h.submit(_prompt(5, 90), max_new_tokens=20)
+    h.pipeline.wait_for_step(1)
+    broken = time.monotonic()
+    _break_and_forget(h)
+    time.sleep(0.5)
+    h.pipeline.set_hold(True)
+    _resume(h)
+    h.pipeline.wait_for_step(2)  # the recompute goes out, and is never answered
+    _break_and_forget(h)
+    assert "did not recover within 1 s" in sink.wait().last.error_message
+    assert time.monotonic() - broken < 1.4
+
+
 def test_engine_rejects_a_non_positive_step_timeout(tokenizer) -> None:
     with pytest.raises(ValueError, match="step_timeout_s must be > 0"):
         Harness(tokenizer, step_timeout_s=0)
