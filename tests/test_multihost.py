@@ -23,7 +23,7 @@ import pytest
 from shared.demo_model import write_tiny_model
 from tests.e2e_harness import REPO, comparable_prefix, hf_greedy
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SUBNET = "10.77.0"
 ROUTER_IP, STAGE_IPS = f"{SUBNET}.1", (f"{SUBNET}.2", f"{SUBNET}.3")

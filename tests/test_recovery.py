@@ -34,7 +34,7 @@ from shared.demo_model import write_tiny_model
 from tests.e2e_harness import ServingSystem
 from tests.test_fault import _wait_pool_full, child_pids, rank_pids
 
-pytestmark = pytest.mark.timeout(400)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 NUM_STAGES, TP = 2, 2
 NEW_TOKENS = 100
