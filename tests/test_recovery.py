@@ -161,11 +161,33 @@ def _kill_and_compare(setup: Setup, kill: Callable[[], None]) -> None:
     system = setup.system
     killed_at: list[float] = []
 
+    late: list[object] = []
+
+    def send_late() -> None:
+        # Sent once the failure is seen (health NOT_SERVING): it waits with the kept streams
+        # instead of being refused, and is served once the pipeline is back.
+        with GenerationClient(system.address, RetryPolicy(max_attempts=1)) as client:
+            try:
+                late.append(client.generate(REQUESTS[0][0], timeout=RECOVER_WITHIN_S + 60, max_new_tokens=20,
+                                            ignore_eos=True, **REQUESTS[0][1]))
+            except grpc.RpcError as exc:
+                late.append(exc)
+
+    late_thread = threading.Thread(target=send_late, daemon=True)
+
     def fault(_: list[StreamRecord]) -> None:
         killed_at.append(time.monotonic())
         kill()
+        deadline = time.monotonic() + 10
+        while system.client.is_serving():
+            assert time.monotonic() < deadline, "router still SERVING 10 s after the kill"
+            time.sleep(0.05)
+        late_thread.start()
 
     records = run_streams(system, during=fault)
+    late_thread.join(60)
+    assert late and not isinstance(late[0], grpc.RpcError), late
+    assert list(late[0].token_ids) == setup.reference[0].token_ids[:20]
     # SERVING again by now (the streams could not finish otherwise); how long it took.
     for record, ref, (prompt, sampling) in zip(records, setup.reference, REQUESTS):
         assert record.error is None, f"{prompt!r} {sampling}: {record.error}\n{system.log()}"
