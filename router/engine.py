@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from router.block_manager import BlockManager
 from router.detokenizer import DetokenizerStep, IncrementalDetokenizer, TokenDecoder, add_tokens_batch
 from router.metrics import RouterMetrics
 from router.request_validation import ValidatedRequest
@@ -36,6 +37,10 @@ log = logging.getLogger("stageserve.router")
 # would leave every client waiting forever; past this long without an answer the pipeline
 # is declared failed. Generous: a cold first step or a long CPU prefill must not trip it.
 DEFAULT_STEP_TIMEOUT_S = 120.0
+# How long the streams in flight when a stage fails are kept for the re-formed pipeline to
+# carry on (the router's --recovery-timeout). A stage restarted at once rejoins in 7-11 s on
+# the CPU test machine; with real checkpoints the weights' load time adds to that.
+DEFAULT_RECOVERY_TIMEOUT_S = 60.0
 
 
 class EngineUnavailable(RuntimeError):
@@ -85,9 +90,12 @@ class Engine:
         on_failure: Callable[[str], None] | None = None,
         forward_sampled_tokens: bool = False,
         stream_interval: int = 1,
+        recovery_timeout_s: float = 0.0,
     ) -> None:
         if not step_timeout_s > 0:
             raise ValueError(f"step_timeout_s must be > 0 seconds, got {step_timeout_s}")
+        if not recovery_timeout_s >= 0:
+            raise ValueError(f"recovery_timeout_s must be >= 0 seconds, got {recovery_timeout_s}")
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1 token, got {stream_interval}")
         # A stream's tokens go out this many per message (the first token and the last at
@@ -105,6 +113,10 @@ class Engine:
         self.max_inflight = max_inflight
         self.max_pending = max_pending
         self.step_timeout_s = step_timeout_s
+        # > 0: when a stage fails, requests are kept (back to waiting, as preempted ones) this
+        # long for the re-formed pipeline (`resume`) to recompute and continue them; 0 (and
+        # past it): they end with UNAVAILABLE at once, for callers that retry themselves.
+        self.recovery_timeout_s = recovery_timeout_s
         self.stats = EngineStats()
         self.metrics = RouterMetrics()  # detached; the router's own comes via RouterMetrics.attach
         self._events: queue.Queue[tuple] = queue.Queue()
@@ -124,7 +136,23 @@ class Engine:
         self._ids = itertools.count(1)
         self._pending = 0
         self._pending_lock = threading.Lock()
+        # Why new requests are refused (the pipeline is down and nothing is kept for it, or
+        # the engine stopped); None while it serves or carries requests across a recovery.
         self.failed: str | None = None
+        # Why the pipeline is down (a stage failed); None while it serves. While down nothing
+        # is scheduled; `resume` brings it back.
+        self.down: str | None = None
+        self._down_since = 0.0
+        # Requests kept across the recovery must see it complete before this time (monotonic).
+        self._carry_until: float | None = None
+        self._carried: set[int] = set()
+        # After a resume, the last deadline until the re-formed pipeline completes a step: a
+        # pipeline that fails again at once (a request that crashes a stage, recomputed)
+        # must not win every kept request a fresh timeout, round after round.
+        self._unconfirmed_deadline: float | None = None
+        # Each set of Execute streams has a number: events of older, closed streams (their
+        # readers report the close) must not fail the new pipeline.
+        self._streams = 0
         # Told once, from the engine thread, when the pipeline fails (not on stop): the
         # router's recovery starts from here.
         self._on_failure = on_failure
@@ -136,13 +164,27 @@ class Engine:
     # ---- called from other threads -----------------------------------------------------
 
     def start(self) -> None:
-        last = len(self.stages) - 1
+        self._open_streams()
+        self._thread.start()
+
+    def _open_streams(self) -> None:
+        self._streams += 1
+        streams, last = self._streams, len(self.stages) - 1
         for index, stage in enumerate(self.stages):
             stage.open_execute(
-                on_result=lambda r, i=index: self._events.put(("result", i == last, r, time.monotonic())),
-                on_error=lambda msg: self._events.put(("stage_error", msg)),
+                on_result=lambda r, i=index: self._events.put(("result", streams, i == last, r, time.monotonic())),
+                on_error=lambda msg: self._events.put(("stage_error", streams, msg)),
             )
-        self._thread.start()
+
+    def resume(self, block_manager: BlockManager) -> None:
+        """The pipeline was re-formed (every stage serves again, with an empty KV pool of
+        `block_manager`'s size): new Execute streams open and the requests kept meanwhile are
+        recomputed and continue. Called from the router's recovery thread."""
+        self._events.put(("resume", block_manager))
+
+    @property
+    def serving(self) -> bool:
+        return self.down is None and self.failed is None
 
     def stop(self) -> None:
         self._events.put(("stop",))
@@ -179,9 +221,10 @@ class Engine:
             # abort), so block until one comes, then drain the rest: one scheduling pass
             # sees every abort and submit received so far.
             try:
-                event = self._events.get(timeout=self._time_left_for_oldest_step())
+                event = self._events.get(timeout=self._time_to_next_deadline())
             except queue.Empty:
                 self._check_step_timeout()
+                self._check_recovery_timeout()
                 continue
             self._handle(event)
             while not self._stop:
@@ -189,6 +232,8 @@ class Engine:
                     self._handle(self._events.get_nowait())
                 except queue.Empty:
                     break
+            # Requests arriving during a recovery must not postpone its deadline.
+            self._check_recovery_timeout()
             # The next steps leave before this round's responses are built: the stages
             # compute while the router writes streams, instead of waiting for it.
             self._schedule_steps()
@@ -196,6 +241,8 @@ class Engine:
 
     def _handle(self, event: tuple) -> None:
         kind = event[0]
+        if kind in ("result", "stage_error") and event[1] != self._streams:
+            return  # from the streams of a pipeline that failed before
         if kind not in ("submit", "result"):
             # An abort or a failure ends streams: their tokens already sampled go out first.
             self._emit_tokens()
@@ -204,9 +251,11 @@ class Engine:
         elif kind == "abort":
             self._abort(event[1])
         elif kind == "result":
-            self._on_result(event[1], event[2], event[3])
+            self._on_result(event[2], event[3], event[4])
         elif kind == "stage_error":
-            self._fail_all(event[1])
+            self._pipeline_failed(event[2])
+        elif kind == "resume":
+            self._resume(event[1])
         elif kind == "stop":
             self._stop = True
             self._fail_all("the router is shutting down", expected=True)
@@ -250,7 +299,7 @@ class Engine:
         self._end(req, gen.FINISH_REASON_CANCELLED, "")
 
     def _schedule_steps(self) -> None:
-        while not self.failed and len(self._inflight) < self.max_inflight:
+        while self.serving and len(self._inflight) < self.max_inflight:
             batch = self.scheduler.schedule()
             if batch is None:
                 # The result let no step out (nothing to run, or a lane waits for its own):
@@ -306,6 +355,7 @@ class Engine:
         batch = self._inflight.pop(result.step_id, None)
         if batch is None:
             return
+        self._unconfirmed_deadline = None  # the re-formed pipeline works
         self._answered.pop(result.step_id, None)
         self._progress_at = time.monotonic()
         self.metrics.on_result_handled(self._progress_at - arrived)
@@ -432,11 +482,17 @@ class Engine:
         with self._pending_lock:
             self._pending -= 1
 
-    def _time_left_for_oldest_step(self) -> float | None:
-        """Seconds until the oldest step in flight times out; None when none is in flight."""
-        if not self._inflight:
+    def _time_to_next_deadline(self) -> float | None:
+        """Seconds until the oldest step in flight times out or the kept requests' recovery
+        deadline passes, whichever is first; None when neither applies."""
+        deadlines = []
+        if self._inflight:
+            deadlines.append(self._progress_at + self.step_timeout_s)
+        if self._carry_until is not None:
+            deadlines.append(self._carry_until)
+        if not deadlines:
             return None
-        return max(0.0, self._progress_at + self.step_timeout_s - time.monotonic())
+        return max(0.0, min(deadlines) - time.monotonic())
 
     def _check_step_timeout(self) -> None:
         if not self._inflight or time.monotonic() < self._progress_at + self.step_timeout_s:
@@ -445,21 +501,71 @@ class Engine:
         answered = self._answered.get(oldest, set())
         silent = [f"{i} ({s.address})" for i, s in enumerate(self.stages) if i not in answered]
         # Downstream stages wait for upstream ones, so the first silent stage is the suspect.
-        self._fail_all(
+        self._pipeline_failed(
             f"step {oldest} got no answer within {self.step_timeout_s:g} s (the router's per-step "
             f"timeout) from stage {', '.join(silent)}; the first of them is stuck or overloaded"
         )
 
+    def _pipeline_failed(self, message: str) -> None:
+        """A stage's stream broke or a step timed out: the process group and every stage's KV
+        cache are lost. The steps in flight are written off and every request goes back to
+        waiting, to be recomputed from its prompt and the tokens already streamed once the
+        router's recovery re-forms the pipeline (`resume`); with no recovery time allowed,
+        they end with UNAVAILABLE now."""
+        if self.down is not None or self._stop:
+            return  # another stage's stream reporting the same failure
+        log.error("pipeline failed: %s", message)
+        self.down = message
+        self._down_since = time.monotonic()
+        self.scheduler.on_pipeline_lost(list(self._inflight.values()))
+        self._inflight.clear()
+        self._answered.clear()
+        self._turnaround_from = None
+        # The next stream starts from a clean slate: every sequence is sent whole again.
+        self._builder.restart_stream()
+        if self.recovery_timeout_s > 0 and self.failed is None:
+            self._carry_until = self._unconfirmed_deadline or self._down_since + self.recovery_timeout_s
+            self._carried = set(self._requests)
+            log.warning("keeping %d requests for up to %g s while the pipeline recovers (--recovery-timeout)",
+                        len(self._carried), self.recovery_timeout_s)
+        else:
+            self._fail_all(message)
+        if self._on_failure is not None:
+            self._on_failure(message)
+
+    def _check_recovery_timeout(self) -> None:
+        if self._carry_until is None or time.monotonic() < self._carry_until:
+            return
+        assert self.down is not None
+        self._fail_all(
+            f"{self.down}; the pipeline did not recover within {self.recovery_timeout_s:g} s (--recovery-timeout)"
+        )
+
+    def _resume(self, block_manager: BlockManager) -> None:
+        if self.down is None or self._stop:
+            return
+        self.scheduler.replace_block_manager(block_manager)
+        self.block_manager = block_manager
+        down_s = time.monotonic() - self._down_since
+        carried = sum(1 for seq_id in self._carried if seq_id in self._requests)
+        self.metrics.on_recovered(down_s, carried)
+        log.warning("pipeline serving again after %.1f s; %d requests carried over", down_s, carried)
+        self.down = self.failed = None
+        self._unconfirmed_deadline = self._carry_until
+        self._carry_until, self._carried = None, set()
+        self._open_streams()
+
     def _fail_all(self, message: str, expected: bool = False) -> None:
-        """A stage stream broke (or the router stops): every request ends with an error and
-        this engine stays down (the router's recovery builds a new one)."""
-        newly_failed = self.failed is None
-        if newly_failed:
+        """Every request ends with UNAVAILABLE and new ones are refused (until `resume`):
+        the pipeline failed with no recovery time allowed, or not within it, or the router
+        stops."""
+        if self.failed is None:
             if expected:
                 log.info("engine stopping: %s", message)
             else:
-                log.error("pipeline failed: %s", message)
+                log.error("ending every request: %s", message)
             self.failed = message
+        self._carry_until, self._carried = None, set()
         for batch in list(self._inflight.values()):
             self.scheduler.on_step_failed(batch, message)
         self._inflight.clear()
@@ -471,8 +577,6 @@ class Engine:
                 _final(gen.FINISH_REASON_ERROR, req.seq.request_id, f"unavailable: {message}"),
                 EngineUnavailable(message),
             )
-        if newly_failed and not expected and self._on_failure is not None:
-            self._on_failure(message)
 
 
 def _final(reason: int, request_id: str, message: str) -> gen.GenerateResponse:

@@ -21,6 +21,9 @@ from prometheus_client.registry import Collector
 
 from router.sequence import Sequence
 from shared.metrics import LATENCY_BUCKETS, NAMESPACE, STEP_BUCKETS, new_registry
+
+# Seconds. A recovery reloads weights in fresh rank processes: seconds (a tiny model) to minutes.
+RECOVERY_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0, 600.0)
 from shared.proto import generation_pb2 as gen
 from shared.proto import stage_worker_pb2 as pb
 
@@ -164,6 +167,16 @@ class RouterMetrics:
             "router_serving", "1 while the router reports SERVING on the health service.",
             namespace=ns, registry=r,
         )
+        self.streams_carried = Counter(
+            "streams_carried_over", "Requests in flight when a stage failed that were kept, "
+            "recomputed and continued once the pipeline served again (--recovery-timeout).",
+            namespace=ns, registry=r,
+        )
+        self.recovery = Histogram(
+            "pipeline_recovery_seconds", "Time from a stage failure to the re-formed pipeline "
+            "serving again: how long the streams kept across it paused.",
+            namespace=ns, registry=r, buckets=RECOVERY_BUCKETS,
+        )
         self._last_token_at: dict[int, float] = {}
         # step id -> (send time, step kind, {stage index: arrival time of its result})
         self._steps: OrderedDict[int, tuple[float, str, dict[int, float]]] = OrderedDict()
@@ -233,6 +246,10 @@ class RouterMetrics:
                 "error": last.error_message,
             },
         )
+
+    def on_recovered(self, seconds: float, carried: int) -> None:
+        self.recovery.observe(seconds)
+        self.streams_carried.inc(carried)
 
     def on_result_handled(self, queued_s: float) -> None:
         self.result_queue.observe(queued_s)

@@ -1,12 +1,14 @@
 """Bringing the pipeline back after a stage failure, without restarting any process.
 
-When the engine fails (a stage's step stream broke, or a step timed out), every request
-in flight has already ended with UNAVAILABLE and new ones are refused. The process group
+When the engine's pipeline goes down (a stage's step stream broke, or a step timed out),
+it keeps every request, back to waiting, for up to --recovery-timeout (or ends them with
+UNAVAILABLE at once when that is 0) and schedules nothing. The process group
 the stages' ranks formed is broken for good (a collective with a dead peer never
 completes), so recovery forms a new one: the next epoch is published in the router's
 store, every stage is told to Rejoin it (fresh rank processes that reload their weights
-and rendezvous under the new epoch's key prefix), and the usual bring-up runs again. A
-stage the operator restarts reads the current epoch from the store by itself.
+and rendezvous under the new epoch's key prefix), and the usual bring-up runs again; the
+same engine then resumes on the new pipeline and recomputes the requests it kept. A stage
+the operator (or `stageserve up`) restarts reads the current epoch from the store by itself.
 """
 
 from __future__ import annotations
@@ -37,14 +39,12 @@ class PipelineRecovery:
         self,
         stages: list[StageClient],
         publish_epoch: Callable[[int], None],
-        stop_engine: Callable[[], None],
         start_engine: Callable[[], None],
         set_serving: Callable[[bool], None],
     ) -> None:
         self.stages = stages
         self.epoch = 0
         self._publish_epoch = publish_epoch
-        self._stop_engine = stop_engine
         self._start_engine = start_engine
         self._set_serving = set_serving
         self._lock = threading.Lock()
@@ -83,7 +83,7 @@ class PipelineRecovery:
         started = time.monotonic()
         log.warning("pipeline failed (%s); recovering", reason)
         self._set_serving(False)
-        self._stop_engine()
+        # The engine schedules nothing while its pipeline is down; the old streams go.
         for stage in self.stages:
             stage.close_execute()
         while not self._stop.is_set():

@@ -280,6 +280,30 @@ class Scheduler:
             failed.append(seq)
         return failed
 
+    def on_pipeline_lost(self, inflight: list[ScheduledBatch]) -> list[Sequence]:
+        """A stage failed: the steps in `inflight` never return and every stage's KV cache is
+        gone. Each unfinished sequence goes back to waiting as a preempted one does (no
+        blocks, nothing computed), in arrival order, to be recomputed from its prompt and the
+        tokens it already has once the pipeline serves again; returns them."""
+        for batch in inflight:
+            self._step_returned(batch)
+            for entry in batch.entries:
+                # Sequences that ended while in flight get their blocks freed here.
+                self._returned(entry)
+        assert not self._free_on_return, f"sequences still in flight: {self._free_on_return}"
+        # Reported preemptions told the stages to drop sequences they no longer have.
+        self._pending_preempted = []
+        # Reversed: each goes to the front of the queue, so the oldest ends up first.
+        for seq in reversed(tuple(self._running)):
+            self._preempt(seq)
+        return list(self._waiting)
+
+    def replace_block_manager(self, block_manager: BlockManager) -> None:
+        """The re-formed pipeline's pool (its blocks hold nothing, so no prefix-cache entry
+        of the old pool may survive); only while no sequence holds blocks."""
+        assert not self._running, "running sequences hold blocks of the old pool"
+        self.block_manager = block_manager
+
     def finish(self, seq: Sequence) -> None:
         """Ends a sequence (the engine saw a stop condition); frees its blocks now, or when
         its step returns if it is in flight."""

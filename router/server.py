@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from router.block_manager import BlockManager
 from router.chat_template import ChatRenderer, chat_template_of
 from router.control_plane import CachePlan, PipelineState, bring_up
-from router.engine import DEFAULT_STEP_TIMEOUT_S, Engine, EngineUnavailable
+from router.engine import DEFAULT_RECOVERY_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, Engine, EngineUnavailable
 from router.malformed_requests import RejectMalformedRequests
 from router.metrics import RouterMetrics
 from router.prompt_encoder import LARGE_TEXT_CHARS, PromptEncoder
@@ -96,6 +96,9 @@ class RouterConfig:
     shuffle_blocks_seed: int | None = None
     # A step no stage answers for this long fails the pipeline (a stuck stage).
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    # A stage failure keeps the requests in flight this long for the re-formed pipeline to
+    # continue them (0: they end with UNAVAILABLE at once, today's fail-fast behaviour).
+    recovery_timeout_s: float = DEFAULT_RECOVERY_TIMEOUT_S
     # Tokens per streamed message after the first (Engine.stream_interval).
     stream_interval: int = 1
     # Prometheus endpoint on host:metrics_port; None serves none.
@@ -223,13 +226,14 @@ class GenerationService(gen_grpc.GenerationServicer):
         if missing is not None:
             self.metrics.on_rejected("failed_precondition")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, missing)
-        if self.recovering is not None:
-            self.metrics.on_rejected("unavailable")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"recovering: {self.recovering}")
         engine = self.engine
+        # While the pipeline recovers, the engine keeps requests (--recovery-timeout) and this
+        # one waits with them; one that keeps none (0, or past that time) refuses at once.
         if engine is None or engine.failed:
-            reason = engine.failed if engine is not None else "the pipeline is starting"
             self.metrics.on_rejected("unavailable")
+            if self.recovering is not None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"recovering: {self.recovering}")
+            reason = engine.failed if engine is not None else "the pipeline is starting"
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not serving: {reason}")
         loop = asyncio.get_running_loop()
         prompt_chars = len(request.prompt) if request.WhichOneof("input") == "prompt" else 0
@@ -393,8 +397,7 @@ class Router:
         self._store_socket: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.recovery = PipelineRecovery(
-            self.stages, self._publish_epoch, self._stop_engine, self.start_engine,
-            self._set_serving_from_thread,
+            self.stages, self._publish_epoch, self.start_engine, self._set_serving_from_thread
         )
 
     async def set_serving(self, serving: bool) -> None:
@@ -438,6 +441,13 @@ class Router:
             enable_prefix_caching=cfg.scheduler.enable_prefix_caching,
             shuffle_seed=cfg.shuffle_blocks_seed,
         )
+        if self.service.engine is not None:
+            # A recovery: the engine that kept the requests carries on with the new pipeline
+            # (and its empty pool; the sizes may differ if a stage came back with other memory).
+            self.service.pipeline = state
+            self.service.engine.resume(block_manager)
+            self.service.recovering = None
+            return
         scheduler = Scheduler(
             cfg.scheduler, block_manager, max_context=self.model.max_context, num_stages=len(self.stages)
         )
@@ -453,6 +463,7 @@ class Router:
             step_timeout_s=cfg.step_timeout_s,
             stream_interval=cfg.stream_interval,
             on_failure=self._on_engine_failure,
+            recovery_timeout_s=cfg.recovery_timeout_s,
         )
         self.metrics.attach(engine)
         engine.start()
@@ -467,14 +478,9 @@ class Router:
         self._store.set(EPOCH_KEY, str(epoch))
 
     def _on_engine_failure(self, reason: str) -> None:
-        # From the engine thread, after it ended every request: refuse new ones at once.
+        # From the engine thread, once it has kept (or ended) every request.
         self.service.recovering = reason
         self.recovery.trigger(reason)
-
-    def _stop_engine(self) -> None:
-        engine, self.service.engine = self.service.engine, None
-        if engine is not None:
-            engine.stop()
 
     def _set_serving_from_thread(self, serving: bool) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -487,7 +493,7 @@ class Router:
         while not stop.is_set():
             engine = self.service.engine
             stages_ok = all(await asyncio.gather(*(loop.run_in_executor(None, s.is_serving) for s in self.stages)))
-            now = engine is not None and engine.failed is None and stages_ok
+            now = engine is not None and engine.serving and stages_ok
             if now != serving:
                 serving = now
                 await self.set_serving(now)

@@ -125,6 +125,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text}")
+    return value
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each flag's default, unless it is nothing worth saying (None, False for a
     switch) or the help text already says it."""
@@ -173,6 +187,10 @@ def _add_router_flags(p: Flags, memory: Flags | None = None) -> None:
     memory.add_argument("--max-kv-blocks", type=int, default=0, help="cap on the KV pool (0: no cap)")
     p.add_argument("--step-timeout", type=float, default=120.0,
                    help="seconds the pipeline may take to answer a step before it is declared stuck")
+    p.add_argument("--recovery-timeout", type=_non_negative_float, default=60.0,
+                   help="when a stage fails, keep the requests in flight (and queue new ones) this many "
+                        "seconds for the pipeline to recover, then recompute and continue them; past it "
+                        "they end with UNAVAILABLE (0: at once, for clients that retry themselves)")
     p.add_argument("--shuffle-blocks-seed", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -192,6 +210,7 @@ def _router_flag_values(args: argparse.Namespace) -> list[str]:
         "--gpu-memory-utilization", str(args.gpu_memory_utilization),
         "--kv-cache-bytes", str(args.kv_cache_bytes), "--max-kv-blocks", str(args.max_kv_blocks),
         "--step-timeout", str(args.step_timeout), "--stream-interval", str(args.stream_interval),
+        "--recovery-timeout", str(args.recovery_timeout),
     ]
     if args.no_prefix_caching:
         out.append("--no-prefix-caching")
@@ -246,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
                               "on --host (default: none)")
     serving.add_argument("--served-model-name", default=None,
                          help="with --openai-port: the model id of the HTTP API (default: the model folder's name)")
+    serving.add_argument("--max-stage-failures", type=_positive_int, default=3,
+                         help="a stage process that exits while serving is started again, unless this is its "
+                              "Nth exit within --stage-failure-window; then `up` stops with its error (1: never "
+                              "restart)")
+    serving.add_argument("--stage-failure-window", type=_positive_float, default=300.0,
+                         help="seconds over which --max-stage-failures counts a stage's exits")
     _add_load_format_flag(serving)
     _add_execution_flags(serving)
     _add_ops_flags(serving, "Prometheus /metrics: the router on this port, stage i on this port + 1 + i "
@@ -533,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             from shared.demo_model import ensure_demo_model
-            from shared.launcher import UpConfig, resolve_device, run_up
+            from shared.launcher import StageRestartPolicy, UpConfig, resolve_device, run_up
 
             from shared.launcher import choose_up_partition
             from shared.memory_plan import format_partition
@@ -568,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
                 stage_token=not args.no_stage_token, load_format=args.load_format,
                 kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
                 openai_port=args.openai_port, served_model_name=args.served_model_name,
+                stage_restart=StageRestartPolicy(args.max_stage_failures, args.stage_failure_window),
             )
             return run_up(config, args.prompt, _sampling_from(args))
         if args.command == "router":
@@ -592,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                 kv_cache_bytes=args.kv_cache_bytes, max_kv_blocks=args.max_kv_blocks,
                 startup_timeout_s=args.startup_timeout, shuffle_blocks_seed=args.shuffle_blocks_seed,
                 step_timeout_s=args.step_timeout, stream_interval=args.stream_interval,
-                metrics_port=args.metrics_port,
+                recovery_timeout_s=args.recovery_timeout, metrics_port=args.metrics_port,
                 tls=_server_tls(args), auth_token_file=args.auth_token_file,
                 stage_access=StageAccess(
                     tls=client_tls(args.stage_tls_ca, args.stage_tls_cert, args.stage_tls_key,

@@ -23,6 +23,24 @@ from shared.sharded_state import read_sharded_state
 
 
 @dataclass(frozen=True)
+class StageRestartPolicy:
+    """What `up` does when a stage process exits while serving: start it again with the
+    same command (compose's `restart: unless-stopped`), so it rejoins the router's current
+    epoch and the streams the router kept carry on; a stage that exits `max_failures` times
+    within `window_s` is broken, not unlucky, and stops `up` with its error."""
+
+    # Exits within the window that stop `up`; 1: never restart (the first exit stops it).
+    max_failures: int = 3
+    window_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_failures < 1:
+            raise ValueError(f"max_failures must be >= 1, got {self.max_failures}")
+        if not self.window_s > 0:
+            raise ValueError(f"window_s must be > 0 seconds, got {self.window_s}")
+
+
+@dataclass(frozen=True)
 class UpConfig:
     model_path: str
     num_stages: int
@@ -54,6 +72,7 @@ class UpConfig:
     # The OpenAI-compatible front (`stageserve openai`) on host:openai_port; None: none.
     openai_port: int | None = None
     served_model_name: str | None = None
+    stage_restart: StageRestartPolicy = StageRestartPolicy()
 
 
 def free_port() -> int:
@@ -163,6 +182,14 @@ class Launcher:
         # With --prompt, the children's logs pass through `up`, which holds them while the
         # answer streams; otherwise they write to the terminal directly.
         self.logs = LogRelay() if relay_logs else None
+        # How each child was started, to start a stage again the same way.
+        self._commands: dict[str, tuple[list[str], dict[str, str] | None]] = {}
+        # Exit times of each stage, for StageRestartPolicy.
+        self._failures: dict[str, list[float]] = {}
+        # Held while children are started, restarted or stopped: the supervisor thread and
+        # stop() never act on the list at once.
+        self._procs_lock = threading.Lock()
+        self._stopping = False
         self.router_address = f"127.0.0.1:{config.port}"
         self.client_tls = (
             client_tls(config.tls_ca or config.tls.cert_file) if config.tls is not None else None
@@ -190,15 +217,19 @@ class Launcher:
         return router, stage
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self._commands[name] = (args, env)
+        self.procs.append((name, self._popen(args, env)))
+
+    def _popen(self, args: list[str], env: dict[str, str] | None) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "shared.cli", *args]
         proc = subprocess.Popen(
             cmd, env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent,
             stderr=subprocess.PIPE if self.logs is not None else None,
         )
-        self.procs.append((name, proc))
         if self.logs is not None:
             assert proc.stderr is not None
             self.logs.follow(proc.stderr)
+        return proc
 
     def start(self) -> None:
         cfg = self.config
@@ -288,6 +319,38 @@ class Launcher:
             args += ["--metrics-port", str(cfg.metrics_port + metrics_offset)]
         return args
 
+    def restart_exited_stages(self) -> str | None:
+        """Starts again every stage process that exited (StageRestartPolicy); returns why
+        `up` must stop instead (a router or front that exited, a stage past its failures)."""
+        policy = self.config.stage_restart
+        with self._procs_lock:
+            if self._stopping:
+                return None
+            for index, (name, proc) in enumerate(self.procs):
+                code = proc.poll()
+                if code is None:
+                    continue
+                if not name.startswith("stage"):
+                    return f"{name} exited with code {code}"
+                now = time.monotonic()
+                recent = [t for t in self._failures.get(name, []) if now - t < policy.window_s] + [now]
+                self._failures[name] = recent
+                if len(recent) >= policy.max_failures:
+                    return (f"{name} exited with code {code}, {len(recent)} times within "
+                            f"{policy.window_s:g} s; not restarting it")
+                # A stage killed hard leaves its rank processes, which exit within half a second
+                # of losing it; its process group (its own session) goes first, so no rank of the
+                # old stage still holds memory while the new one loads its weights.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                print(f"stageserve: {name} exited with code {code}; starting it again "
+                      f"(exit {len(recent)} of {policy.max_failures} allowed within {policy.window_s:g} s)",
+                      file=sys.stderr, flush=True)
+                self.procs[index] = (name, self._popen(*self._commands[name]))
+        return None
+
     def dead_child(self) -> str | None:
         for name, proc in self.procs:
             code = proc.poll()
@@ -312,6 +375,8 @@ class Launcher:
         return True
 
     def stop(self, timeout_s: float = 15.0) -> None:
+        with self._procs_lock:
+            self._stopping = True
         for _, proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -336,6 +401,18 @@ def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     launcher.start()
+    # Why `up` stops on its own (set by the supervisor thread); empty on Ctrl-C / SIGTERM.
+    gave_up: list[str] = []
+
+    def supervise() -> None:
+        # A thread, so a stage that exits is started again while `--prompt` streams too.
+        while not stop.wait(0.5):
+            dead = launcher.restart_exited_stages()
+            if dead:
+                gave_up.append(dead)
+                stop.set()
+
+    supervisor = threading.Thread(target=supervise, name="supervisor", daemon=True)
     try:
         if not launcher.wait_until_serving(stop):
             print("stageserve: stopped during start-up", file=sys.stderr, flush=True)
@@ -344,6 +421,7 @@ def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
         if launcher.openai_url is not None:
             launcher.wait_until_front_serves()
             print(f"OpenAI-compatible API on {launcher.openai_url}/v1", flush=True)
+        supervisor.start()
         if prompt is not None:
             from shared.client import stream_to_stdout
 
@@ -356,13 +434,16 @@ def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
             finally:
                 launcher.logs.release()
         while not stop.wait(0.5):
-            dead = launcher.dead_child()
-            if dead:
-                print(f"stageserve: {dead}; stopping", file=sys.stderr)
-                return 1
+            pass
+        if gave_up:
+            print(f"stageserve: {gave_up[0]}; stopping", file=sys.stderr)
+            return 1
         return 0
     except RuntimeError as exc:
         print(f"stageserve: {exc}", file=sys.stderr)
         return 1
     finally:
+        stop.set()
+        if supervisor.is_alive():
+            supervisor.join()
         launcher.stop()

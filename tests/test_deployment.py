@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,58 @@ def test_dockerfile_installs_the_package_on_a_cuda_pytorch_base() -> None:
     assert not ignored & {s.rstrip("/") for s in copied}, "the .dockerignore drops a copied path"
 
 
+def test_up_restarts_an_exited_stage_until_it_fails_too_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shared.launcher as launcher_module
+    from shared.launcher import Launcher, StageRestartPolicy, UpConfig
+
+    class FakeProc:
+        pid = -1  # never a real process group: killpg is replaced below anyway
+
+        def __init__(self) -> None:
+            self.code: int | None = None
+
+        def poll(self) -> int | None:
+            return self.code
+
+    started: list[list[str]] = []
+    killed: list[int] = []
+    monkeypatch.setattr(Launcher, "_popen", staticmethod(lambda args, env: started.append(args) or FakeProc()))
+    monkeypatch.setattr(launcher_module.os, "killpg", lambda pgid, sig: killed.append(pgid))
+    window = 0.3
+    launcher = Launcher(UpConfig(
+        model_path="m", num_stages=2, tp_size=1, device="cpu", dtype="float32", host="127.0.0.1", port=1,
+        layer_partition=None, router_args=(), startup_timeout_s=1.0, stage_token=False,
+        stage_restart=StageRestartPolicy(max_failures=3, window_s=window),
+    ))
+    for name in ("router", "stage0", "stage1"):
+        launcher._spawn(name, [name])
+    procs = dict(launcher.procs)
+    assert launcher.restart_exited_stages() is None and len(started) == 3
+
+    def exit_stage(name: str, code: int) -> str | None:
+        dict(launcher.procs)[name].code = code
+        return launcher.restart_exited_stages()
+
+    # Exits spaced wider than the window are each restarted, with the same command.
+    for _ in range(3):
+        assert exit_stage("stage1", -9) is None
+        assert started[-1] == ["stage1"] and dict(launcher.procs)["stage1"].poll() is None
+        time.sleep(window + 0.05)
+    assert len(killed) == 3  # the old process group (orphaned ranks) each time
+    # Three exits within the window: `up` stops with the stage's error.
+    assert exit_stage("stage0", 1) is None
+    assert exit_stage("stage0", 1) is None
+    assert exit_stage("stage0", 1) == f"stage0 exited with code 1, 3 times within {window:g} s; not restarting it"
+    # The router is never restarted.
+    dict(launcher.procs)["stage0"].code = None
+    assert exit_stage("router", 0) == "router exited with code 0"
+    assert dict(launcher.procs)["stage1"] is not procs["stage1"]
+    with pytest.raises(ValueError, match="max_failures must be >= 1"):
+        StageRestartPolicy(max_failures=0)
+    args = build_parser().parse_args(["up", "--max-stage-failures", "1", "--stage-failure-window", "60"])
+    assert (args.max_stage_failures, args.stage_failure_window) == (1, 60.0)
+
+
 def test_up_passes_its_router_knobs_through_to_the_router() -> None:
     from shared.cli import _router_flag_values
 
@@ -286,6 +339,12 @@ def test_up_passes_its_router_knobs_through_to_the_router() -> None:
         4, True, True, 7,
     )
     assert router.steps_in_flight_per_seq == 2
+    assert router.recovery_timeout == 60.0
+    up = build_parser().parse_args(["up", "--recovery-timeout", "0"])
+    router = build_parser().parse_args(["router", "--model", "m", "--stages", "a:1", *_router_flag_values(up)])
+    assert router.recovery_timeout == 0.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["router", "--model", "m", "--stages", "a:1", "--recovery-timeout", "-1"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["up", "--stream-interval", "0"])
 

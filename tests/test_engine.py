@@ -229,7 +229,8 @@ class Harness:
     def __init__(self, tokenizer, *, pp: int = 1, num_blocks: int = 64, block_size: int = 4,
                  budget: int = 64, max_num_seqs: int = 8, max_pending: int = 100, max_inflight: int | None = None,
                  max_context: int = 128, eos: tuple[int, ...] = (), step_timeout_s: float = 30.0,
-                 async_scheduling: bool = False, stream_interval: int = 1) -> None:
+                 async_scheduling: bool = False, stream_interval: int = 1,
+                 recovery_timeout_s: float = 0.0) -> None:
         self.tokenizer = tokenizer
         self.pipeline = FakePipeline(pp, num_blocks, block_size, max_context)
         self.limits = RequestLimits(vocab_size=VOCAB, max_context=max_context)
@@ -240,7 +241,7 @@ class Harness:
             self.pipeline.stages, scheduler, tokenizer, eos, max_context,
             max_inflight=max_inflight or config.inflight_steps(pp), max_pending=max_pending,
             step_timeout_s=step_timeout_s, forward_sampled_tokens=async_scheduling and pp > 1,
-            stream_interval=stream_interval,
+            stream_interval=stream_interval, recovery_timeout_s=recovery_timeout_s,
         )
         self.engine.start()
 
@@ -563,6 +564,101 @@ def test_a_slow_pipeline_within_the_step_timeout_keeps_serving(make) -> None:
     for p, s in zip(prompts, sinks):
         assert s.wait().tokens == reference(p, 10)
     assert h.engine.failed is None
+
+
+def _break_and_forget(h: Harness) -> None:
+    """Stage 1's stream breaks; the steps the stages hold are lost with it."""
+    h.pipeline.stages[1].break_stream("stage 1 went away")
+    with h.pipeline.lock:
+        for stage in h.pipeline.stages:
+            stage.held.clear()
+    h.pipeline.set_hold(False)
+
+
+def _resume(h: Harness) -> None:
+    bm = h.engine.block_manager
+    h.engine.resume(BlockManager(bm.num_total_blocks, bm.block_size))
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_broken_stream_keeps_requests_and_the_recovered_pipeline_continues_them(
+    make, async_scheduling: bool
+) -> None:
+    h = make(pp=2, recovery_timeout_s=10.0, async_scheduling=async_scheduling)
+    h.pipeline.set_hold(True)
+    prompts = [_prompt(5 + i, 60 + i) for i in range(4)]
+    sinks = [h.submit(p, max_new_tokens=12, ignore_eos=True)[1] for p in prompts]
+    for n in range(1, 7):  # a few tokens streamed, more steps in flight
+        h.pipeline.wait_for_step(n)
+        h.pipeline.release(1)
+    h.pipeline.wait_for_step(7)
+    deadline = time.monotonic() + WAIT_S
+    while not all(s.tokens for s in sinks):  # the responses are built after the next step left
+        assert time.monotonic() < deadline, "no tokens streamed before the failure"
+        time.sleep(0.005)
+    _break_and_forget(h)
+    time.sleep(0.1)
+    assert not h.engine.serving and h.engine.failed is None
+    assert not any(s.done.is_set() for s in sinks)
+    # A request that arrives meanwhile waits with them; nothing is sent to the stages.
+    sent = len(h.pipeline.steps)
+    late_prompt = _prompt(6, 70)
+    sinks.append(h.submit(late_prompt, max_new_tokens=12, ignore_eos=True)[1])
+    prompts.append(late_prompt)
+    time.sleep(0.1)
+    assert len(h.pipeline.steps) == sent
+    _resume(h)
+    # The stages start from a clean slate, and every sequence is sent with the tokens it has.
+    first = h.pipeline.wait_for_step(sent + 1)
+    assert first.reset and {n.seq_id for n in first.new_seqs} >= {s.seq_id for s in first.seqs}
+    assert any(n.output_token_ids for n in first.new_seqs)
+    for p, s in zip(prompts, sinks):
+        # Exactly the tokens of an undisturbed run: none sent twice, none changed.
+        assert s.wait().tokens == reference(p, 12) and s.finish == "length"
+        assert s.end is None
+    assert h.engine.serving
+    assert h.engine.metrics.streams_carried._value.get() == 4
+
+
+def test_past_the_recovery_timeout_requests_end_unavailable_until_resumed(make) -> None:
+    h = make(pp=2, recovery_timeout_s=0.5)
+    h.pipeline.set_hold(True)
+    sinks = [h.submit(_prompt(5, 80 + i), max_new_tokens=20)[1] for i in range(2)]
+    h.pipeline.wait_for_step(1)
+    broken = time.monotonic()
+    _break_and_forget(h)
+    for s in sinks:
+        assert s.wait().last.error_message == (
+            "unavailable: stage 1 went away; the pipeline did not recover within 0.5 s (--recovery-timeout)"
+        )
+        assert isinstance(s.end, EngineUnavailable)
+    assert 0.5 <= time.monotonic() - broken < 2.0
+    with pytest.raises(EngineUnavailable, match="did not recover"):
+        h.submit([0, 1], max_new_tokens=1)
+    _resume(h)
+    deadline = time.monotonic() + WAIT_S
+    while not h.engine.serving:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert h.submit([0, 2, 3], max_new_tokens=3, ignore_eos=True)[1].wait().tokens == reference([0, 2, 3], 3)
+
+
+def test_a_pipeline_that_fails_again_before_any_step_keeps_the_first_deadline(make) -> None:
+    # A request that crashes a stage would crash every re-formed pipeline: the rounds must
+    # not each win the kept requests a fresh recovery timeout.
+    h = make(pp=2, recovery_timeout_s=1.0)
+    h.pipeline.set_hold(True)
+    _, sink = h.submit(_prompt(5, 90), max_new_tokens=20)
+    h.pipeline.wait_for_step(1)
+    broken = time.monotonic()
+    _break_and_forget(h)
+    time.sleep(0.5)
+    h.pipeline.set_hold(True)
+    _resume(h)
+    h.pipeline.wait_for_step(2)  # the recompute goes out, and is never answered
+    _break_and_forget(h)
+    assert "did not recover within 1 s" in sink.wait().last.error_message
+    assert time.monotonic() - broken < 1.4
 
 
 def test_engine_rejects_a_non_positive_step_timeout(tokenizer) -> None:

@@ -661,3 +661,31 @@ def test_in_a_pipeline_later_arrivals_join_the_lanes_instead_of_new_micro_batche
     uneven.schedule()
     uneven.add(z)
     assert uneven.schedule().seqs == [z]  # type: ignore[union-attr]
+
+
+def test_a_lost_pipeline_sends_every_sequence_back_to_waiting_in_arrival_order() -> None:
+    # Two stages with lanes and look-ahead: steps of both lanes in flight, one sequence
+    # finished while its step is in flight, another still waiting.
+    sched = make_scheduler(num_blocks=16, async_scheduling=True, num_stages=2, max_num_seqs=2)
+    seqs = [make_seq(5, max_new_tokens=8) for _ in range(5)]
+    for s in seqs:
+        sched.add(s)
+    first = sched.schedule()
+    assert first is not None
+    complete(sched, first)
+    inflight = [b for b in (sched.schedule(), sched.schedule(), sched.schedule()) if b is not None]
+    assert inflight and any(s.in_flight for s in seqs)
+    done = next(s for s in seqs if s.in_flight)
+    sched.finish(done)
+    kept = sched.on_pipeline_lost(inflight)
+    # Nothing in flight or holding blocks; arrival order; outputs kept for the recompute.
+    assert kept == [s for s in seqs if s is not done]
+    assert all(s.status is SequenceStatus.WAITING and not s.block_ids and not s.in_flight for s in kept)
+    assert all(s.num_computed_tokens == 0 for s in kept) and any(s.output_token_ids for s in kept)
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_total_blocks
+    # A new, empty pool: the sequences are admitted again and sent whole (prompt + outputs).
+    sched.replace_block_manager(BlockManager(16, 4))
+    batch = sched.schedule()
+    assert batch is not None and not batch.preempted
+    assert all(e.is_new and e.start_position == 0 for e in batch.entries)
+    assert batch.entries[0].seq is kept[0]
