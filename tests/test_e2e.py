@@ -32,12 +32,14 @@ from tests.e2e_harness import (
 pytestmark = pytest.mark.timeout(600)
 
 LAYOUTS = [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2)]
-MODELS = ["llama", "qwen2"]
-# (model, pp, tp, sequence_parallel): every layout plain, plus sequence parallelism at tp=2;
-# a Qwen3-MoE (experts on layers 1-3, layer 0 dense) at one layout with all three: pipeline,
+# (model, pp, tp, sequence_parallel): Llama at every layout plain, plus sequence parallelism
+# at tp=2; Qwen2 (qkv bias, tied embeddings split across stages) alone and at the full
+# pipeline with TP and sequence parallelism, where its differences meet the layout code; a
+# Qwen3-MoE (experts on layers 1-3, layer 0 dense) at one layout with all three: pipeline,
 # experts split over TP ranks, the MoE block's reduce-scatter (the other layouts run in
-# tests/test_moe_models.py, in process).
-SYSTEMS = [(m, pp, tp, False) for m in MODELS for pp, tp in LAYOUTS] + [
+# tests/test_moe_models.py, in process). The suite's time budget on CI's two cores decides
+# how many systems start here.
+SYSTEMS = [("llama", pp, tp, False) for pp, tp in LAYOUTS] + [("qwen2", 1, 1, False)] + [
     ("llama", 1, 2, True),
     ("qwen2", 2, 2, True),
     ("qwen3_moe", 2, 2, True),

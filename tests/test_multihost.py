@@ -150,7 +150,7 @@ def test_router_and_stages_in_separate_network_namespaces(network: Network, tmp_
     stages = ",".join(f"{ip}:{STAGE_PORT}" for ip in STAGE_IPS)
     procs = [NsProcess(network.nodes["router"], [
         "router", "--model", str(model), "--stages", stages, "--host", ROUTER_IP, "--port", str(ROUTER_PORT),
-        "--rendezvous-port", str(RENDEZVOUS_PORT), "--kv-cache-bytes", str(4 << 20),
+        "--rendezvous-port", str(RENDEZVOUS_PORT), "--kv-cache-bytes", str(4 << 20), "--expose-stage-addresses",
     ], tmp_path / "router.log")]
     for index, ip in enumerate(STAGE_IPS):
         procs.append(NsProcess(network.nodes[f"stage{index}"], [

@@ -34,7 +34,7 @@ from shared.quantization import QuantizationConfig
 from stage_worker.distributed import TensorParallelGroup, get_tp_group, set_tp_group
 from stage_worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from stage_worker.layers.linear_methods import dequantize_block_fp8, quantize_block_fp8
-from tests.e2e_harness import REPO, ServingSystem, assert_matches_reference, hf_greedy
+from tests.e2e_harness import REPO, ServingSystem, assert_matches_reference, free_port, hf_greedy
 from tests.fp8_checkpoint import dequantize_blocks, quantize_blocks, write_fp8_pair
 
 pytestmark = pytest.mark.timeout(600)
@@ -107,7 +107,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_commands_refuse_before_starting_anything(tiny: Path, tmp_path: Path, name: str, commands: tuple[str, ...]) -> None:
     folder = _with_quantization(tiny, tmp_path / name, REFUSED[name][0])
     argv = {
-        "up": ["up", "--model", str(folder), "--pp", "2", "--device", "cpu", "--port", "0"],
+        "up": ["up", "--model", str(folder), "--pp", "2", "--device", "cpu", "--port", str(free_port())],
         "plan": ["plan", "--model", str(folder), "--pp", "2", "--tp", "1"],
         "save-sharded": ["save-sharded", "--model", str(folder), "--pp", "2", "--tp", "1", "--out", str(tmp_path / "out")],
     }
@@ -128,7 +128,7 @@ def test_stray_scale_tensor_is_refused_by_its_stage(tiny: Path, tmp_path: Path) 
     state = load_file(str(folder / "model.safetensors"))
     state["model.layers.3.mlp.down_proj.weight_scale"] = torch.ones(())
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    done = _cli("up", "--model", str(folder), "--pp", "2", "--device", "cpu", "--port", "0", "--no-stage-token",
+    done = _cli("up", "--model", str(folder), "--pp", "1", "--device", "cpu", "--port", str(free_port()), "--no-stage-token",
                 timeout=300)
     assert done.returncode != 0
     output = done.stdout + done.stderr

@@ -114,3 +114,13 @@ def test_replays_from_cuda_graph() -> None:
     x.copy_(new)
     graph.replay()
     torch.testing.assert_close(out, fp8_block_linear(new.cuda(), w, s, BLOCK), rtol=0, atol=0)
+
+
+def test_dequantize_kernel_matches_reference() -> None:
+    from stage_worker.layers.linear_methods import dequantize_block_fp8
+    from stage_worker.layers.triton_fp8_matmul import dequantize_block_fp8_triton
+
+    gen = torch.Generator().manual_seed(2)
+    w, s = weight(200, 300, gen)  # partial last blocks in both dimensions
+    got = dequantize_block_fp8_triton(w.to(DEVICE), s.to(DEVICE), BLOCK, torch.float32).cpu()
+    assert torch.equal(got, dequantize_block_fp8(w, s, BLOCK, torch.float32))

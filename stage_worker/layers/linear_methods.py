@@ -22,6 +22,8 @@ from shared.config import ConfigError
 from shared.quantization import QuantizationConfig
 
 FP8_DTYPE = torch.float8_e4m3fn
+# Rows up to which the GPU path runs the FP8 GEMM; above, the dequantized weight and cuBLAS.
+FP8_GEMM_MAX_ROWS = 64
 
 
 def new_parameter(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -91,10 +93,16 @@ class BlockFp8LinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if layer.kernel_backend == "triton":
-            from stage_worker.layers.triton_fp8_matmul import fp8_block_linear
+            from stage_worker.layers.triton_fp8_matmul import dequantize_block_fp8_triton, fp8_block_linear
 
-            out = fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block)
-            return out if bias is None else out + bias
+            if x.numel() // x.shape[-1] <= FP8_GEMM_MAX_ROWS:
+                out = fp8_block_linear(x, layer.weight, layer.weight_scale_inv, self.block)
+                return out if bias is None else out + bias
+            # Many rows (prefill, mixed steps): the FP8 kernel's tiles are not tuned for
+            # compute-bound shapes yet and run at a third of cuBLAS's bf16 rate there
+            # (docs/benchmarks.md); widening the weight once costs less.
+            weight = dequantize_block_fp8_triton(layer.weight, layer.weight_scale_inv, self.block, x.dtype)
+            return F.linear(x, weight, bias)
         weight = dequantize_block_fp8(layer.weight, layer.weight_scale_inv, self.block, x.dtype)
         return F.linear(x, weight, bias)
 

@@ -34,6 +34,9 @@ if interpreting():
 FP8_MAX = 448.0
 # The smallest activation scale: an all-zero group quantizes to zeros instead of NaN.
 MIN_SCALE = 1e-12
+# The same two as compile-time constants, the only globals a kernel may read.
+_FP8_MAX_C = tl.constexpr(FP8_MAX)
+_MIN_SCALE_C = tl.constexpr(MIN_SCALE)
 
 
 @triton.jit
@@ -68,7 +71,7 @@ def _fp8_block_matmul_kernel(
             w = tl.load(w_ptrs, mask=k_mask[:, None] & mask_n[None, :], other=0.0)
             w_scale = tl.load(s_ptrs, mask=mask_n, other=0.0)
             # Dynamic per-token, per-group quantization of the activation tile.
-            x_scale = tl.maximum(tl.max(tl.abs(x), axis=1) / FP8_MAX, MIN_SCALE)  # [BLOCK_M]
+            x_scale = tl.maximum(tl.max(tl.abs(x), axis=1) / _FP8_MAX_C, _MIN_SCALE_C)  # [BLOCK_M]
             x_fp8 = (x / x_scale[:, None]).to(w.dtype)
             acc += tl.dot(x_fp8, w) * (x_scale[:, None] * w_scale[None, :])
         x_ptrs += BLOCK_K
@@ -76,6 +79,37 @@ def _fp8_block_matmul_kernel(
         s_ptrs += 1
     out_ptrs = out_ptr + split * stride_split + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _dequantize_kernel(
+    w_ptr, scale_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # one scale block (bn x bk)
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0.0)
+    scale = tl.load(scale_ptr + pid_n * stride_sn + pid_k)
+    out = (w.to(tl.float32) * scale).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_k[None, :], out, mask=mask)
+
+
+def dequantize_block_fp8_triton(
+    weight: torch.Tensor, weight_scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """dequantize_block_fp8 in one launch (one program a scale block): [N, K] in `dtype`."""
+    bn, bk = block
+    n, k = weight.shape
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    _dequantize_kernel[grid](
+        weight, weight_scale_inv, out, n, k, weight.stride(0), weight_scale_inv.stride(0), out.stride(0),
+        BLOCK_N=bn, BLOCK_K=bk,
+    )
+    return out
 
 
 @dataclass(frozen=True)
