@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stage_worker.layers.linear_methods import dequantize_block_fp8, quantize_block_fp8  # noqa: E402
+from stage_worker.layers.block_fp8 import dequantize_block_fp8, quantize_block_fp8  # noqa: E402
 from stage_worker.layers.triton_fp8_matmul import (  # noqa: E402
     FP8_MAX,
     MatmulConfig,

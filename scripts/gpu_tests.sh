@@ -16,7 +16,7 @@ shift || true
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
   files=(tests/test_triton_attention.py tests/test_triton_fused.py tests/test_triton_fused_moe.py tests/test_kernel_backends.py
-         tests/test_gpu_fast_path.py tests/test_gpu_parity.py)
+         tests/test_triton_fp8_matmul.py tests/test_gpu_fast_path.py tests/test_gpu_fp8.py tests/test_gpu_parity.py)
 fi
 if ! "${PYTHON:-python3}" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "no CUDA device: the GPU tests would all skip" >&2

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from shared.demo_model import write_tiny_model
+
 BLOCK = (128, 128)
 FP8_MAX = 448.0  # the largest float8_e4m3fn
 # Layer names the fine-grained FP8 layout quantizes (lm_head, embeddings and norms stay).
@@ -69,3 +71,14 @@ def write_fp8_pair(source: Path, fp8_dir: Path, dequantized_dir: Path) -> None:
         "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": list(BLOCK),
     }
     (fp8_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_tiny_fp8_pair(root: Path) -> tuple[Path, Path]:
+    """(FP8 folder, dequantized float32 folder) of a tiny Llama under `root`: head_dim 128 and
+    an intermediate size of 1024, so every TP=2 part is whole 128-blocks."""
+    source = write_tiny_model(
+        root / "source", "LlamaForCausalLM", num_layers=4, hidden_size=512, num_heads=4, num_kv_heads=2,
+        intermediate_size=1024, seed=11, initializer_range=0.05,
+    )
+    write_fp8_pair(source, root / "fp8", root / "dequantized")
+    return root / "fp8", root / "dequantized"

@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.demo_model import write_tiny_model
 from tests.e2e_harness import ServingSystem, agreement_with_reference, assert_matches_reference, hf_greedy
-from tests.fp8_checkpoint import write_fp8_pair
+from tests.fp8_checkpoint import write_tiny_fp8_pair
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,13 +38,7 @@ WIDE_MARGIN = 0.5
 
 @pytest.fixture(scope="module")
 def fp8_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("gpu-fp8")
-    source = write_tiny_model(
-        root / "source", "LlamaForCausalLM", num_layers=4, hidden_size=512, num_heads=4, num_kv_heads=2,
-        intermediate_size=1024, seed=11, initializer_range=0.05,
-    )
-    write_fp8_pair(source, root / "fp8", root / "dequantized")
-    return root / "fp8", root / "dequantized"
+    return write_tiny_fp8_pair(tmp_path_factory.mktemp("fp8"))
 
 
 def _serve(model: Path, dtype: str, *extra: str) -> ServingSystem:

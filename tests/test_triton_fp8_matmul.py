@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from stage_worker.layers.linear_methods import quantize_block_fp8
+from stage_worker.layers.block_fp8 import quantize_block_fp8
 from stage_worker.layers.triton_fp8_matmul import (
     FP8_MAX,
     MatmulConfig,
@@ -117,7 +117,7 @@ def test_replays_from_cuda_graph() -> None:
 
 
 def test_dequantize_kernel_matches_reference() -> None:
-    from stage_worker.layers.linear_methods import dequantize_block_fp8
+    from stage_worker.layers.block_fp8 import dequantize_block_fp8
     from stage_worker.layers.triton_fp8_matmul import dequantize_block_fp8_triton
 
     gen = torch.Generator().manual_seed(2)

@@ -25,7 +25,8 @@ from torch import nn
 from shared.config import ConfigError
 from shared.quantization import QuantizationConfig
 from stage_worker.distributed import get_tp_group
-from stage_worker.layers.linear_methods import cdiv, linear_method, new_parameter
+from stage_worker.layers.block_fp8 import cdiv
+from stage_worker.layers.linear_methods import linear_method, new_parameter
 
 # A tensor or a safetensors slice object (PySafeSlice): both support `x[a:b]`, `x[:, a:b]`.
 Loaded = Any

@@ -9,7 +9,8 @@ Block-wise FP8 keeps the checkpoint's float8_e4m3fn values and float32 `weight_s
 blocks in memory (1 byte per weight). The reference path (CPU, and the parity tests)
 multiplies with the dequantized weight in the activation dtype; the "triton" kernel backend
 (GPUs) runs an FP8 GEMM on activations quantized per token and 128-column group at run time
-(layers/triton_fp8_matmul.py).
+(layers/triton_fp8_matmul.py) for up to FP8_GEMM_MAX_ROWS rows, and above that dequantizes the
+weight in one launch for cuBLAS.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from torch import nn
 
 from shared.config import ConfigError
 from shared.quantization import QuantizationConfig
+from stage_worker.layers.block_fp8 import FP8_DTYPE, cdiv, dequantize_block_fp8
 
-FP8_DTYPE = torch.float8_e4m3fn
 # Rows up to which the GPU path runs the FP8 GEMM; above, the dequantized weight and cuBLAS.
 FP8_GEMM_MAX_ROWS = 64
 
@@ -30,10 +31,6 @@ def new_parameter(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     # Uninitialised: every parameter is overwritten by its weight_loader, and the loader
     # checks that none was left out.
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class UnquantizedLinearMethod:
@@ -105,34 +102,6 @@ class BlockFp8LinearMethod:
             return F.linear(x, weight, bias)
         weight = dequantize_block_fp8(layer.weight, layer.weight_scale_inv, self.block, x.dtype)
         return F.linear(x, weight, bias)
-
-
-def dequantize_block_fp8(
-    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
-) -> torch.Tensor:
-    """float8 [out, in] times its block scales [cdiv(out, bn), cdiv(in, bk)] -> [out, in] in
-    `dtype` (the product is taken in float32 and rounded once)."""
-    bn, bk = block
-    out, inp = weight.shape
-    # Each scale repeated over its block, the partial last blocks cut to the weight's size.
-    scale = scale_inv.repeat_interleave(bn, dim=0)[:out].repeat_interleave(bk, dim=1)[:, :inp]
-    return (weight.to(torch.float32) * scale).to(dtype)
-
-
-def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[out, in] float -> (float8_e4m3fn weight, float32 weight_scale_inv): each block scaled
-    so its largest magnitude is float8's largest (448). The inverse of dequantize_block_fp8,
-    up to float8 rounding; what checkpoints of this layout hold (and what tests write)."""
-    bn, bk = block
-    out, inp = weight.shape
-    rows, cols = cdiv(out, bn), cdiv(inp, bk)
-    padded = torch.zeros(rows * bn, cols * bk, dtype=torch.float32)
-    padded[:out, :inp] = weight.float()
-    blocks = padded.view(rows, bn, cols, bk)  # [rows, bn, cols, bk]
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [rows, cols]
-    scale_inv = amax / torch.finfo(FP8_DTYPE).max
-    quantized = (blocks / scale_inv[:, None, :, None]).to(FP8_DTYPE)
-    return quantized.view(rows * bn, cols * bk)[:out, :inp].contiguous(), scale_inv
 
 
 def linear_method(

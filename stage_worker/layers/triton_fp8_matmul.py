@@ -13,8 +13,12 @@ Small batches read the weight once and compute almost nothing (memory bound): th
 splits K as well (SPLIT_K partial sums in float32, added by one torch sum), so that every
 SM streams part of the weight; larger batches use bigger tiles and no split.
 
-The launch reads nothing back to the host and sizes everything from shapes: CUDA graphs
-capture it.
+For many rows (prefill) these tiles reach a third of cuBLAS's bf16 rate (docs/benchmarks.md),
+so the serving path widens the weight there instead: `dequantize_block_fp8_triton`, one
+program per scale block.
+
+The launches read nothing back to the host and size everything from shapes: CUDA graphs
+capture them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from stage_worker.layers.block_fp8 import dequantize_block_fp8
 from stage_worker.layers.triton_interpreter import fix_loop_bounds_for_numpy_2_4, interpreting
 
 if interpreting():
@@ -189,8 +194,6 @@ def reference_fp8_block_linear(
 ) -> torch.Tensor:
     """What the kernel computes, in plain torch float32: x quantized per token and bk-group,
     times the dequantized weight (the kernel's test oracle)."""
-    from stage_worker.layers.linear_methods import dequantize_block_fp8
-
     bn, bk = block
     k = x.shape[-1]
     x2 = x.reshape(-1, k).float()
