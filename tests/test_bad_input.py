@@ -364,8 +364,10 @@ def test_huge_requests_do_not_stall_other_streams(system: ServingSystem, stub: A
         while len(gaps) < 20:
             time.sleep(0.01)
         # The host's own noise first, over about as long as the longest phase below (other
-        # processes share its cores): the bound is 0.25 s, or twice that noise on a busy host
-        # (before issue 20's fix the stalls were seconds, far over either).
+        # processes share its cores). The bound sits between what the fix leaves on a 2-core
+        # host (up to ~0.4 s seen for eight long prompts, whose tokenizer process takes a
+        # core) and the stalls before issue 20's fix (1.3-4.4 s): 0.8 s, or three times the
+        # noise on a busy host.
         time.sleep(QUIET_S)
         quiet = max(gaps)
         longest = {}
@@ -384,7 +386,7 @@ def test_huge_requests_do_not_stall_other_streams(system: ServingSystem, stub: A
             longest[f"{kind} x{copies} ({took:.1f} s)"] = max(gaps[first:])
         done.set()
         streamer.join(120)
-    bound = max(0.25, 2 * quiet)
+    bound = max(0.8, 3 * quiet)
     print(f"\nlongest gap of a running stream: {quiet * 1000:.0f} ms in {QUIET_S:.0f} s of normal serving; "
           f"while the router refused:")
     for name, gap in longest.items():

@@ -36,8 +36,6 @@ def new_parameter(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
 class UnquantizedLinearMethod:
     """The weight in the model dtype, F.linear."""
 
-    quantized = False
-
     def create_weights(
         self, layer: nn.Module, output_sizes: list[int], input_size: int, input_is_split: bool,
         dtype: torch.dtype, device: torch.device,
@@ -51,8 +49,6 @@ class UnquantizedLinearMethod:
 class BlockFp8LinearMethod:
     """float8_e4m3fn weight [out, in] with float32 weight_scale_inv [cdiv(out, bn), cdiv(in, bk)]."""
 
-    quantized = True
-
     def __init__(self, quant: QuantizationConfig, prefix: str) -> None:
         self.block = quant.weight_block_size
         self.prefix = prefix
@@ -61,13 +57,15 @@ class BlockFp8LinearMethod:
         self, layer: nn.Module, output_sizes: list[int], input_size: int, input_is_split: bool,
         dtype: torch.dtype, device: torch.device,
     ) -> None:
-        """`output_sizes`: this rank's part of each fused output (one entry if not fused)."""
+        """`output_sizes`: this rank's part of each fused output (one entry if not fused);
+        `input_is_split`: row-parallel (the input columns are split, the output rows whole)."""
         bn, bk = self.block
         tp_size = layer.tp_size
         # One scale covers a bn x bk block of the checkpoint tensor. A rank's slice, or a fused
         # member placed after another, must start on a block boundary, or its scales would
         # belong partly to rows or columns of another rank or member.
-        if (len(output_sizes) > 1 or tp_size > 1) and any(size % bn for size in output_sizes):
+        output_is_split = tp_size > 1 and not input_is_split
+        if (len(output_sizes) > 1 or output_is_split) and any(size % bn for size in output_sizes):
             raise ConfigError(
                 f"{self.prefix}: this rank's output parts {output_sizes} at tensor-parallel size "
                 f"{tp_size} are not multiples of the FP8 block's {bn} rows; the split would cut "
