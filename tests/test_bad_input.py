@@ -66,18 +66,8 @@ def _empty_token_ids() -> gen.GenerateRequest:
     return r
 
 
-def _string_field(number: int, data: bytes) -> bytes:
-    """A length-delimited field on the wire (what proto3 uses for string and message)."""
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
+_string_field = huge_requests.string_field
+_varint = huge_requests.varint
 
 
 GOOD_BYTES = _req(max_new_tokens=6, ignore_eos=True).SerializeToString()
