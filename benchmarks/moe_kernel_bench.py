@@ -4,6 +4,8 @@ experts, top-8, hidden 2048, moe_intermediate_size 768 / tp), bf16: the referenc
 grouped matmul where this torch has one, from decode to prefill batch sizes.
 
     python3 benchmarks/moe_kernel_bench.py [--tp 1] [--tokens 1,2,4,...,4096] [--configs 1,64]
+    python3 benchmarks/moe_kernel_bench.py --step-bytes docs/model-configs/qwen3-30b-a3b \
+        --batches 1,64 --context 256,640 --copy-rate 3.0e12      # no GPU needed
 
 Per batch size: the experts the batch touches and their weight bytes; times per MoE layer
 (median, triton.testing): the Triton path and torch's grouped mm as CUDA-graph replays (as
@@ -11,9 +13,17 @@ decode runs them), the reference loop eagerly (it reads counts on the host and c
 captured); the Triton path's achieved rate over the touched expert weights (TB/s) and its
 fraction of the roofline, the time to read those bytes at the measured device-copy rate;
 the align step alone; and the error, max |out - exact| / max |exact|, exact being the
-reference loop in float32 on the same bf16 weights and inputs. Each timed call runs
+reference loop in float32 on the same bf16 weights and inputs. "block" columns time the
+whole sparse block as a decode step runs it (router gate GEMM, routing, experts; CUDA-graph
+replays): routing by torch ops (softmax, topk, sum, divide, cast) and by the one-launch
+routing kernel (what the Triton backend runs). Each timed call runs
 --layers layers with their own weights in turn, so a batch's experts are not read from L2.
 --configs times other tiles of each projection at the listed batch sizes.
+
+--step-bytes MODEL_DIR prints the bytes a decode step must read (the roofline of a serving
+run): every dense weight a step uses (attention, norms, router gates, lm_head; one embedding
+row per sequence), the experts the batch is expected to touch (uniform routing: a layer's
+distinct experts are E * (1 - (1 - k/E)^batch)) and the KV cache at the given mean context.
 Prints tables; asserts nothing.
 """
 
@@ -36,6 +46,7 @@ from stage_worker.layers.triton_fused_moe import (  # noqa: E402
     fused_moe,
     moe_align,
 )
+from stage_worker.layers.triton_fused_moe import fused_topk as triton_fused_topk  # noqa: E402
 
 EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 128, 8, 2048, 768
 TOKENS = "1,2,4,8,16,32,64,128,256,512,1024,2048,4096"
@@ -48,8 +59,22 @@ def make_layers(n: int, inter: int, dtype: torch.dtype) -> list[FusedMoE]:
         with torch.no_grad():
             moe.w13_weight.normal_(0.0, 0.02)
             moe.w2_weight.normal_(0.0, 0.03)
+        # The block's router gate [E, hidden] (the bench's own attribute).
+        moe.gate_weight = torch.randn(EXPERTS, HIDDEN, device="cuda", dtype=dtype) * 0.05
         layers.append(moe)
     return layers
+
+
+def block_torch_routing(moe: FusedMoE, x: torch.Tensor) -> torch.Tensor:
+    """The sparse block as the reference backend routes (Qwen3-MoE: weights in the model dtype)."""
+    weights, ids = fused_topk(F.linear(x, moe.gate_weight), TOP_K, True)
+    return fused_moe(x, moe.w13_weight, moe.w2_weight, weights.to(x.dtype), ids)
+
+
+def block_fused_routing(moe: FusedMoE, x: torch.Tensor) -> torch.Tensor:
+    """The sparse block as the Triton backend runs it (models/sparse_moe.py)."""
+    weights, ids = triton_fused_topk(F.linear(x, moe.gate_weight), TOP_K, True, x.dtype)
+    return fused_moe(x, moe.w13_weight, moe.w2_weight, weights, ids)
 
 
 def grouped_mm_path():
@@ -107,7 +132,17 @@ def main() -> None:
     p.add_argument("--tokens", default=TOKENS)
     p.add_argument("--layers", type=int, default=4, help="layers with their own weights per timed call")
     p.add_argument("--configs", default="", help="batch sizes at which to time other tiles, e.g. 1,64,256")
+    p.add_argument("--step-bytes", default="", metavar="MODEL_DIR",
+                   help="print a decode step's bytes and roofline for this config.json (no GPU needed)")
+    p.add_argument("--batches", default="1,64", help="with --step-bytes")
+    p.add_argument("--context", default="256,640", help="with --step-bytes: mean context per batch")
+    p.add_argument("--copy-rate", type=float, default=0.0, help="with --step-bytes: bytes/s (0: measure)")
     args = p.parse_args()
+    if args.step_bytes:
+        rate = args.copy_rate or copy_bandwidth()
+        step_bytes(args.step_bytes, [int(v) for v in args.batches.split(",")],
+                   [float(v) for v in args.context.split(",")], rate)
+        return
     from triton.testing import do_bench, do_bench_cudagraph
 
     inter = INTERMEDIATE // args.tp
@@ -120,7 +155,8 @@ def main() -> None:
     grouped = grouped_mm_path()
     gen = torch.Generator().manual_seed(0)
     header = (f"{'tokens':>6}{'experts':>8}{'MB':>7}{'loop us':>9}{'triton us':>10}{'x loop':>8}{'TB/s':>7}"
-              f"{'roofline':>9}{'align us':>9}{'gmm us':>8}{'err triton':>11}{'err loop':>9}  tiles (gate_up | down)")
+              f"{'roofline':>9}{'align us':>9}{'gmm us':>8}{'block torch-route':>18}{'block fused-route':>18}"
+              f"{'err triton':>11}{'err loop':>9}  tiles (gate_up | down)")
     print(header)
     for t in [int(v) for v in args.tokens.split(",")]:
         x = torch.randn(t, HIDDEN, generator=gen).to(torch.bfloat16).cuda()
@@ -154,6 +190,10 @@ def main() -> None:
                 t_gmm = do_bench(
                     lambda: [grouped(x, m.w13_weight, m.w2_weight, weights, ids) for m in layers], return_mode="median"
                 ) * 1e3 / len(layers)
+        t_block = do_bench_cudagraph(lambda: [block_torch_routing(m, x) for m in layers],
+                                     return_mode="median") * 1e3 / len(layers)
+        t_block_fused = do_bench_cudagraph(lambda: [block_fused_routing(m, x) for m in layers],
+                                           return_mode="median") * 1e3 / len(layers)
         moe = layers[0]
         exact = FusedMoE(EXPERTS, TOP_K, HIDDEN, inter, torch.float32, torch.device("cuda"))
         with torch.no_grad():
@@ -194,21 +234,61 @@ def sweep(layers: list[FusedMoE], x: torch.Tensor, weights: torch.Tensor, ids: t
     base = timed(cfg13, cfg2)
     print(f"    default {_tiles(cfg13)} | {_tiles(cfg2)}: {base:.1f} us")
     bm_default = choose_block_m(x.shape[0] * TOP_K, EXPERTS)
-    # The default block_m and its neighbour: small tiles for decode, big ones for prefill.
-    for bm in sorted({bm_default, 32 if bm_default <= 32 else 64}):
+    # Decode (block_m 16, the smallest tl.dot takes): the default alone; prefill: the
+    # default and the next smaller block_m.
+    for bm in sorted({bm_default, bm_default if bm_default <= 16 else bm_default // 2}):
+        if bm <= 32:  # memory bound: how many weight columns a program streams, and how deep
+            shapes = [(bn, bk, w, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for w, st in ((4, 3), (4, 4))]
+        else:
+            shapes = [(bn, 64, w, st) for bn in (64, 128) for w, st in ((4, 3), (8, 3))]
         rows = []
         for which in ("gate_up", "down"):
-            for bn in (16, 32, 64, 128):
-                for bk in (64, 128):
-                    for warps, stages in ((4, 3), (4, 4)) if bm <= 32 else ((4, 3), (8, 3)):
-                        c = MoeConfig(bm, bn, bk, warps, stages)
-                        other = cfg2 if which == "gate_up" else cfg13
-                        other = MoeConfig(bm, other.block_n, other.block_k, other.num_warps, other.num_stages)
-                        us = timed(c, other) if which == "gate_up" else timed(other, c)
-                        rows.append((us, which, c))
+            for bn, bk, warps, stages in shapes:
+                c = MoeConfig(bm, bn, bk, warps, stages)
+                other = cfg2 if which == "gate_up" else cfg13
+                other = MoeConfig(bm, other.block_n, other.block_k, other.num_warps, other.num_stages)
+                us = timed(c, other) if which == "gate_up" else timed(other, c)
+                rows.append((us, which, c))
         for which in ("gate_up", "down"):
-            best = sorted((r for r in rows if r[1] == which and r[0] == r[0]), key=lambda r: r[0])[:3]
-            print(f"    block_m {bm}, best {which}: " + "; ".join(f"{_tiles(c)} {us:.1f} us" for us, _, c in best))
+            best = sorted((r for r in rows if r[1] == which and r[0] == r[0]), key=lambda r: r[0])[:4]
+            print(f"    block_m {bm}, best {which} (the other at its default): "
+                  + "; ".join(f"{_tiles(c)} {us:.1f} us" for us, _, c in best))
+
+
+def step_bytes(model_dir: str, batches: list[int], contexts: list[float], copy_rate: float) -> None:
+    """The bytes one decode step reads (see the module's doc) and the roofline they give."""
+    import json
+
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or h // heads
+    e, k, inter = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]
+    dense_layers = set(cfg.get("mlp_only_layers") or [])
+    step = cfg.get("decoder_sparse_step", 1) or 1
+    moe_layers = [i for i in range(layers) if i not in dense_layers and (i + 1) % step == 0]
+    b = 2  # bf16
+    attention = (h * heads * head_dim + 2 * h * kv_heads * head_dim + heads * head_dim * h + 2 * head_dim + 2 * h) * b
+    gate = e * h * b
+    dense_mlp = 3 * h * cfg["intermediate_size"] * b
+    expert = 3 * inter * h * b
+    lm_head = vocab * h * b
+    kv_per_token = layers * 2 * kv_heads * head_dim * b
+    print(f"{model_dir}: {layers} layers ({len(moe_layers)} MoE), per layer: attention + norms "
+          f"{attention / 1e6:.1f} MB, router gate {gate / 1e6:.2f} MB, one expert {expert / 1e6:.2f} MB; "
+          f"lm_head {lm_head / 1e9:.3f} GB; KV {kv_per_token / 1e3:.1f} kB per token; copy rate {copy_rate / 1e12:.2f} TB/s")
+    print(f"{'batch':>6}{'context':>8}{'experts/layer':>14}{'dense GB':>9}{'experts GB':>11}{'KV GB':>7}"
+          f"{'total GB':>9}{'roofline TPOT ms':>17}{'roofline tok/s':>15}")
+    for batch, context in zip(batches, contexts):
+        touched = e * (1 - (1 - k / e) ** batch)
+        dense = (layers * attention + len(moe_layers) * gate + (layers - len(moe_layers)) * dense_mlp
+                 + lm_head + batch * h * b + h * b)  # + the embedding rows and the final norm
+        experts = len(moe_layers) * touched * expert
+        kv = batch * context * kv_per_token
+        total = dense + experts + kv
+        tpot = total / copy_rate
+        print(f"{batch:>6}{context:>8.0f}{touched:>14.2f}{dense / 1e9:>9.3f}{experts / 1e9:>11.3f}{kv / 1e9:>7.3f}"
+              f"{total / 1e9:>9.3f}{tpot * 1e3:>17.3f}{batch / tpot:>15.1f}")
 
 
 if __name__ == "__main__":

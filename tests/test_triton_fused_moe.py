@@ -33,6 +33,7 @@ from stage_worker.layers.triton_fused_moe import (
     max_padded_rows,
     moe_align,
 )
+from stage_worker.layers.triton_fused_moe import fused_topk as triton_fused_topk
 from stage_worker.models.sparse_moe import SparseMoeBlock
 
 pytestmark = pytest.mark.timeout(300)
@@ -81,6 +82,31 @@ def test_align_matches_plain_layout(num_tokens: int, top_k: int, block_m: int) -
         assert aligned.sorted_pair_ids.dtype == aligned.block_expert.dtype == torch.int32
         assert aligned.sorted_pair_ids.tolist() == rows
         assert aligned.block_expert.tolist() == experts
+
+
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,top_k,renormalize,dtype",
+    [(1, 8, 2, True, torch.float32), (7, 8, 3, False, torch.float32), (5, 128, 8, True, torch.bfloat16),
+     (3, 60, 4, True, torch.float32)],
+)
+def test_route_kernel_matches_torch_routing(
+    num_tokens: int, num_experts: int, top_k: int, renormalize: bool, dtype: torch.dtype
+) -> None:
+    """The one-launch routing: the same experts in the same order (largest first) as
+    fused_moe.fused_topk, and its float32 weights within a few ulps (other sum orders), cast
+    to the model dtype as Qwen3-MoE casts them. 60 experts: a padded block of lanes."""
+    gen = torch.Generator().manual_seed(num_tokens * 7 + num_experts)
+    logits = (3 * torch.randn(num_tokens, num_experts, generator=gen)).to(dtype)
+    ref_w, ref_ids = fused_topk(logits, top_k, renormalize)
+    weights, ids = triton_fused_topk(logits.to(DEVICE), top_k, renormalize, dtype)
+    assert ids.dtype == torch.int64 and weights.dtype == dtype
+    assert ids.cpu().tolist() == ref_ids.tolist()
+    if dtype == torch.float32:
+        torch.testing.assert_close(weights.cpu(), ref_w, rtol=4e-7, atol=0)
+    else:
+        assert ((weights.cpu().float() - ref_w.to(dtype).float()).abs() <= ref_w.abs() / 128).all()
+    empty_w, empty_ids = triton_fused_topk(logits[:0].to(DEVICE), top_k, renormalize, dtype)
+    assert empty_w.shape == empty_ids.shape == (0, top_k)
 
 
 def test_align_when_every_pair_picks_one_expert() -> None:

@@ -192,6 +192,80 @@ def moe_align(
     return AlignedPairs(sorted_pair_ids, block_expert, block_m)
 
 
+# ---- step 0: routing -----------------------------------------------------------------------
+
+
+@triton.jit
+def _moe_route_kernel(
+    logits_ptr,
+    weights_ptr,
+    ids_ptr,
+    stride_lm,
+    NUM_EXPERTS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    LIBDEVICE: tl.constexpr,
+    BLOCK_E: tl.constexpr,  # >= NUM_EXPERTS, a power of 2
+    BLOCK_K: tl.constexpr,  # >= TOP_K, a power of 2
+):
+    # One token a program: softmax over its experts in float32, then TOP_K rounds of
+    # "take the largest", as fused_moe.fused_topk computes them with torch ops.
+    token = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    valid = e < NUM_EXPERTS
+    x = tl.load(logits_ptr + token * stride_lm + e, mask=valid, other=-float("inf")).to(tl.float32)
+    p = tl.where(valid, _exp(x - tl.max(x, 0), LIBDEVICE), 0.0)  # [BLOCK_E]
+    probs = tl.math.div_rn(p, tl.sum(p, 0))  # torch's softmax: exp(x - max) / sum
+    remaining = tl.where(valid, probs, -1.0)
+    kk = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros([BLOCK_K], tl.float32)
+    top_id = tl.zeros([BLOCK_K], tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(remaining, 0)
+        # The lowest index among equal probabilities.
+        best_id = tl.min(tl.where(remaining == best, e, BLOCK_E), 0)
+        top_w = tl.where(kk == j, best, top_w)
+        top_id = tl.where(kk == j, best_id, top_id)
+        remaining = tl.where(e == best_id, -1.0, remaining)
+    if RENORMALIZE:
+        top_w = tl.math.div_rn(top_w, tl.sum(top_w, 0))  # the lanes past TOP_K hold 0
+    out = token * TOP_K + kk
+    tl.store(weights_ptr + out, top_w.to(weights_ptr.dtype.element_ty), mask=kk < TOP_K)
+    tl.store(ids_ptr + out, top_id.to(tl.int64), mask=kk < TOP_K)
+
+
+def fused_topk(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fused_moe.fused_topk in one launch (its torch ops are ~5: softmax, topk, sum, divide,
+    the cast), router_logits [num_tokens, num_experts] -> (weights [num_tokens, top_k] in
+    weights_dtype, expert ids int64 [num_tokens, top_k]), largest first. The softmax and
+    the renormalization are the same float32 formulas (sums in another order; an exact tie
+    picks the lower expert id)."""
+    num_tokens, num_experts = router_logits.shape
+    weights = torch.empty(num_tokens, top_k, dtype=weights_dtype, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=router_logits.device)
+    if num_tokens == 0:
+        return weights, ids
+    if router_logits.stride(-1) != 1:
+        router_logits = router_logits.contiguous()
+    block_e = triton.next_power_of_2(num_experts)
+    _moe_route_kernel[(num_tokens,)](
+        router_logits,
+        weights,
+        ids,
+        router_logits.stride(0),
+        NUM_EXPERTS=num_experts,
+        TOP_K=top_k,
+        RENORMALIZE=renormalize,
+        LIBDEVICE=router_logits.is_cuda and not interpreting(),
+        BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(top_k),
+        num_warps=1 if block_e <= 256 else 4,
+    )
+    return weights, ids
+
+
 # ---- steps 2 and 3: the grouped GEMMs --------------------------------------------------
 
 

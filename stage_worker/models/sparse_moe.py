@@ -56,9 +56,16 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         router_logits = self.gate(hidden_states)  # [num_tokens, num_experts], same on every rank
-        topk_weights, topk_ids = fused_topk(router_logits, self.top_k, self.renormalize)
-        if self.routing_weights_in_model_dtype:
-            topk_weights = topk_weights.to(hidden_states.dtype)
+        weights_dtype = hidden_states.dtype if self.routing_weights_in_model_dtype else torch.float32
+        if self.experts.kernel_backend == "triton":
+            # One launch for the softmax, top-k, renormalization and cast (decode is bound by
+            # launches: five torch ops here cost about what a batch-1 step's experts do).
+            from stage_worker.layers.triton_fused_moe import fused_topk as triton_fused_topk
+
+            topk_weights, topk_ids = triton_fused_topk(router_logits, self.top_k, self.renormalize, weights_dtype)
+        else:
+            topk_weights, topk_ids = fused_topk(router_logits, self.top_k, self.renormalize)
+            topk_weights = topk_weights.to(weights_dtype)
         return self.experts(hidden_states, topk_weights, topk_ids)
 
 
