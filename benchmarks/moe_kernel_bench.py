@@ -206,6 +206,7 @@ def main() -> None:
         roofline_us = nbytes / bw * 1e6
         print(f"{t:>6}{touched:>8}{nbytes / 1e6:>7.1f}{t_loop:>9.1f}{t_triton:>10.1f}{t_loop / t_triton:>8.2f}"
               f"{nbytes / (t_triton * 1e-6) / 1e12:>7.2f}{roofline_us / t_triton:>9.2f}{t_align:>9.1f}{t_gmm:>8.1f}"
+              f"{t_block:>18.1f}{t_block_fused:>18.1f}"
               f"{err_triton:>11.2e}{err_loop:>9.2e}  {_tiles(cfg13)} | {_tiles(cfg2)}")
         if str(t) in args.configs.split(","):
             sweep(layers, x, weights, ids, cfg13, cfg2, inter)

@@ -58,8 +58,8 @@ class SparseMoeBlock(nn.Module):
         router_logits = self.gate(hidden_states)  # [num_tokens, num_experts], same on every rank
         weights_dtype = hidden_states.dtype if self.routing_weights_in_model_dtype else torch.float32
         if self.experts.kernel_backend == "triton":
-            # One launch for the softmax, top-k, renormalization and cast (decode is bound by
-            # launches: five torch ops here cost about what a batch-1 step's experts do).
+            # One launch for the softmax, top-k, renormalization and cast instead of five torch
+            # ops: a small decode step is bound by launches (docs/benchmarks.md, MoE section).
             from stage_worker.layers.triton_fused_moe import fused_topk as triton_fused_topk
 
             topk_weights, topk_ids = triton_fused_topk(router_logits, self.top_k, self.renormalize, weights_dtype)
