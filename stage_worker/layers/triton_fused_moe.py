@@ -12,7 +12,8 @@ tensor shapes (CUDA graphs capture it):
    Up to ALIGN_MAX_PAIRS pairs (decode, and CUDA graphs up to 512 sequences at top-8) this
    is one single-program Triton kernel (a sort of expert * P + pair keys in registers): the
    ~15 small torch ops it replaces would cost a launch each (~2 us even in a graph), about as
-   much as the expert GEMMs of a batch-1 step (~25 us at Qwen3-30B-A3B's shape on an H100).
+   much as the expert GEMMs of a batch-1 step (the whole experts path, align included, measured
+   38.5 us at Qwen3-30B-A3B's shape on an H100, the align kernel 1.7 us: docs/benchmarks.md).
    Larger batches (prefill; decode graphs of more than 512 sequences) use the same steps in
    torch ops, which need no host sync either.
 2. gate/up GEMM with SiluAndMul fused: a program owns one row block and BLOCK_N columns of
