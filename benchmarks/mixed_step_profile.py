@@ -46,16 +46,18 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 def _mixed_batch(runner: ModelRunner, prefill: int, decode: int, context: int):
     """One prompt chunk of `prefill` tokens (sampling) and `decode` sequences of `context`
     tokens each taking their next one."""
-    blocks_per_seq = -(-max(context, prefill) // BLOCK_SIZE)
     seqs, scheduled = [], []
     vocab = runner.config.vocab_size
+    next_block = 0
     for i in range(decode + (1 if prefill else 0)):
         is_prefill = prefill and i == decode
         length = prefill if is_prefill else context
+        num_blocks = -(-length // BLOCK_SIZE)
         seqs.append(StageSequence(
             seq_id=i, prompt_token_ids=[int(t) for t in torch.randint(3, vocab, (length,))], output_token_ids=[],
-            sampling=pb.StageSamplingParams(), block_table=list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)),
+            sampling=pb.StageSamplingParams(), block_table=list(range(next_block, next_block + num_blocks)),
         ))
+        next_block += num_blocks
         start = 0 if is_prefill else context - 1
         scheduled.append(pb.ScheduledSequence(seq_id=i, start_position=start, num_tokens=length - start, sample=True))
     return build_input_batch(scheduled, seqs, BLOCK_SIZE, runner.device, True, device_metadata=True)
@@ -105,10 +107,9 @@ def main() -> None:
           f"{profile.peak_activation_bytes / 2**30:.2f} GiB, {profile.num_blocks} KV blocks of "
           f"{profile.block_bytes / 2**20:.1f} MiB, weights {profile.weight_bytes / 2**30:.2f} GiB")
 
-    most_rows = max(d + (1 if pf else 0) for pf, d in shapes)
-    blocks_per_seq = -(-max(args.context, *(pf for pf, _ in shapes)) // BLOCK_SIZE)
-    runner.init_cache(pb.InitCacheRequest(num_blocks=most_rows * blocks_per_seq + 8, block_size=BLOCK_SIZE,
-                                          max_num_seqs=0))
+    # Enough blocks for the largest shape (each step's sequences get their own blocks).
+    num_blocks = max(d * -(-args.context // BLOCK_SIZE) + -(-pf // BLOCK_SIZE) for pf, d in shapes) + 8
+    runner.init_cache(pb.InitCacheRequest(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=0))
     linear = _linear_params(runner)
     print("\n| prefill + decode rows | tokens | host launch ms | device ms | host/device | TFLOP/s "
           "| kernel launches | synchronising calls |")
