@@ -86,6 +86,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--kernels", type=int, default=0, help="also list the N costliest kernels of each shape")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split("+")) for s in args.shapes.split(",")]
     device = torch.device("cuda", 0)
@@ -114,6 +115,7 @@ def main() -> None:
     print("\n| prefill + decode rows | tokens | host launch ms | device ms | host/device | TFLOP/s "
           "| kernel launches | synchronising calls |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    kernels: list[tuple[str, Counter[str]]] = []
     with torch.inference_mode():
         for prefill, decode in shapes:
             batch = _mixed_batch(runner, prefill, decode, args.context)
@@ -145,6 +147,19 @@ def main() -> None:
             syncs = {k: v for k, v in syncs.items() if v}
             print(f"| {prefill} + {decode} | {tokens} | {host:.1f} | {dev:.1f} | {host / dev:.2f} | "
                   f"{flops / dev / 1e9:.0f} | {launches} | {syncs or '-'} |")
+            if args.kernels:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as kprof:
+                    forward()
+                    torch.cuda.synchronize()
+                totals: Counter[str] = Counter()
+                for event in kprof.events():
+                    if event.device_type == torch.autograd.DeviceType.CUDA:
+                        totals[event.name[:60]] += event.device_time / 1e3
+                kernels.append((f"{prefill} + {decode}", totals))
+    for shape, totals in kernels:
+        print(f"\n{shape}: kernel time per forward (ms), {sum(totals.values()):.1f} ms in all")
+        for name, ms in totals.most_common(args.kernels):
+            print(f"  {ms:8.2f}  {name}")
 
 
 if __name__ == "__main__":
