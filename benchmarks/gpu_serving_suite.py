@@ -2,7 +2,10 @@
 
 For each scenario: start `stageserve up` on a config-only model folder with random weights
 (`--load-format dummy`), drive it with benchmarks/load_generator.py, stop it, and keep the
-load generator's JSON report. Prints one table at the end and writes every report to --out.
+load generator's JSON report. A scenario with a transformers baseline runs it first, in a
+process of its own that ends before the server starts, so the server always gets its normal
+memory target. Prints one table at the end (tok/s, TPOT next to the decode step's device
+time, KV blocks, preemptions) and writes every report to --out.
 
     python3 benchmarks/gpu_serving_suite.py --model docs/model-configs/llama-3-8b \\
         --out /tmp/bench [--only batch1-pp1,batch1-pp2]
@@ -44,9 +47,11 @@ class Scenario:
     tp: int
     concurrency: int
     requests: int
-    prompt_len: int
-    output_len: int
-    # Also time transformers `generate` at this batch on the same GPU, in the same run.
+    # N, or LOW-HIGH drawn uniformly per request (load_generator.py).
+    prompt_len: int | str
+    output_len: int | str
+    # Also time transformers `generate` at this batch on the same GPU, in a phase of its own
+    # before the server starts (the server then gets its normal memory target).
     hf_baseline: bool = False
     server_args: tuple[str, ...] = field(default_factory=tuple)
     device: str = "cuda"
@@ -65,6 +70,11 @@ SCENARIOS = (
     Scenario("c256-pp1", 1, 1, 256, 256, 512, 256),
     Scenario("c256-pp2", 2, 1, 256, 256, 512, 256),
     Scenario("c256-tp2", 1, 2, 256, 256, 512, 256),
+    # Hundreds of streams of mixed lengths: prefill chunks flowing beside full decode steps,
+    # at the largest step budget and at the default one.
+    Scenario("c512-mixed", 1, 1, 512, 1024, "128-1024", "64-512"),
+    Scenario("c512-mixed-2048", 1, 1, 512, 1024, "128-1024", "64-512",
+             server_args=("--max-num-batched-tokens", "2048")),
     # The same loads with every step waiting for the previous step's tokens (the A/B of
     # asynchronous scheduling).
     Scenario("batch1-pp1-sync", 1, 1, 1, 3, 128, 256, server_args=("--no-async-scheduling",)),
@@ -148,7 +158,7 @@ WARMUP_SEED = 1
 
 
 def load_commands(args: argparse.Namespace, scenario: Scenario, address: str,
-                  report_path: Path) -> tuple[list[str], list[str]]:
+                  report_path: Path, baseline: Path | None = None) -> tuple[list[str], list[str]]:
     """The warm-up's load-generator command line and the measured load's."""
     load_generator = [sys.executable, str(REPO / "benchmarks" / "load_generator.py"), "--addr", address,
                       "--concurrency", str(scenario.concurrency), "--prompt-len", str(scenario.prompt_len),
@@ -161,8 +171,8 @@ def load_commands(args: argparse.Namespace, scenario: Scenario, address: str,
         cmd += ["--hbm-bytes-per-s", str(args.hbm_bytes_per_s)]
     else:
         cmd += ["--measure-bandwidth"]
-    if scenario.hf_baseline and not args.skip_baselines:
-        cmd += ["--hf-baseline", args.model]
+    if baseline is not None:
+        cmd += ["--baseline-json", str(baseline)]
     # The warm-up (one 2-token request per stream, all at once: every prefill shape and the
     # first graphs and kernels) runs as its own invocation, so the step histograms, CPU
     # times and steps in flight below cover the measured load alone.
@@ -172,9 +182,25 @@ def load_commands(args: argparse.Namespace, scenario: Scenario, address: str,
     return warmup, cmd
 
 
+def run_baseline(args: argparse.Namespace, scenario: Scenario, out: Path) -> Path | None:
+    """transformers at the scenario's batch, in a process of its own that ends (and frees
+    the GPU) before the server starts; the JSON it wrote, or None if it failed (logged)."""
+    path = out / f"{scenario.name}.transformers.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "load_generator.py"), "--baseline-only",
+           "--hf-baseline", args.model, "--concurrency", str(scenario.concurrency),
+           "--prompt-len", str(scenario.prompt_len), "--output-len", str(scenario.output_len),
+           "--seed", str(MEASURED_SEED), "--json", str(path)]
+    with open(out / f"{scenario.name}.transformers.log", "wb") as log:
+        done = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=1800)
+    if done.returncode != 0:
+        print(f"{scenario.name}: transformers baseline failed; see {scenario.name}.transformers.log", flush=True)
+        return None
+    return path
+
+
 def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dict:
-    # Leave room on GPU 0 for the transformers baseline, which runs beside the server.
-    utilization = 0.45 if scenario.hf_baseline and not args.skip_baselines else 0.9
+    baseline = run_baseline(args, scenario, out) if scenario.hf_baseline and not args.skip_baselines else None
+    utilization = 0.9
     # Router metrics on metrics_port, stage i's on metrics_port + 1 + i (as `up` assigns them).
     metrics_port = _free_port()
     model = args.model
@@ -186,7 +212,7 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
     proc, address = _serve(model, scenario, out / f"{scenario.name}.server.log", utilization, metrics_port,
                            timeline_dir)
     report_path = out / f"{scenario.name}.json"
-    warmup, cmd = load_commands(args, scenario, address, report_path)
+    warmup, cmd = load_commands(args, scenario, address, report_path, baseline)
     try:
         roles = deployment_processes(proc.pid)
         with open(out / f"{scenario.name}.load.log", "wb") as log:
@@ -279,6 +305,7 @@ def _step_profile(samples: list[tuple[str, dict[str, str], float]], num_stages: 
         profile[f"{kind}_steps"] = sum(v for n, lbls, v in samples if n == "stageserve_router_stage_step_seconds_count"
                                        and lbls.get("stage") == last and lbls.get("kind") == kind)
     profile["steps"] = sum(profile[f"{kind}_steps"] for kind in ("decode", "prefill", "mixed"))
+    profile["preemptions"] = sum(v for n, _, v in samples if n == "stageserve_preemptions_total")
     profile["router_result_queue_ms"] = _mean_ms(samples, "router_result_queue_seconds")
     profile["router_turnaround_ms"] = _mean_ms(samples, "router_turnaround_seconds")
     profile["last_stage_result_seconds_sum"] = sum(
@@ -326,12 +353,13 @@ def main() -> None:
         print(f"{scenario.name}: done in {time.perf_counter() - started:.0f} s", flush=True)
         rows.append((scenario.name, report))
     (out / "suite.json").write_text(json.dumps(dict(rows), indent=2))
-    print("\n| scenario | tok/s | TPOT p50 ms | TPOT p99 ms | TTFT p50 ms | vs roofline | transformers tok/s "
-          "| vs transformers | last stage compute ms/step | router send->result ms/step |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| scenario | tok/s | TPOT p50 ms | decode step device ms | TPOT / device | TPOT p99 ms | TTFT p50 ms "
+          "| vs roofline | KV blocks | preemptions | transformers tok/s | vs transformers "
+          "| last stage compute ms/step | router send->result ms/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows:
         if r is None:
-            print(f"| {name} | failed | | | | | | | | |")
+            print(f"| {name} | failed |" + " |" * 12)
             continue
         load, ratio, hf = r["load"], r.get("ratios") or {}, r.get("transformers") or {}
         prof = r.get("step_profile") or {}
@@ -340,8 +368,12 @@ def main() -> None:
         def fmt(value: object, digits: str = ".1f") -> str:
             return format(value, digits) if isinstance(value, (int, float)) else "-"
 
-        print(f"| {name} | {fmt(load['output_tok_s'])} | {fmt(load['tpot_p50_ms'], '.2f')} "
-              f"| {fmt(load['tpot_p99_ms'], '.2f')} | {fmt(load['ttft_p50_ms'])} "
+        device_ms = prof.get(f"stage{last}_decode_device_ms")
+        tpot_vs_device = load["tpot_p50_ms"] / device_ms if isinstance(device_ms, float) and device_ms > 0 else None
+        print(f"| {name} | {fmt(load['output_tok_s'])} | {fmt(load['tpot_p50_ms'], '.2f')} | {fmt(device_ms, '.2f')} "
+              f"| {fmt(tpot_vs_device, '.2f')} | {fmt(load['tpot_p99_ms'], '.2f')} | {fmt(load['ttft_p50_ms'])} "
+              f"| {fmt(ratio.get('tpot_p50_vs_roofline'), '.2f')} | {fmt(r.get('layout', {}).get('num_kv_blocks'), 'd')} "
+              f"| {fmt(prof.get('preemptions'), '.0f')} "
               f"| {fmt(ratio.get('tpot_p50_vs_roofline'), '.2f')} | {fmt(hf.get('tok_s'))} "
               f"| {fmt(ratio.get('tok_s_vs_transformers'), '.1f')} "
               f"| {fmt(prof.get(f'stage{last}_compute_ms'), '.2f')} | {fmt(prof.get(f'stage{last}_result_ms'), '.2f')} |")

@@ -455,18 +455,32 @@ def main(argv: list[str] | None = None) -> None:
                    help="model folder: also time transformers generate (random weights if DIR has none)")
     p.add_argument("--hf-device", default=None, help="device of the baseline (default: cuda:0 if any, else cpu)")
     p.add_argument("--hf-dtype", default=None, help="dtype of the baseline (default: bfloat16 on GPU, else float32)")
+    p.add_argument("--baseline-only", action="store_true",
+                   help="run only the --hf-baseline (no load, no server needed) and write it to --json")
+    p.add_argument("--baseline-json", default=None, metavar="FILE",
+                   help="a baseline measured before by --baseline-only, reported beside this load")
     p.add_argument("--client-processes", type=int, default=0,
                    help="processes the streams are split over (default: one per 32 streams, at most a "
                         "quarter of the cores)")
     p.add_argument("--json", default=None, help="write the whole report (figures, args, machine) here")
     args = p.parse_args(argv)
+    device = args.hf_device or _default_device()
+    mean_prompt, mean_out = _mean_length(args.prompt_len), _mean_length(args.output_len)
+    if args.baseline_only:
+        # The baseline alone, in a process of its own before any server holds the GPU.
+        if not args.hf_baseline or not args.json:
+            p.error("--baseline-only needs --hf-baseline and --json")
+        dtype = args.hf_dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        hf = hf_baseline(args.hf_baseline, device, dtype, args.concurrency, round(mean_prompt), round(mean_out),
+                         args.seed)
+        print(json.dumps(hf, indent=2))
+        Path(args.json).write_text(json.dumps(hf, indent=2) + "\n")
+        return
     warmup = args.concurrency if args.warmup_requests is None else args.warmup_requests
     report, info = asyncio.run(run_load(
         args.addr, args.concurrency, args.requests, args.prompt_len, args.output_len, args.seed, warmup,
         args.client_processes or auto_client_processes(args.concurrency),
     ))
-    device = args.hf_device or _default_device()
-    mean_prompt, mean_out = _mean_length(args.prompt_len), _mean_length(args.output_len)
     copy_rate, copy_source = args.hbm_bytes_per_s, "given (--hbm-bytes-per-s)"
     if args.measure_bandwidth:
         copy_rate = measure_copy_bandwidth(device, args.bandwidth_mib * 2**20)
@@ -477,7 +491,9 @@ def main(argv: list[str] | None = None) -> None:
         bound = roofline(info, args.concurrency, mean_prompt + mean_out / 2, copy_rate)
         bound["copy_rate_source"] = copy_source
     hf = None
-    if args.hf_baseline:
+    if args.baseline_json:
+        hf = json.loads(Path(args.baseline_json).read_text())
+    elif args.hf_baseline:
         dtype = args.hf_dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         try:
             hf = hf_baseline(args.hf_baseline, device, dtype, args.concurrency, round(mean_prompt), round(mean_out),

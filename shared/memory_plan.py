@@ -175,17 +175,18 @@ def rank_bytes(config: ModelConfig, tp: int, settings: MemorySettings) -> RankBy
     vocab_rows = pad_vocab_size(config.vocab_size, tp) // tp
     tokens = settings.max_num_batched_tokens
     seqs = min(settings.max_num_seqs, tokens)
-    # A rough upper bound of the profiled peak: the residual stream and its copies, then the
-    # larger of attention (the reference attention materialises a heads x T x T score
-    # matrix for one long prompt) and the MLP. The server measures the real value.
-    attention_act = tokens * (qkv_out + (heads + kv_heads) * head_dim + 3 * heads * head_dim) + heads * tokens * tokens
+    # A rough upper bound of the profiled peak of the GPU path (Triton attention, which
+    # builds no score matrix; fused MoE): the residual stream and its copies, then the larger
+    # of attention and the MLP. The server measures the real value (model_runner.profile).
+    attention_act = tokens * (qkv_out + (heads + kv_heads) * head_dim + 3 * heads * head_dim)
     mlp = tokens * 3 * inter
     if config.moe_layers:
-        # The reference MoE path runs one expert at a time over at most every token: its
-        # gate/up/act products, the gathered input and the block's output, plus the router's
-        # logits and float32 probabilities (counted as three model-dtype copies).
-        mlp = max(mlp, tokens * (3 * moe_inter + 2 * hidden + 3 * config.num_experts))
-    activation = (4 * tokens * hidden + max(attention_act, mlp)) * itemsize + tokens * tokens
+        # The fused MoE holds each (token, chosen expert) pair's gate/up, activation and down
+        # rows, the sorted routing, plus the router's logits and float32 probabilities
+        # (counted as three model-dtype copies).
+        pairs = tokens * config.num_experts_per_tok
+        mlp = max(mlp, pairs * (3 * moe_inter + hidden + 4) + tokens * (hidden + 3 * config.num_experts))
+    activation = (4 * tokens * hidden + max(attention_act, mlp)) * itemsize
     # Local and gathered logits in the model dtype, then float32 copies for the sampler.
     sampling = seqs * vocab_rows * tp * itemsize * 2 + seqs * config.vocab_size * 4 * 3
     return RankBytes(

@@ -55,26 +55,38 @@ def build_input_batch(
     query_start_loc = [0]
     start_positions: list[int] = []
     context_lens: list[int] = []
-    block_tables: list[list[int]] = []
     logits_indices: list[int] = []
     sampled: list[StageSequence] = []
     # Per source of deferred tokens: (the tokens, rows of input_ids, rows of the source).
     gathers: dict[int, tuple[SampledTokens, list[int], list[int]]] = {}
+    # Per sequence, its block table and how many of its entries the step's context covers
+    # (the tables are copied once, into the padded array below).
+    tables: list[tuple[list[int], int]] = []
     for sched, seq in zip(scheduled, seqs):
-        start, end = sched.start_position, sched.start_position + sched.num_tokens
+        start, num = sched.start_position, sched.num_tokens
+        end = start + num
+        table = seq.block_table
         if need_token_ids:
-            chunk = seq.token_slice(start, end)
-            if seq.deferred or (end > len(seq.prompt_token_ids) and PLACEHOLDER in chunk):
+            if num == 1:
+                # Decode rows, most of a large step: one token, read without slicing.
+                prompt = seq.prompt_token_ids
+                chunk = [prompt[start] if start < len(prompt) else seq.output_token_ids[start - len(prompt)]]
+            else:
+                chunk = seq.token_slice(start, end)
+            if (seq.deferred or end > len(seq.prompt_token_ids)) and PLACEHOLDER in chunk:
                 _take_deferred(seq, start, chunk, len(token_ids), gathers)
             token_ids.extend(chunk)
-        positions.extend(range(start, end))
-        table = seq.block_table
         # A token at position p lives in block table[p // block_size], at offset p % block_size.
-        slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
-        query_start_loc.append(query_start_loc[-1] + (end - start))
+        if num == 1:
+            positions.append(start)
+            slots.append(table[start // block_size] * block_size + start % block_size)
+        else:
+            positions.extend(range(start, end))
+            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+        query_start_loc.append(query_start_loc[-1] + num)
         start_positions.append(start)
         context_lens.append(end)
-        block_tables.append(table[: (end + block_size - 1) // block_size])
+        tables.append((table, (end + block_size - 1) // block_size))
         if sched.sample:
             logits_indices.append(query_start_loc[-1] - 1)
             sampled.append(seq)
@@ -85,12 +97,16 @@ def build_input_batch(
     for _, dst, src in gathers.values():
         longs += [dst, src]
     ints: list[np.ndarray] = []
-    width = max((len(t) for t in block_tables), default=0)
+    width = max((n for _, n in tables), default=0)
     if device_metadata:
-        # [num_seqs, width]: each row its blocks, then zeros the kernel never reads.
-        padded = np.zeros((len(block_tables), width), dtype=np.int32)
-        for row, table in zip(padded, block_tables):
-            row[: len(table)] = table
+        # [num_seqs, width]: each row its blocks, then zeros the kernel never reads; built as
+        # one flat list (one conversion, not one per row).
+        flat: list[int] = []
+        for table, n in tables:
+            flat += table[:n]
+            if n < width:
+                flat += [0] * (width - n)
+        padded = np.array(flat, dtype=np.int32).reshape(len(tables), width)
         ints = [np.asarray(query_start_loc, dtype=np.int32), np.asarray(context_lens, dtype=np.int32), padded]
     upload_started = time.perf_counter()
     uploaded = upload_packed([np.asarray(v, dtype=np.int64) for v in longs] + ints, device)
@@ -109,14 +125,14 @@ def build_input_batch(
         query_start_loc=query_start_loc,
         start_positions=start_positions,
         context_lens=context_lens,
-        block_tables=[] if device_metadata else [torch.tensor(t, dtype=torch.long).to(device) for t in block_tables],
+        block_tables=[] if device_metadata else [torch.tensor(t[:n], dtype=torch.long).to(device) for t, n in tables],
         block_size=block_size,
         max_query_len=max((e - s for s, e in zip(query_start_loc, query_start_loc[1:])), default=0),
     )
     if device_metadata:
         metadata.query_start_loc_tensor = int_tensors[0]
         metadata.context_lens_tensor = int_tensors[1]
-        metadata.block_tables_tensor = int_tensors[2].view(len(block_tables), width)
+        metadata.block_tables_tensor = int_tensors[2].view(len(tables), width)
     return InputBatch(
         input_ids=input_ids,
         positions=positions_t,

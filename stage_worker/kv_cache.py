@@ -83,3 +83,9 @@ class KVCache:
         for i, attn in layers.items():
             assert attn.num_kv_heads == self.num_kv_heads and attn.head_dim == self.head_dim
             attn.kv_cache = (self.k_caches[i], self.v_caches[i])
+
+    @staticmethod
+    def unbind(model: nn.Module) -> None:
+        """Detaches every layer from its cache (so the cache's memory can be freed)."""
+        for attn in model.attention_layers().values():
+            attn.kv_cache = None

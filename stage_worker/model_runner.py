@@ -6,7 +6,9 @@ keeps the collectives of the TP group and the stage hops matched.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +17,7 @@ from shared.config import ModelConfig, StageLayout
 from shared.proto import stage_worker_pb2 as pb
 from shared.step_timeline import open_timeline
 from stage_worker.attention_metadata import AttentionMetadata
-from stage_worker.cuda_graphs import DecodeGraphs
+from stage_worker.cuda_graphs import DecodeGraphs, capture_sizes
 from stage_worker.distributed import RankPlacement, StageHop, get_tp_group
 from stage_worker.input_batch import InputBatch, build_input_batch
 from stage_worker.kv_cache import KVCache, bytes_per_block
@@ -23,10 +25,20 @@ from stage_worker.layers.kernel_backend import resolve_kernel_backend, set_kerne
 from stage_worker.layers.sampler import Sampler, SamplerOutput, uses_penalties
 from stage_worker.layers.sequence_parallel import padded_num_tokens, shard_rows
 from stage_worker.loader import load_weights
+from stage_worker.memory_profile import (
+    ProfileStep,
+    heaviest_step,
+    largest_decode_step,
+    logits_rows,
+    positions_of,
+    scratch_metadata,
+)
 from stage_worker.models.registry import build_model
 from stage_worker.rank_timeline import RankTimeline, timing_event
 from stage_worker.sampled_tokens import SampledTokens, SamplerHostCopy, TokenForward
 from stage_worker.sequence_state import SequenceTable, StageSequence, StepLimits, StepRejected
+
+logger = logging.getLogger(__name__)
 
 # The CPU has no memory to profile against: without an explicit budget the cache gets this.
 DEFAULT_CPU_KV_CACHE_BYTES = 256 * 1024 * 1024
@@ -134,7 +146,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile(self, request: pb.ProfileRequest) -> pb.ProfileResponse:
-        """Runs a peak-sized forward of this stage's own layers (no hop) and sizes the KV cache."""
+        """Runs the peak-sized steps of this stage's own layers (no hop, see memory_profile.py)
+        and sizes the KV cache from what is left."""
         block_bytes = bytes_per_block(
             self.config,
             self.model.num_local_kv_heads,
@@ -143,17 +156,7 @@ class ModelRunner:
             self.dtype,
         )
         weight_bytes = self.model.parameter_bytes()
-        num_tokens = max(1, request.max_num_batched_tokens)
-        peak_activation = 0
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-        self._profile_forward(num_tokens, max(1, min(request.max_num_seqs, num_tokens)))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak_activation = torch.cuda.max_memory_allocated(self.device) - before
-            torch.cuda.empty_cache()
+        peak_activation = self._profile_peak(request)
         if request.kv_cache_bytes > 0:
             budget = request.kv_cache_bytes
         elif self.device.type == "cuda":
@@ -174,23 +177,92 @@ class ModelRunner:
             kv_budget_bytes=max(0, budget),
         )
 
-    def _profile_forward(self, num_tokens: int, num_seqs: int) -> None:
+    def _profile_peak(self, request: pb.ProfileRequest) -> int:
+        """Bytes the served steps need beyond the weights and the KV cache (0 on the CPU,
+        which has no allocator statistics; the steps still run, so a shape that fails fails
+        here, before serving)."""
+        num_tokens = max(1, request.max_num_batched_tokens)
+        num_seqs = max(1, min(request.max_num_seqs, num_tokens))
+        on_cuda = self.device.type == "cuda"
+        if self.kernel_backend != "triton" or not on_cuda:
+            # The CPU measures nothing; the forward still checks that a step of the budget runs.
+            return self._measured(lambda: self._profile_reference_forward(num_tokens, num_seqs))
+        block_size = max(1, request.block_size)
+        scratch = KVCache.for_model(self.model, 1, block_size)
+        scratch.bind(self.model)
+        try:
+            step_peak = self._measured(
+                lambda: self._profile_step(heaviest_step(num_tokens, num_seqs, block_size), block_size)
+            )
+            graph_pool = 0
+            if self.use_cuda_graphs and request.max_num_seqs > 0:
+                width = -(-self.config.max_position_embeddings // block_size)
+                decode = largest_decode_step(capture_sizes(request.max_num_seqs)[-1], width)
+                graph_pool = self._measured(lambda: self._profile_step(decode, block_size, sample=False))
+        finally:
+            if self.kv_cache is not None:
+                self.kv_cache.bind(self.model)
+            else:
+                KVCache.unbind(self.model)
+            del scratch
+            torch.cuda.empty_cache()
+        logger.info(
+            "stage %d rank %d: profiled peak %.0f MiB for a step of %d tokens / %d sequences, "
+            "%.0f MiB held for the decode graphs",
+            self.layout.stage_index, self.placement.tp_rank, step_peak / 2**20, num_tokens, num_seqs,
+            graph_pool / 2**20,
+        )
+        return step_peak + graph_pool
+
+    def _measured(self, run: Callable[[], None]) -> int:
+        """Peak bytes allocated while `run` runs, above what was allocated before it."""
+        if self.device.type != "cuda":
+            run()
+            return 0
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        run()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.empty_cache()
+        return max(0, peak)
+
+    def _profile_step(self, step: ProfileStep, block_size: int, sample: bool = True) -> None:
+        """One step of `step`'s shape through the kernels that serve it (scratch cache bound)."""
+        metadata = scratch_metadata(step, block_size, self.device)
+        positions = positions_of(step, self.config.max_position_embeddings, self.device)
+        hidden = self._profile_layers(step.num_tokens, positions, metadata)
+        if self.layout.is_last and sample:
+            self._profile_sample(hidden[logits_rows(step, self.device)])
+
+    def _profile_reference_forward(self, num_tokens: int, num_seqs: int) -> None:
         # One long prompt is the worst case for the reference attention's score matrix.
         metadata = AttentionMetadata.for_prefill_without_cache([num_tokens], self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.config.max_position_embeddings
+        hidden = self._profile_layers(num_tokens, positions, metadata)
+        if self.layout.is_last:
+            self._profile_sample(hidden[-num_seqs:])
+
+    def _profile_layers(
+        self, num_tokens: int, positions: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
         if self.layout.is_first:
             input_ids = torch.randint(0, self.config.vocab_size, (num_tokens,), device=self.device)
-            hidden = self.model(input_ids, positions, None, metadata)
-        else:
-            in_rows = shard_rows(num_tokens, get_tp_group().size) if self.sequence_parallel else num_tokens
-            hidden = torch.randn(in_rows, self.config.hidden_size, device=self.device, dtype=self.dtype)
-            hidden = self.model(None, positions, hidden, metadata)
-        if self.layout.is_last:
-            assert self.sampler is not None
-            rows = hidden[-num_seqs:]
-            logits = self.model.compute_logits(rows)
-            params = [pb.StageSamplingParams(temperature=1.0, top_p=0.9, seed=i) for i in range(num_seqs)]
-            self.sampler(logits, params, [[0]] * num_seqs, [[]] * num_seqs)
+            return self.model(input_ids, positions, None, metadata)
+        in_rows = shard_rows(num_tokens, get_tp_group().size) if self.sequence_parallel else num_tokens
+        hidden = torch.randn(in_rows, self.config.hidden_size, device=self.device, dtype=self.dtype)
+        return self.model(None, positions, hidden, metadata)
+
+    def _profile_sample(self, rows: torch.Tensor) -> None:
+        """The logits and sampler of `rows` (one per sampling sequence), nucleus sampling
+        with per-sequence seeds: the sampler's most memory-hungry configuration."""
+        assert self.sampler is not None
+        num_seqs = rows.shape[0]
+        logits = self.model.compute_logits(rows)
+        params = [pb.StageSamplingParams(temperature=1.0, top_p=0.9, seed=i) for i in range(num_seqs)]
+        self.sampler(logits, params, [[0]] * num_seqs, [[]] * num_seqs)
 
     def init_cache(self, request: pb.InitCacheRequest) -> pb.InitCacheResponse:
         self.kv_cache = None

@@ -4,6 +4,7 @@ run against a real one is in tests/test_dummy_load.py)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -52,9 +53,12 @@ def test_copy_bandwidth_is_measured() -> None:
 
 
 def test_transformers_baseline_makes_every_token(tmp_path: Path) -> None:
+    # As the GPU suite runs it: on its own (no server), written to a file the load reads later.
     model = write_tiny_model(tmp_path / "llama", num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1,
                              intermediate_size=64)
-    result = lg.hf_baseline(str(model), "cpu", "float32", batch=3, prompt_len=5, output_len=4, seed=0)
+    lg.main(["--baseline-only", "--hf-baseline", str(model), "--hf-device", "cpu", "--concurrency", "3",
+             "--prompt-len", "5", "--output-len", "4", "--json", str(tmp_path / "hf.json")])
+    result = json.loads((tmp_path / "hf.json").read_text())
     assert result["weights"] == "checkpoint" and result["tokens_made"] == 12
     assert result["tok_s"] == pytest.approx(12 / result["wall_s"])
     assert result["ttft_ms"] > 0 and result["tpot_ms"] > 0
@@ -78,6 +82,10 @@ def test_gpu_suite_warms_up_on_other_prompts_than_it_measures(tmp_path: Path) ->
     assert flag(warmup, "--prompt-len") == flag(measured, "--prompt-len") == str(scenario.prompt_len)
     assert flag(warmup, "--concurrency") == flag(measured, "--concurrency") == str(scenario.concurrency)
     assert flag(measured, "--requests") == str(scenario.requests)
+    # A baseline measured before the server started is read, never re-run beside it.
+    _, with_baseline = suite.load_commands(args, scenario, "localhost:1", tmp_path / "r.json", tmp_path / "hf.json")
+    assert flag(with_baseline, "--baseline-json") == str(tmp_path / "hf.json")
+    assert "--hf-baseline" not in with_baseline and "--hf-baseline" not in measured
 
 
 def test_suite_plot_splits_a_decode_step_into_parts_that_add_up(tmp_path: Path) -> None:

@@ -211,6 +211,13 @@ CPU_CASES = {
     "mixed-padded-gqa4-bs8-d48": Case(
         (19, 6), (19, 1), 8, 2, 48, 8, block_m=16, block_n=16, num_padding_seqs=2, num_trailing_rows=1
     ),
+    # The flat tile numbering: long chunks among decode rows and idle sequences, GQA 3 (a
+    # 16-row tile straddles tokens), padding after them; sequence i's tiles start at
+    # (query_start_loc[i] * 3) // 16 + i.
+    "mixed-flat-tiles-gqa3-bs8-d16": Case(
+        (40, 9, 5, 60, 3, 2, 21), (37, 1, 0, 1, 3, 1, 21), 6, 2, 16, 8, block_m=16, block_n=16,
+        num_padding_seqs=2, num_trailing_rows=1,
+    ),
     # Decode through the general kernel (split_kv=False), as benchmarks compare it.
     "decode-general-gqa4-bs16-d16": Case((1, 9, 40, 16, 23), (1,) * 5, 8, 2, 16, 16, block_n=16, split_kv=False),
     # Split-KV decode. 4 splits of 16-token tiles: context 100 -> 4 chunks of 32 (the last

@@ -6,8 +6,14 @@ LAST q_len positions of its context_lens[i] cached tokens, and query j (position
 context_len - q_len + j) sees keys 0..its own position. One kernel therefore serves prefill,
 chunked prefill after a cached prefix, decode and mixed batches.
 
-Design of the attention kernel: one program per (sequence, kv head, block of BLOCK_M rows),
-where a row is a (query token, query head of this kv head's GQA group) pair, token-major.
+Design of the attention kernel: one program per (query tile, kv head), a tile being a block
+of BLOCK_M rows of one sequence, a row a (query token, query head of this kv head's GQA group)
+pair, token-major. The tiles of all sequences are numbered in one flat range: sequence i's
+start at (query_start_loc[i] * QUERIES_PER_KV) // BLOCK_M + i, which leaves it at least the
+cdiv(q_len * QUERIES_PER_KV, BLOCK_M) tiles it needs, and a program finds its sequence by a
+binary search over those starts. So a step's grid grows with its tokens plus its sequences,
+not with sequences x its longest query: a mixed step (a long prompt chunk beside hundreds of
+decode rows) launches no program per (decode row, tile of the chunk's length).
 Each K/V tile is thus loaded once for the whole GQA group, so a decode step reads each
 cached K/V row once. The program walks the context in BLOCK_N-token tiles, gathering each
 tile's rows through the block table, with an online softmax in float32 (base 2, log2(e)
@@ -151,15 +157,27 @@ def _paged_attention_kernel(
     stride_vch,
     stride_vcd,
     stride_bt,
+    num_seqs,
     QUERIES_PER_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    m_block = tl.program_id(2)
+    # The last sequence whose first tile is <= this one (see the module docstring).
+    lo = 0
+    hi = num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        mid_first = (tl.load(query_start_loc_ptr + mid) * QUERIES_PER_KV) // BLOCK_M + mid
+        if mid_first <= tile:
+            lo = mid
+        else:
+            hi = mid - 1
+    seq = lo
+    m_block = tile - ((tl.load(query_start_loc_ptr + seq) * QUERIES_PER_KV) // BLOCK_M + seq)
 
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -175,7 +193,7 @@ def _paged_attention_kernel(
     q_pos = ctx_len - q_len + tok  # [BLOCK_M]
 
     # The last key any valid row sees is that of its last valid token; a program with no
-    # valid row (grid sized for max_query_len, this sequence shorter) skips the loop.
+    # valid row (a tile past its sequence's last, or past the last sequence) skips the loop.
     first_tok = (m_block * BLOCK_M) // QUERIES_PER_KV
     last_tok = tl.minimum((m_block * BLOCK_M + BLOCK_M - 1) // QUERIES_PER_KV, q_len - 1)
     key_end = tl.minimum(ctx_len - q_len + last_tok + 1, ctx_len)
@@ -306,7 +324,8 @@ def paged_attention(
     block_m = block_m or default_m
     block_n = block_n or default_n
     assert block_m >= 16 and block_n >= 16, "tl.dot needs tiles of at least 16"
-    grid = (num_seqs, num_kv_heads, triton.cdiv(rows_per_seq, block_m))
+    # Every sequence's tiles fit below (num_tokens * queries_per_kv) // block_m + num_seqs.
+    grid = ((num_tokens * queries_per_kv) // block_m + num_seqs, num_kv_heads)
     _paged_attention_kernel[grid](
         query,
         k_cache,
@@ -323,6 +342,7 @@ def paged_attention(
         *k_cache.stride(),
         *v_cache.stride(),
         block_tables.stride(0),
+        num_seqs,
         QUERIES_PER_KV=queries_per_kv,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
