@@ -33,9 +33,8 @@ from router.request_validation import InvalidRequestError, RequestLimits, valida
 from router.response_stream import ResponseOutbox, StreamItem, coalesce, drain
 from router.scheduler import QueueFullError, Scheduler
 from router.stage_client import StageClient
-from shared.client import LIVENESS_SERVICE
 from shared.config import CacheConfig, ModelConfig, SchedulerConfig
-from shared.grpc_options import CannotListen, server_options
+from shared.grpc_options import LIVENESS_SERVICE, CannotListen, server_options
 from shared.interpreter import apply_interpreter_settings, freeze_startup_objects
 from shared.metrics import MODEL_NAME_LABEL, add_build_info, model_name_of, new_registry, serve_metrics
 from shared.proto import generation_pb2 as gen

@@ -20,20 +20,19 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shared.client import LIVENESS_SERVICE
 from shared.config import ConfigError, ModelConfig, ParallelConfig
-from shared.grpc_options import server_options
+from shared.grpc_options import LIVENESS_SERVICE, server_options
 from shared.interpreter import apply_interpreter_settings
 from shared.metrics import add_build_info, model_name_of, serve_metrics
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
 from shared.security import RequireToken, ServerTls, add_port, stage_token_check
-from shared.step_timeline import open_timeline
 from shared.sharded_state import read_sharded_state
-from stage_worker.metrics import StageMetrics
+from shared.step_timeline import open_timeline
 from stage_worker.distributed import read_epoch
 from stage_worker.layers.kernel_backend import KERNEL_BACKENDS
 from stage_worker.loader import LOAD_FORMATS
+from stage_worker.metrics import StageMetrics
 from stage_worker.rank_pool import RankFailure, RankPool
 from stage_worker.rank_process import RankArgs
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from shared.client import GenerationClient
+from stageserve.client import GenerationClient
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ class ServingSystem:
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"stageserve-up-{self.port}.log"
         self._log = open(self.log_path, "wb")
         cmd = [
-            sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--pp", str(pp), "--tp", str(tp),
+            sys.executable, "-m", "stageserve.cli", "up", "--model", str(model), "--pp", str(pp), "--tp", str(tp),
             "--device", device, "--port", str(self.port),
             # Tests call stages' GetInfo directly, as an operator would (so they need the
             # stages' addresses in GetModelInfo); the stage token `up` gives its children by

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from shared.demo_model import write_tiny_model
+from stageserve.demo_model import write_tiny_model
 
 BLOCK = (128, 128)
 FP8_MAX = 448.0  # the largest float8_e4m3fn

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import grpc
 
-from shared.client import build_request
 from shared.proto import generation_pb2 as gen
+from stageserve.client import build_request
 
 HUGE = 60_000_000  # bytes: under the 64 MiB limit of the stages' channels, over the router's cap
 LARGE = 3_000_000  # bytes: under the router's cap, far over any valid value of the field

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from shared.client import build_request
-from shared.demo_model import write_tiny_model
 from shared.grpc_options import MAX_MESSAGE_BYTES
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
+from stageserve.client import build_request
+from stageserve.demo_model import write_tiny_model
 from tests import huge_requests
 from tests.e2e_harness import ServingSystem, rss_bytes
 

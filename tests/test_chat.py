@@ -16,9 +16,9 @@ import pytest
 
 from router.chat_template import ChatRenderer
 from router.request_validation import CHAT_ROLES, InvalidRequestError, RequestLimits, validate_request
-from shared.client import build_request
-from shared.demo_model import build_tokenizer, write_tiny_model
 from shared.proto import generation_pb2 as gen
+from stageserve.client import build_request
+from stageserve.demo_model import build_tokenizer, write_tiny_model
 from tests.chat_harness import TOKEN, ChatSystem
 from tests.e2e_harness import REPO, ServingSystem, comparable_prefix, hf_greedy
 
@@ -115,7 +115,7 @@ def test_a_role_the_template_refuses_is_invalid_argument(tokenizer) -> None:
 def test_a_demo_model_written_before_templates_gets_one(tmp_path: Path) -> None:
     import json
 
-    from shared.demo_model import DEMO_CHAT_TEMPLATE, DEMO_MODEL_NAME, ensure_demo_model
+    from stageserve.demo_model import DEMO_CHAT_TEMPLATE, DEMO_MODEL_NAME, ensure_demo_model
 
     old = tmp_path / DEMO_MODEL_NAME
     old.mkdir()
@@ -219,7 +219,7 @@ def _with_token(folder: Path) -> dict[str, str]:
 def test_generate_cli_chat_sends_the_conversation(system: ServingSystem, tmp_path: Path) -> None:
     expected = system.client.generate(CONVERSATION, max_new_tokens=NEW_TOKENS, ignore_eos=True, timeout=60)
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "generate", CONVERSATION[1]["content"], "--system",
+        [sys.executable, "-m", "stageserve.cli", "generate", CONVERSATION[1]["content"], "--system",
          CONVERSATION[0]["content"], "--addr", system.address, "--max-new-tokens", str(NEW_TOKENS),
          "--ignore-eos"],
         cwd=REPO, env=_with_token(tmp_path), capture_output=True, text=True, timeout=60,
@@ -229,7 +229,7 @@ def test_generate_cli_chat_sends_the_conversation(system: ServingSystem, tmp_pat
     # --chat alone: the prompt is the only (user) message.
     alone = system.client.generate([CONVERSATION[1]], max_new_tokens=4, ignore_eos=True, timeout=60)
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "generate", CONVERSATION[1]["content"], "--chat", "--addr",
+        [sys.executable, "-m", "stageserve.cli", "generate", CONVERSATION[1]["content"], "--chat", "--addr",
          system.address, "--max-new-tokens", "4", "--ignore-eos"],
         cwd=REPO, env=_with_token(tmp_path), capture_output=True, text=True, timeout=60,
     )

@@ -13,8 +13,8 @@ from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from shared.config import SUPPORTED_ARCHITECTURES, ConfigError
-import shared.demo_model as demo_model
-from shared.demo_model import build_tokenizer, ensure_demo_model, write_tiny_model
+import stageserve.demo_model as demo_model
+from stageserve.demo_model import build_tokenizer, ensure_demo_model, write_tiny_model
 
 MULTI_BYTE_TEXT = "Le café était fermé. 東京は日本の首都です。 Привет 🙂🚀 👩‍💻 naïve 123 xyzzy"
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.cli import build_parser
-from shared.client import LIVENESS_SERVICE
+from stageserve.cli import build_parser
+from stageserve.client import LIVENESS_SERVICE
 from tests.e2e_harness import REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -268,7 +268,7 @@ def test_dockerfile_installs_the_package_on_a_cuda_pytorch_base() -> None:
     copied = [line.split()[1] for line in text.splitlines() if line.startswith("COPY ")]
     for source in copied:
         assert (REPO / source).exists(), source
-    assert {"shared", "router", "stage_worker", "pyproject.toml"} <= {s.rstrip("/") for s in copied}
+    assert {"shared", "stageserve", "router", "stage_worker", "pyproject.toml"} <= {s.rstrip("/") for s in copied}
     assert "pip install" in text and "torch.version.cuda" in text
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
@@ -276,8 +276,8 @@ def test_dockerfile_installs_the_package_on_a_cuda_pytorch_base() -> None:
 
 
 def test_up_restarts_an_exited_stage_until_it_fails_too_often(monkeypatch: pytest.MonkeyPatch) -> None:
-    import shared.launcher as launcher_module
-    from shared.launcher import Launcher, StageRestartPolicy, UpConfig
+    import stageserve.launcher as launcher_module
+    from stageserve.launcher import Launcher, StageRestartPolicy, UpConfig
 
     class FakeProc:
         pid = -1  # never a real process group: killpg is replaced below anyway
@@ -328,7 +328,7 @@ def test_up_restarts_an_exited_stage_until_it_fails_too_often(monkeypatch: pytes
 
 
 def test_up_passes_its_router_knobs_through_to_the_router() -> None:
-    from shared.cli import _router_flag_values
+    from stageserve.cli import _router_flag_values
 
     up = build_parser().parse_args(
         ["up", "--stream-interval", "4", "--no-async-scheduling", "--no-even-micro-batches", "--max-num-seqs", "7",

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from shared.config import ConfigError, ModelConfig, StageLayout
-from shared.demo_model import _hf_config, _token_ids
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
 from stage_worker.loader import DUMMY_RANGE, DummyTensor, load_weights, reference_checkpoint_shapes
 from stage_worker.models.registry import build_model
+from stageserve.demo_model import _hf_config, _token_ids
 from tests.e2e_harness import REPO, ServingSystem
 
 pytestmark = pytest.mark.timeout(600)
@@ -252,7 +252,7 @@ def test_load_generator_splits_the_streams_over_client_processes(system: Serving
 
 def test_up_with_a_prompt_needs_a_tokenizer(config_only: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "up", "--model", str(config_only), "--load-format", "dummy",
+        [sys.executable, "-m", "stageserve.cli", "up", "--model", str(config_only), "--load-format", "dummy",
          "--device", "cpu", "--prompt", "hello"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )

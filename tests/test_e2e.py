@@ -17,10 +17,10 @@ import grpc
 import pytest
 import torch
 
-from shared.client import build_request
-from shared.demo_model import write_tiny_model
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
+from stageserve.client import build_request
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import (
     ServingSystem,
     comparable_prefix,

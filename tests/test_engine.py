@@ -23,13 +23,13 @@ from router.block_manager import BlockManager
 from router.engine import Engine, EngineUnavailable
 from router.request_validation import RequestLimits, validate_request
 from router.scheduler import QueueFullError, Scheduler
-from shared.client import FINISH_REASONS, build_request
 from shared.config import SchedulerConfig
-from shared.demo_model import TOKENIZER_VOCAB_SIZE as VOCAB
-from shared.demo_model import build_tokenizer
 from shared.proto import generation_pb2 as gen
 from shared.proto import stage_worker_pb2 as pb
 from stage_worker.sequence_state import SequenceTable, StepLimits, StepRejected
+from stageserve.client import FINISH_REASONS, build_request
+from stageserve.demo_model import TOKENIZER_VOCAB_SIZE as VOCAB
+from stageserve.demo_model import build_tokenizer
 
 pytestmark = pytest.mark.timeout(60)
 

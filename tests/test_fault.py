@@ -25,9 +25,9 @@ import grpc
 import pytest
 
 from router.stage_client import StageClient
-from shared.client import GenerationClient, RetryPolicy
-from shared.demo_model import write_tiny_model
 from shared.proto import stage_worker_pb2 as pb
+from stageserve.client import GenerationClient, RetryPolicy
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import free_port
 from tests.test_ops import Process
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.demo_model import write_tiny_model
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import (
     ServingSystem, agreement_with_reference, assert_matches_reference, hf_greedy, steps_before_near_tie,
 )

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.demo_model import write_tiny_model
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import ServingSystem, assert_matches_reference, hf_greedy
 
 pytest.importorskip("triton", reason="triton is in the test extra")

@@ -16,11 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shared.client import build_request
-from shared.demo_model import write_tiny_model
 from shared.grpc_options import channel_options
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
+from stageserve.client import build_request
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import ServingSystem
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.demo_model import write_tiny_model
 from shared.proto import generation_pb2 as gen
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import REPO
 
 _spec = importlib.util.spec_from_file_location("load_generator", REPO / "benchmarks" / "load_generator.py")

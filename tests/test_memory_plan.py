@@ -14,19 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.cli import main
 from shared.config import ConfigError, ModelConfig, ParallelConfig
-from shared.launcher import choose_up_partition
-from shared.memory_plan import (
+from stageserve.cli import main
+from stageserve.launcher import choose_up_partition
+from stage_worker.memory_plan import (
     MemorySettings,
     balanced_partition,
     default_partition,
-    format_size,
-    parse_size,
     plan_partition,
     rank_bytes,
 )
 from shared.partition import even_layer_partition
+from shared.sizes import format_size, parse_size
 from stage_worker.distributed import TensorParallelGroup, get_tp_group, set_tp_group
 from stage_worker.kv_cache import bytes_per_block
 from stage_worker.models.registry import build_model

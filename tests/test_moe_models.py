@@ -359,8 +359,8 @@ def fake_tp3():
 def test_sharded_state_round_trip(checkpoints, tmp_path: Path) -> None:
     """save-sharded at (pp, tp) = (2, 2) writes the stacked experts of each rank; loading
     them gives every rank exactly the parameters the HF folder's per-expert keys give."""
-    from shared.cli import main
     from shared.config import ParallelConfig
+    from stageserve.cli import main
 
     model_dir, _ = checkpoints["qwen3_moe"]
     out = tmp_path / "sharded"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.demo_model import write_tiny_model
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import REPO, comparable_prefix, hf_greedy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -92,7 +92,7 @@ class NsProcess:
         env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0"}
         # `ip netns exec` execs the command: the pid is python's.
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "shared.cli", *args], cwd=REPO, env=env,
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "stageserve.cli", *args], cwd=REPO, env=env,
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -115,7 +115,7 @@ class NsProcess:
 # reachable over this namespace's loopback, and generates.
 CLIENT = """
 import json, socket, sys, time
-from shared.client import GenerationClient
+from stageserve.client import GenerationClient
 address, stage_port, prompt, n = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
 client = GenerationClient(address)
 deadline = time.monotonic() + 200

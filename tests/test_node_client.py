@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.demo_model import write_tiny_model
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import REPO, ServingSystem
 
 pytestmark = pytest.mark.timeout(600)

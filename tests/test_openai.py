@@ -21,8 +21,8 @@ import grpc
 import openai
 import pytest
 
-from shared.client import build_request
 from shared.proto import generation_pb2 as gen
+from stageserve.client import build_request
 from tests.chat_harness import MAX_QUEUE_LEN, SERVED_MODEL, TOKEN, ChatSystem
 from tests.e2e_harness import REPO, free_port
 
@@ -245,7 +245,7 @@ def test_front_without_a_router_is_503(tmp_path) -> None:
     port = free_port()
     log = open(tmp_path / "front.log", "wb")
     front = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "openai", "--router", f"127.0.0.1:{free_port()}", "--host", "127.0.0.1",
+        [sys.executable, "-m", "stageserve.cli", "openai", "--router", f"127.0.0.1:{free_port()}", "--host", "127.0.0.1",
          "--port", str(port), "--served-model-name", "m", "--router-retries", "0"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )

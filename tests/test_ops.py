@@ -27,11 +27,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.async_client import AsyncGenerationClient
-from shared.client import LIVENESS_SERVICE, GenerationClient, RetryPolicy
-from shared.demo_model import write_tiny_model
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
+from stageserve.async_client import AsyncGenerationClient
+from stageserve.client import LIVENESS_SERVICE, GenerationClient, RetryPolicy
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import REPO, child_pids, command_of, free_port
 from tests.metrics_lint import lint
 
@@ -51,7 +51,7 @@ class Process:
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", *args], cwd=REPO, stdout=self._log,
+            [sys.executable, "-m", "stageserve.cli", *args], cwd=REPO, stdout=self._log,
             stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -135,7 +135,7 @@ class Cluster:
 def probe(address: str, *extra: str) -> int:
     """`stageserve health`, the probe compose runs; its exit code."""
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "health", "--addr", address, *extra],
+        [sys.executable, "-m", "stageserve.cli", "health", "--addr", address, *extra],
         cwd=REPO, capture_output=True, timeout=60,
     ).returncode
 
@@ -419,7 +419,7 @@ def test_async_client_streams_and_honours_a_deadline(system: Cluster) -> None:
 
 def test_generate_command_streams_through_the_client(system: Cluster) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "generate", "Hello", "--addr", system.address,
+        [sys.executable, "-m", "stageserve.cli", "generate", "Hello", "--addr", system.address,
          "--max-new-tokens", "4", "--timeout", "60"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
@@ -447,7 +447,7 @@ def test_generate_and_health_commands_fail_with_a_message_and_their_exit_code(sy
 
 def test_generate_exits_130_on_ctrl_c(system: Cluster) -> None:
     gen_cli = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "generate", "a long answer", "--addr", system.address,
+        [sys.executable, "-m", "stageserve.cli", "generate", "a long answer", "--addr", system.address,
          "--max-new-tokens", "480", "--ignore-eos", "--timeout", "120"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -462,7 +462,7 @@ def test_generate_exits_130_on_ctrl_c(system: Cluster) -> None:
 
 
 def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stageserve.cli", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -530,7 +530,7 @@ def test_up_stops_at_once_on_a_signal_during_start_up(tmp_path: Path) -> None:
     model = write_tiny_model(tmp_path / "model", "LlamaForCausalLM", seed=3)
     log = open(tmp_path / "up.log", "wb")
     up = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--pp", "2", "--device", "cpu",
+        [sys.executable, "-m", "stageserve.cli", "up", "--model", str(model), "--pp", "2", "--device", "cpu",
          "--port", str(free_port()), "--no-stage-token"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
     )
@@ -565,7 +565,7 @@ def test_up_with_a_prompt_prints_the_answer_whole_and_stops_cleanly(tmp_path: Pa
     with open(log_path, "wb") as log:
         # stdout and stderr into one file, as a terminal shows them.
         up = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--device", "cpu", "--port",
+            [sys.executable, "-m", "stageserve.cli", "up", "--model", str(model), "--device", "cpu", "--port",
              str(free_port()), "--prompt", "hi", "--max-new-tokens", "24", "--ignore-eos"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
         )

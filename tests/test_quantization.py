@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from shared.config import ConfigError, ModelConfig
-from shared.demo_model import write_tiny_model
-from shared.memory_plan import MemorySettings, plan_partition
 from shared.quantization import QuantizationConfig
 from stage_worker.distributed import TensorParallelGroup, get_tp_group, set_tp_group
-from stage_worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from stage_worker.layers.block_fp8 import dequantize_block_fp8, quantize_block_fp8
+from stage_worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from stage_worker.memory_plan import MemorySettings, plan_partition
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import REPO, ServingSystem, assert_matches_reference, free_port, hf_greedy
 from tests.fp8_checkpoint import dequantize_blocks, quantize_blocks, write_tiny_fp8_pair
 
@@ -99,7 +99,7 @@ def test_block_fp8_config_is_read(tiny: Path, tmp_path: Path) -> None:
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "stageserve.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -17,7 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from shared.demo_model import write_tiny_model
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import REPO, free_port
 
 PARENT = textwrap.dedent("""

@@ -29,8 +29,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from shared.client import GenerationClient, RetryPolicy
-from shared.demo_model import write_tiny_model
+from stageserve.client import GenerationClient, RetryPolicy
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import ServingSystem
 from tests.test_fault import _wait_pool_full, child_pids, rank_pids
 

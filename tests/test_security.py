@@ -17,13 +17,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.client import GenerationClient, RetryPolicy
-from shared.demo_model import write_tiny_model
 from shared.grpc_options import channel_options
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
+from stageserve.client import GenerationClient, RetryPolicy
+from stageserve.demo_model import write_tiny_model
 from shared.security import (
     ClientTls, SecurityConfigError, TokenCheck, bearer_metadata, open_channel, read_tokens,
 )
@@ -80,7 +80,7 @@ class Process:
     def __init__(self, name: str, args: list[str], log_dir: Path) -> None:
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "shared.cli", *args], cwd=REPO,
+        self.proc = subprocess.Popen([sys.executable, "-m", "stageserve.cli", *args], cwd=REPO,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:
@@ -189,7 +189,7 @@ def test_missing_or_wrong_token_is_unauthenticated_but_health_is_open(secured: S
 
 def test_cli_generate_and_health_speak_tls(secured: Secured) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STAGESERVE_")}
-    base = [sys.executable, "-m", "shared.cli"]
+    base = [sys.executable, "-m", "stageserve.cli"]
     ca = ["--addr", secured.address, "--tls-ca", str(secured.certs.ca)]
     out = subprocess.run([*base, "generate", "hi", *ca, "--auth-token-file", str(secured.token_file),
                           "--max-new-tokens", "3", "--ignore-eos", "--timeout", "60"],
@@ -246,7 +246,7 @@ def test_mtls_between_router_and_stage(certs: Certs, model: Path, tmp_path: Path
                 else:
                     assert _code(call)[0] == grpc.StatusCode.UNAVAILABLE
         probe = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "health", "--addr", stage_address, "--tls-ca", str(certs.ca),
+            [sys.executable, "-m", "stageserve.cli", "health", "--addr", stage_address, "--tls-ca", str(certs.ca),
              "--tls-cert", str(certs.client_cert), "--tls-key", str(certs.client_key)],
             cwd=REPO, capture_output=True, text=True, timeout=60,
         )
@@ -287,7 +287,7 @@ def test_stage_refuses_to_start_with_an_empty_token_file(model: Path, tmp_path: 
     empty = tmp_path / "token"
     empty.write_text("")
     out = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "stage", "--model", str(model), "--stage-index", "0",
+        [sys.executable, "-m", "stageserve.cli", "stage", "--model", str(model), "--stage-index", "0",
          "--num-stages", "1", "--port", str(free_port()), "--rendezvous", "127.0.0.1:1", "--device", "cpu",
          "--stage-token-file", str(empty)],
         cwd=REPO, capture_output=True, text=True, timeout=120,

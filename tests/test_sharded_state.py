@@ -23,17 +23,17 @@ import grpc
 import pytest
 import torch
 
-from shared.cli import main
 from shared.config import ConfigError, ModelConfig, ParallelConfig
-from shared.demo_model import write_tiny_model
-from shared.memory_plan import MemorySettings, plan_partition
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
 from shared.sharded_state import METADATA_FILE, read_sharded_state
 from stage_worker import loader
 from stage_worker.distributed import TensorParallelGroup, get_tp_group, set_tp_group
 from stage_worker.loader import load_weights
+from stage_worker.memory_plan import MemorySettings, plan_partition
 from stage_worker.models.registry import build_model
+from stageserve.cli import main
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import ServingSystem
 
 pytestmark = pytest.mark.timeout(300)

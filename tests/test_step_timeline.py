@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.demo_model import write_tiny_model
 from shared.step_timeline import TIMELINE_DIR_ENV, StepTimeline, open_timeline
+from stageserve.demo_model import write_tiny_model
 from tests.e2e_harness import REPO, ServingSystem
 
 _spec = importlib.util.spec_from_file_location("merge_timeline", REPO / "benchmarks" / "merge_timeline.py")

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from shared.logging_setup import setup_logging
 
 if TYPE_CHECKING:
-    from shared.memory_plan import MemorySettings
     from shared.security import ClientTls, ServerTls
+    from stage_worker.memory_plan import MemorySettings
 
 DESCRIPTION = "stageserve: LLM serving with pipeline stages as separate gRPC services"
 
@@ -419,7 +419,8 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
 
 def _memory_settings(args: argparse.Namespace, dtype: str, device_bytes: int | None) -> MemorySettings:
     from shared.config import dtype_from_name
-    from shared.memory_plan import MemorySettings, parse_size
+    from shared.sizes import parse_size
+    from stage_worker.memory_plan import MemorySettings
 
     # `up` and `save-sharded` lack some of plan's flags: those take the router's defaults.
     return MemorySettings(
@@ -436,9 +437,10 @@ def _memory_settings(args: argparse.Namespace, dtype: str, device_bytes: int | N
 
 def _plan(args: argparse.Namespace) -> int:
     from shared.config import ModelConfig
-    from shared.launcher import local_gpu_memory, resolve_device
-    from shared.memory_plan import parse_size, render_plan
     from shared.partition import parse_layer_partition
+    from shared.sizes import parse_size
+    from stage_worker.memory_plan import render_plan
+    from stageserve.launcher import local_gpu_memory, resolve_device
 
     model = ModelConfig.from_pretrained(args.model)
     if args.gpu_memory is not None:
@@ -454,8 +456,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _save_sharded(args: argparse.Namespace) -> int:
     from shared.config import ModelConfig, ParallelConfig
-    from shared.memory_plan import default_partition, parse_size
     from shared.partition import parse_layer_partition, resolve_layer_partition
+    from shared.sizes import parse_size
+    from stage_worker.memory_plan import default_partition
     from stage_worker.save_sharded import SaveShardedConfig, save_sharded, summarize
 
     model = ModelConfig.from_pretrained(args.model)
@@ -508,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             token = read_token(args.auth_token_file, "auth token") if args.auth_token_file else None
-            from shared.client import stream_to_stdout
+            from stageserve.client import stream_to_stdout
 
             return stream_to_stdout(args.addr, _generate_input(args), _sampling_from(args), args.timeout,
                                     args.retries, _client_tls_from(args), token)
@@ -521,8 +524,8 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     if args.command == "openai":
         # A client of the router like `generate`: no torch here either.
-        from shared.openai_front.server import OpenAIFrontConfig, serve
         from shared.security import SecurityConfigError
+        from stageserve.openai_front.server import OpenAIFrontConfig, serve
 
         setup_logging("openai", args.log_format)
         try:
@@ -537,8 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         serve(config)
         return 0
     if args.command == "health":
-        from shared.client import LIVENESS_SERVICE, GenerationClient
         from shared.security import SecurityConfigError
+        from stageserve.client import LIVENESS_SERVICE, GenerationClient
 
         try:
             client = GenerationClient(args.addr, tls=_client_tls_from(args))
@@ -557,11 +560,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "up":
-            from shared.demo_model import ensure_demo_model
-            from shared.launcher import StageRestartPolicy, UpConfig, resolve_device, run_up
+            from stageserve.demo_model import ensure_demo_model
+            from stageserve.launcher import StageRestartPolicy, UpConfig, resolve_device, run_up
 
-            from shared.launcher import choose_up_partition
-            from shared.memory_plan import format_partition
+            from shared.partition import format_partition
+            from stageserve.launcher import choose_up_partition
 
             if args.port == 0:
                 # `up` checks its router on the port it gave it; an OS-chosen one it would not know.
@@ -630,9 +633,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             setup_logging(f"stage{args.stage_index}", args.log_format)
             from shared.config import ModelConfig
-            from shared.launcher import resolve_device
             from shared.partition import parse_layer_partition, resolve_layer_partition
             from stage_worker.server import StageServerConfig, serve
+            from stageserve.launcher import resolve_device
 
             from shared.sharded_state import read_sharded_state
 

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import IO
 
-from shared.client import GenerationClient
 from shared.config import ModelConfig, replace
-from shared.memory_plan import MemorySettings, PartitionChoice, default_partition
 from shared.partition import parse_layer_partition, resolve_layer_partition
 from shared.security import ServerTls, client_tls, read_token, write_secret_file
 from shared.sharded_state import read_sharded_state
+from stage_worker.memory_plan import MemorySettings, PartitionChoice, default_partition
+from stageserve.client import GenerationClient
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ class Launcher:
         self.procs.append((name, self._popen(args, env)))
 
     def _popen(self, args: list[str], env: dict[str, str] | None) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "shared.cli", *args]
+        cmd = [sys.executable, "-m", "stageserve.cli", *args]
         proc = subprocess.Popen(
             cmd, env={**os.environ, **(env or {})}, start_new_session=True, preexec_fn=_die_with_parent,
             stderr=subprocess.PIPE if self.logs is not None else None,
@@ -423,7 +423,7 @@ def run_up(config: UpConfig, prompt: str | None, prompt_args: dict) -> int:
             print(f"OpenAI-compatible API on {launcher.openai_url}/v1", flush=True)
         supervisor.start()
         if prompt is not None:
-            from shared.client import stream_to_stdout
+            from stageserve.client import stream_to_stdout
 
             assert launcher.logs is not None
             launcher.logs.hold()

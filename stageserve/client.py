@@ -1,4 +1,4 @@
-"""A typed Python client for the public Generation API (blocking; `shared.async_client` has the
+"""A typed Python client for the public Generation API (blocking; `stageserve.async_client` has the
 asyncio one). Both stream, take deadlines, and retry UNAVAILABLE before the first token."""
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.grpc_options import channel_options
+from shared.grpc_options import LIVENESS_SERVICE, channel_options
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
 from shared.security import ClientTls, bearer_metadata, open_channel
 
-# The health service name every stageserve process reports SERVING while it runs (liveness);
-# "" and the API's own service name report whether it can serve requests (readiness).
-LIVENESS_SERVICE = "liveness"
 GENERATION_SERVICE = gen.DESCRIPTOR.services_by_name["Generation"].full_name
 
 FINISH_REASONS = {

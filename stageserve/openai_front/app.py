@@ -33,9 +33,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from shared.client import RetryPolicy, client_channel_options
 from shared.metrics import LATENCY_BUCKETS, NAMESPACE, new_registry
-from shared.openai_front.protocol import (
+from stageserve.client import RetryPolicy, client_channel_options
+from stageserve.openai_front.protocol import (
     FINISH_REASONS,
     ChatCompletionRequest,
     Collected,

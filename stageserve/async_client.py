@@ -1,5 +1,5 @@
 """The asyncio client for the public Generation API: the same calls, deadlines and retry
-policy as `shared.client.GenerationClient`, on a grpc.aio channel, so one event loop can
+policy as `stageserve.client.GenerationClient`, on a grpc.aio channel, so one event loop can
 drive many concurrent streams without a thread each."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.client import GenerationResult, Prompt, RetryPolicy, build_request, client_channel_options
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
 from shared.security import ClientTls, bearer_metadata, open_aio_channel
+from stageserve.client import GenerationResult, Prompt, RetryPolicy, build_request, client_channel_options
 
 
 class AsyncGenerationClient:

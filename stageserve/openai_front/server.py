@@ -51,7 +51,7 @@ def serve(config: OpenAIFrontConfig) -> None:
     try:
         import uvicorn
 
-        from shared.openai_front.app import create_app
+        from stageserve.openai_front.app import create_app
     except ImportError as exc:
         raise SystemExit(f"stageserve: {MISSING_EXTRA} ({exc})") from None
     log.info("OpenAI-compatible API on http://%s:%d/v1 for the router at %s (%s)", config.host, config.port,
