@@ -6,7 +6,7 @@ lm_head limits everyone unless it gets fewer layers. Everything here is arithmet
 config (no weights, no device), per TP rank: every rank of a stage holds the same bytes
 (the vocabulary is padded to equal shards, replicated kv heads count on every rank). The
 layer rules come from the serving layers themselves (kv_head_partition, pad_vocab_size),
-and tests/test_memory_plan.py checks the totals against models built on the meta device.
+and tests/unit/test_memory_plan.py checks the totals against models built on the meta device.
 """
 
 from __future__ import annotations
