@@ -288,7 +288,7 @@ class Engine:
                 self.tokenizer, request.prompt_token_ids, request.sampling.stop, decoder=self._decoder
             ),
             sink=sink,
-            stage_sampling=request.sampling.to_stage_proto(),
+            stage_sampling=request.sampling.to_proto(),
         )
 
     def _abort(self, seq_id: int) -> None:

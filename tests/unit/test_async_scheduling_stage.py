@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from shared.proto import stage_worker_pb2 as pb
+from shared.sampling_params import SamplingParams
 from stage_worker.input_batch import build_input_batch
 from stage_worker.sampled_tokens import PLACEHOLDER, SampledTokens
 from stage_worker.sequence_state import SequenceTable, StepLimits, StepRejected
@@ -17,7 +18,7 @@ PIPELINE = StepLimits(vocab_size=100, max_position=64, block_size=4, num_blocks=
 
 def _prefill(seq_id: int, prompt: list[int], blocks: list[int], step_id: int = 1, forward: bool = False) -> pb.StepRequest:
     step = pb.StepRequest(step_id=step_id, forward_sampled_tokens=forward)
-    step.new_seqs.add(seq_id=seq_id, prompt_token_ids=prompt, sampling=pb.StageSamplingParams())
+    step.new_seqs.add(seq_id=seq_id, prompt_token_ids=prompt, sampling=SamplingParams().to_proto())
     step.seqs.add(seq_id=seq_id, start_position=0, num_tokens=len(prompt), new_block_ids=blocks, sample=True)
     return step
 
@@ -81,7 +82,7 @@ def test_first_stage_gathers_deferred_tokens_on_the_device() -> None:
     b.pending_sample.tokens = SampledTokens(torch.tensor([99, 22]))
     b.pending_sample.row = 1  # the second sampled row of its step
     step = pb.StepRequest(step_id=3)
-    step.new_seqs.add(seq_id=3, prompt_token_ids=[6, 7, 8], sampling=pb.StageSamplingParams())
+    step.new_seqs.add(seq_id=3, prompt_token_ids=[6, 7, 8], sampling=SamplingParams().to_proto())
     step.seqs.add(seq_id=1, start_position=3, num_tokens=1, sample=True, append_sampled=True)
     step.seqs.add(seq_id=3, start_position=0, num_tokens=3, new_block_ids=[2], sample=True)
     step.seqs.add(seq_id=2, start_position=2, num_tokens=1, sample=True, append_sampled=True)

@@ -198,12 +198,12 @@ def test_return_logprob_without_alternatives() -> None:
     assert (s.return_logprob, s.top_logprobs) == (True, 0)
 
 
-def test_to_stage_proto() -> None:
+def test_to_proto() -> None:
     s = validate(
         make(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=123, repetition_penalty=1.2,
              presence_penalty=0.5, frequency_penalty=-0.5, logprobs=2)
     ).sampling
-    proto = s.to_stage_proto()
+    proto = s.to_proto()
     assert isinstance(proto, stage_worker_pb2.StageSamplingParams)
     assert proto.temperature == pytest.approx(0.7)
     assert (proto.top_k, proto.seed, proto.top_logprobs, proto.return_logprob) == (5, 123, 2, True)
@@ -211,7 +211,7 @@ def test_to_stage_proto() -> None:
     assert proto.repetition_penalty == pytest.approx(1.2)
     assert (proto.presence_penalty, proto.frequency_penalty) == (0.5, -0.5)
     # Unset top_p and repetition_penalty reach the stages as their neutral values, not 0.
-    neutral = validate(make()).sampling.to_stage_proto()
+    neutral = validate(make()).sampling.to_proto()
     assert (neutral.top_p, neutral.repetition_penalty) == (1.0, 1.0)
     assert math.isfinite(neutral.temperature)
 

@@ -11,7 +11,19 @@ import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from shared.proto.stage_worker_pb2 import StageSamplingParams
-from stage_worker.layers.sampler import Sampler, apply_penalties, sampling_param_problems, uniform_noise
+from shared.sampling_params import InvalidSamplingParams, SamplingParams
+from stage_worker.layers.sampler import Sampler, apply_penalties, uniform_noise
+
+
+def stage_params(**fields: object) -> StageSamplingParams:
+    """Parameters as the router sends them: resolved by shared/sampling_params.py, so 1.0 (not 0)
+    is "off" for top_p and repetition_penalty."""
+    return SamplingParams(**fields).to_proto()
+
+
+# The proto's fields at their "off" values, for building rows the rules refuse.
+_NEUTRAL = {"top_p": 1.0, "repetition_penalty": 1.0}
+
 
 VOCAB = 64
 
@@ -36,7 +48,7 @@ def run(
 
 def same_row_many_seeds(row: torch.Tensor, n: int, **kw: float) -> tuple[torch.Tensor, list[StageSamplingParams]]:
     """One logits row repeated n times, each copy with its own seed."""
-    return row[None, :].repeat(n, 1), [StageSamplingParams(seed=s, **kw) for s in range(n)]
+    return row[None, :].repeat(n, 1), [stage_params(seed=s, **kw) for s in range(n)]
 
 
 # ---- the hash ----
@@ -90,7 +102,7 @@ def test_noise_looks_uniform() -> None:
 
 def test_greedy_is_argmax() -> None:
     logits = make_logits(16)
-    out = run(Sampler(), logits, [StageSamplingParams(temperature=0.0, seed=i) for i in range(16)])
+    out = run(Sampler(), logits, [stage_params(temperature=0.0, seed=i) for i in range(16)])
     assert out.token_ids.dtype == torch.int64
     assert torch.equal(out.token_ids, logits.argmax(dim=-1))
 
@@ -99,7 +111,7 @@ def test_greedy_tie_goes_to_lowest_id() -> None:
     logits = torch.zeros(2, VOCAB)
     logits[0, [40, 7, 21]] = 5.0
     logits[1, [63, 62]] = 1.0
-    out = run(Sampler(), logits, [StageSamplingParams()] * 2)
+    out = run(Sampler(), logits, [stage_params()] * 2)
     assert out.token_ids.tolist() == [7, 62]
 
 
@@ -115,7 +127,7 @@ def test_top_k_one_is_greedy() -> None:
 
 def test_seeded_sampling_is_reproducible() -> None:
     logits = make_logits(8, scale=0.5)
-    params = [StageSamplingParams(temperature=1.0, seed=1000 + i) for i in range(8)]
+    params = [stage_params(temperature=1.0, seed=1000 + i) for i in range(8)]
     a = run(Sampler(), logits, params).token_ids
     b = run(Sampler(), logits.clone(), params).token_ids
     assert torch.equal(a, b)
@@ -124,19 +136,19 @@ def test_seeded_sampling_is_reproducible() -> None:
 def test_seeded_sampling_is_batch_invariant() -> None:
     sampler = Sampler()
     target_logits = make_logits(1, seed=42, scale=0.5)[0]
-    target = StageSamplingParams(temperature=0.9, top_p=0.95, seed=2**63 + 5)
+    target = stage_params(temperature=0.9, top_p=0.95, seed=2**63 + 5)
     prompt, output = [5, 6, 7, 8], [9, 10]
     alone = run(sampler, target_logits[None], [target], [prompt], [output]).token_ids[0]
 
     others = make_logits(7, seed=43)
     other_params = [
-        StageSamplingParams(temperature=0.0),
-        StageSamplingParams(temperature=1.0, top_k=3, seed=1),
-        StageSamplingParams(temperature=0.5, min_p=0.2, seed=2),
-        StageSamplingParams(temperature=1.0, repetition_penalty=1.5, presence_penalty=0.3, seed=3),
-        StageSamplingParams(temperature=2.0, seed=4, top_logprobs=5),
-        StageSamplingParams(temperature=0.0, frequency_penalty=1.0),
-        StageSamplingParams(temperature=1.0, top_p=0.3, seed=5),
+        stage_params(temperature=0.0),
+        stage_params(temperature=1.0, top_k=3, seed=1),
+        stage_params(temperature=0.5, min_p=0.2, seed=2),
+        stage_params(temperature=1.0, repetition_penalty=1.5, presence_penalty=0.3, seed=3),
+        stage_params(temperature=2.0, seed=4, top_logprobs=5),
+        stage_params(temperature=0.0, frequency_penalty=1.0),
+        stage_params(temperature=1.0, top_p=0.3, seed=5),
     ]
     other_prompts = [[1, 2], [3], [4, 4, 4], [1, 5, 9], [2], [7, 7], [8]]
     other_outputs = [[3], [], [1], [2, 2], [], [5, 5, 5], [1]]
@@ -156,7 +168,7 @@ def test_different_seeds_and_positions_differ() -> None:
     assert len(set(by_seed.tolist())) > 20
 
     # Same seed, successive positions: the counter must move the noise.
-    same_seed = [StageSamplingParams(temperature=1.0, seed=7)] * 32
+    same_seed = [stage_params(temperature=1.0, seed=7)] * 32
     by_position = Sampler()(batch, same_seed, [[0] * n for n in range(32)], [[]] * 32).token_ids
     assert len(set(by_position.tolist())) > 20
 
@@ -222,7 +234,7 @@ def _reference_keep(row: torch.Tensor, temperature: float, top_k: int, top_p: fl
 
 @pytest.mark.parametrize(
     "top_k,top_p,min_p",
-    [(5, 0.0, 0.0), (0, 0.6, 0.0), (0, 0.0, 0.3), (10, 0.8, 0.0), (12, 0.9, 0.05), (0, 1.0, 0.0)],
+    [(5, 1.0, 0.0), (0, 0.6, 0.0), (0, 1.0, 0.3), (10, 0.8, 0.0), (12, 0.9, 0.05), (0, 1.0, 0.0)],
 )
 def test_truncation_never_picks_a_removed_token(top_k: int, top_p: float, min_p: float) -> None:
     sampler = Sampler()
@@ -239,7 +251,7 @@ def test_truncation_never_picks_a_removed_token(top_k: int, top_p: float, min_p:
         if len(allowed) > 1:
             # The filter must not be stricter than asked either.
             assert len(picked) > 1
-        if top_k == 0 and top_p in (0.0, 1.0) and min_p == 0.0:
+        if top_k == 0 and top_p == 1.0 and min_p == 0.0:
             assert len(allowed) == VOCAB
 
 
@@ -251,7 +263,7 @@ def test_repetition_penalty_matches_transformers() -> None:
     prompts = [[1, 5, 5, 9], [0, 63], [2]]
     outputs = [[9, 11], [], [3, 2, 40]]
     penalties = [1.3, 0.7, 2.0]
-    params = [StageSamplingParams(repetition_penalty=p) for p in penalties]
+    params = [stage_params(repetition_penalty=p) for p in penalties]
     ours = apply_penalties(logits, params, prompts, outputs)
     for i, penalty in enumerate(penalties):
         input_ids = torch.tensor([prompts[i] + outputs[i]])
@@ -265,7 +277,7 @@ def test_presence_and_frequency_penalties_by_hand() -> None:
     logits = make_logits(2)
     prompts = [[4, 4, 6], [1]]
     outputs = [[6, 7, 7, 7], []]
-    params = [StageSamplingParams(presence_penalty=0.5, frequency_penalty=0.25)] * 2
+    params = [stage_params(presence_penalty=0.5, frequency_penalty=0.25)] * 2
     ours = apply_penalties(logits, params, prompts, outputs)
     expected = logits.clone()
     # Prompt tokens do not count: only 6 (once) and 7 (three times) in the output.
@@ -279,9 +291,9 @@ def test_penalties_combine_and_only_touch_their_rows() -> None:
     prompts = [[1, 2], [1, 2], [1, 2]]
     outputs = [[2, 3, 3], [2, 3, 3], [2, 3, 3]]
     params = [
-        StageSamplingParams(repetition_penalty=1.5, frequency_penalty=0.5),
-        StageSamplingParams(),
-        StageSamplingParams(presence_penalty=1.0),
+        stage_params(repetition_penalty=1.5, frequency_penalty=0.5),
+        stage_params(),
+        stage_params(presence_penalty=1.0),
     ]
     ours = apply_penalties(logits, params, prompts, outputs)
     rep = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([prompts[0] + outputs[0]]), logits[:1].clone())[0]
@@ -298,7 +310,7 @@ def test_penalties_change_greedy_pick() -> None:
     logits = torch.zeros(2, VOCAB)
     logits[:, 10] = 3.0
     logits[:, 20] = 2.0
-    params = [StageSamplingParams(repetition_penalty=2.0), StageSamplingParams(frequency_penalty=0.6)]
+    params = [stage_params(repetition_penalty=2.0), stage_params(frequency_penalty=0.6)]
     # Row 0: 10 in the prompt -> 1.5 < 2.0. Row 1: 10 twice in the output -> 1.8 < 2.0.
     out = run(Sampler(), logits, params, [[10], [1]], [[], [10, 10]])
     assert out.token_ids.tolist() == [20, 20]
@@ -313,10 +325,10 @@ def test_penalties_change_greedy_pick() -> None:
 def test_logprobs_come_from_raw_logits() -> None:
     logits = make_logits(4)
     params = [
-        StageSamplingParams(temperature=0.0, top_logprobs=3),
-        StageSamplingParams(temperature=2.0, seed=5, top_k=4),
-        StageSamplingParams(temperature=0.5, seed=6, repetition_penalty=3.0, top_logprobs=5),
-        StageSamplingParams(temperature=0.0, presence_penalty=2.0),
+        stage_params(temperature=0.0, top_logprobs=3),
+        stage_params(temperature=2.0, seed=5, top_k=4),
+        stage_params(temperature=0.5, seed=6, repetition_penalty=3.0, top_logprobs=5),
+        stage_params(temperature=0.0, presence_penalty=2.0),
     ]
     prompts = [[1], [2], list(range(20)), [3]]
     outputs = [[], [4], [], [int(logits[3].argmax())]]
@@ -335,11 +347,11 @@ def test_logprobs_come_from_raw_logits() -> None:
 
 
 def test_no_top_logprobs_gives_empty_columns() -> None:
-    out = run(Sampler(), make_logits(3), [StageSamplingParams()] * 3)
+    out = run(Sampler(), make_logits(3), [stage_params()] * 3)
     assert out.top_token_ids.shape == (3, 0) and out.top_logprobs.shape == (3, 0)
 
 
-# ---- validation ----
+# ---- the rules' invariants ----
 
 
 @pytest.mark.parametrize(
@@ -348,14 +360,21 @@ def test_no_top_logprobs_gives_empty_columns() -> None:
         {"temperature": -0.5},
         {"temperature": math.nan},
         {"top_p": 1.5},
+        {"top_p": 0.0},
         {"min_p": -0.1},
         {"repetition_penalty": -1.0},
+        {"repetition_penalty": 0.0},
         {"presence_penalty": math.inf},
     ],
 )
-def test_invalid_params_raise(bad: dict[str, float]) -> None:
-    with pytest.raises(ValueError, match="batch row 1"):
-        run(Sampler(), make_logits(2), [StageSamplingParams(), StageSamplingParams(**bad)])
+def test_parameters_outside_the_rules_are_an_assertion_not_a_remap(bad: dict[str, float]) -> None:
+    """The router resolves and checks every value (0 top_p is its client spelling of 1.0); what
+    reaches the sampler outside the rules is a bug upstream, asserted, never reinterpreted."""
+    with pytest.raises(InvalidSamplingParams):
+        SamplingParams(**bad)
+    raw = StageSamplingParams(**{**_NEUTRAL, **bad})
+    with pytest.raises(AssertionError, match="outside the rules"):
+        run(Sampler(), make_logits(2), [stage_params(), raw])
 
 
 # ---- GPU ----
@@ -372,7 +391,7 @@ def test_cuda_noise_equals_cpu_and_batch_invariance() -> None:
     assert torch.equal(cpu, gpu.cpu())
 
     logits = make_logits(64, vocab=vocab, scale=3.0).cuda()
-    params = [StageSamplingParams(temperature=1.0, top_p=0.9, top_k=50 * (i % 2), seed=i) for i in range(64)]
+    params = [stage_params(temperature=1.0, top_p=0.9, top_k=50 * (i % 2), seed=i) for i in range(64)]
     prompts = [[1] * (i + 1) for i in range(64)]
     full = sampler(logits, params, prompts, [[]] * 64).token_ids.cpu()
     for i in (0, 17, 63):
@@ -386,12 +405,12 @@ def test_cuda_sampling_makes_no_host_sync() -> None:
     sampler = Sampler()
     logits = make_logits(6, vocab=1000).cuda()
     params = [
-        StageSamplingParams(temperature=0.0, top_logprobs=2),
-        StageSamplingParams(temperature=1.0, seed=1),
-        StageSamplingParams(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05, seed=2),
-        StageSamplingParams(temperature=1.0, repetition_penalty=1.2, seed=3),
-        StageSamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.1),
-        StageSamplingParams(temperature=1.3, seed=4, return_logprob=True),
+        stage_params(temperature=0.0, top_logprobs=2),
+        stage_params(temperature=1.0, seed=1),
+        stage_params(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05, seed=2),
+        stage_params(temperature=1.0, repetition_penalty=1.2, seed=3),
+        stage_params(temperature=0.0, presence_penalty=0.5, frequency_penalty=0.1),
+        stage_params(temperature=1.3, seed=4, return_logprob=True),
     ]
     prompts, outputs = [[1, 2, 3]] * 6, [[4, 4], [], [5], [1, 9], [2, 2, 2], []]
     sampler(logits, params, prompts, outputs)  # warm-up: caches the vocab hash
@@ -441,12 +460,12 @@ def _random_penalty_batch(seed: int, batch: int, vocab: int):
     params, prompts, outputs = [], [], []
     for _ in range(batch):
         params.append(
-            StageSamplingParams(
+            stage_params(
                 temperature=pick([0.0, 0.0, 0.7, 1.3]),
                 top_k=int(pick([0, 0, 5])),
-                top_p=pick([0.0, 0.9]),
+                top_p=pick([1.0, 0.9]),
                 seed=int(torch.randint(2**62, (1,), generator=g)) * 3,
-                repetition_penalty=pick([0.0, 1.0, 0.8, 1.3, 2.0]),
+                repetition_penalty=pick([1.0, 1.0, 0.8, 1.3, 2.0]),
                 presence_penalty=pick([0.0, 0.5, -0.4]),
                 frequency_penalty=pick([0.0, 0.25, -0.1]),
             )
@@ -475,7 +494,7 @@ def test_penalties_match_per_row_reference_on_random_inputs(seed: int) -> None:
     # In the sampler, penalising equals sampling the reference-penalised logits with the
     # penalties off (same seeds and positions): greedy and seeded rows alike.
     unpenalised = [
-        StageSamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
+        stage_params(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed)
         for p in params
     ]
     sampler = Sampler()
@@ -491,9 +510,9 @@ def test_sampled_token_follows_the_documented_noise() -> None:
     logits = make_logits(5, scale=0.3)
     seeds = [2**64 - 1, 2**63 + 12345, 0, 987654321, 2**40 + 3]
     prompts = [[1] * n for n in (1, 7, 300, 2, 33)]
-    params = [StageSamplingParams(temperature=0.9, seed=s) for s in seeds]
+    params = [stage_params(temperature=0.9, seed=s) for s in seeds]
     # A greedy row in the middle: the sampled rows go through the row subset path too.
-    params[2] = StageSamplingParams(temperature=0.0)
+    params[2] = stage_params(temperature=0.0)
     got = run(Sampler(), logits, params, prompts).token_ids
     for i, s in enumerate(seeds):
         if i == 2:
@@ -508,14 +527,19 @@ def test_sampled_token_follows_the_documented_noise() -> None:
     "field",
     ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"],
 )
-def test_batch_validation_agrees_with_sampling_param_problems(field: str) -> None:
-    """The sampler checks the whole batch at once; it must reject exactly what the per-row
-    check rejects, and name the first bad row."""
+def test_the_sampler_accepts_exactly_what_the_rules_accept(field: str) -> None:
+    """The sampler's vectorised assert and SamplingParams apply the same rules
+    (shared/sampling_params.py): the batch passes iff every row's values are valid there."""
     for value in [-1.0, -0.0, 0.0, 0.5, 1.0, 1.5, 1e30, math.inf, -math.inf, math.nan]:
-        bad = StageSamplingParams(**{field: value})
-        params = [StageSamplingParams(), bad, StageSamplingParams(), bad]
-        if sampling_param_problems(bad):
-            with pytest.raises(ValueError, match="batch row 1"):
-                run(Sampler(), make_logits(4), params)
-        else:
+        try:
+            SamplingParams(**{field: value})
+            valid = True
+        except InvalidSamplingParams:
+            valid = False
+        row = StageSamplingParams(**{**_NEUTRAL, field: value})
+        params = [stage_params(), row, stage_params(), row]
+        if valid:
             run(Sampler(), make_logits(4), params)
+        else:
+            with pytest.raises(AssertionError):
+                run(Sampler(), make_logits(4), params)
