@@ -42,6 +42,10 @@ SERVICE_NAME = "stageserve.v1.StageWorker"
 CONTROL_TIMEOUT_S = 600.0
 
 
+class StepOrderError(ValueError):
+    """The router's steps do not arrive in increasing id order: its stream is refused."""
+
+
 @dataclass(frozen=True)
 class StageServerConfig:
     model_path: str
@@ -108,8 +112,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
         self._set_health(False)
         # Liveness: SERVING while the process runs and its ranks are alive (readiness is "").
         self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self.metrics = StageMetrics(config.stage_index, model_name_of(config.model_path))
-        self.metrics.attach(self)
+        self.metrics = StageMetrics(config.stage_index, self, model_name_of(config.model_path))
         add_build_info(
             self.metrics.registry, component="stage", stage=config.stage_index,
             num_stages=config.parallel.num_stages, tensor_parallel_size=config.parallel.tp_size,
@@ -330,7 +333,8 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
         # Rejoin replaces self.pool and kills this one, which ends the stream below.
         pool = self.pool
         assert pool is not None, "SERVING without ranks"
-        results: queue.Queue[pb.StepResult | str | None] = queue.Queue()
+        # Rank 0's results in order; an error that ends the stream; None when the pump is done.
+        results: queue.Queue[pb.StepResult | StepOrderError | RankFailure | None] = queue.Queue()
         pool.set_step_sink(results.put)
         timeline = open_timeline(f"stage{self.config.stage_index}")
         sent = 0
@@ -342,7 +346,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
             try:
                 for step in request_iterator:
                     if step.step_id <= last_step:
-                        results.put(f"step ids must increase: got {step.step_id} after {last_step}")
+                        results.put(StepOrderError(f"step ids must increase: got {step.step_id} after {last_step}"))
                         return
                     last_step = step.step_id
                     sent += 1
@@ -351,7 +355,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                         timeline.instant("execute", "step in", time.monotonic_ns(), step=step.step_id)
                     pool.send(pb.RankCommand(step=step))
             except RankFailure as exc:
-                results.put(str(exc))
+                results.put(exc)
             except grpc.RpcError:
                 pass  # The router went away; the stream ends below.
             finally:
@@ -368,8 +372,10 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                     item = None
                 if pool.failed:
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"stage failed: {pool.failed}")
-                if isinstance(item, str):
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
+                if isinstance(item, StepOrderError):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                if isinstance(item, RankFailure):
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"stage failed: {item}")
                 if item is not None:
                     received += 1
                     self.metrics.on_step_done(item)

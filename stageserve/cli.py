@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             model = args.model or str(ensure_demo_model())
             setup_logging("up", args.log_format)
             if args.prompt is not None:
-                from router.server import tokenizer_files
+                from router.tokenizer import tokenizer_files
 
                 if not tokenizer_files(model):
                     raise ConfigError(
@@ -601,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_up(config, args.prompt, _sampling_from(args))
         if args.command == "router":
             setup_logging("router", args.log_format)
-            from router.server import RouterConfig, serve
+            from router.config import RouterConfig
+            from router.server import serve
 
             serve(RouterConfig(
                 model_path=args.model,

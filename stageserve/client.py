@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.grpc_options import LIVENESS_SERVICE, channel_options
+# LIVENESS_SERVICE: re-exported, the health service name a client probes liveness with.
+from shared.grpc_options import LIVENESS_SERVICE, channel_options  # noqa: F401
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
 from shared.security import ClientTls, bearer_metadata, open_channel

@@ -128,14 +128,20 @@ def test_a_demo_model_written_before_templates_gets_one(tmp_path: Path) -> None:
 
 
 def _service(model_dir: Path):
-    from router.server import GenerationService, RouterConfig, load_tokenizer
+    from router.config import RouterConfig
+    from router.lifecycle import ServingState
+    from router.metrics import RouterMetrics
+    from router.server import GenerationService
+    from router.tokenizer import load_tokenizer
     from shared.config import CacheConfig, ModelConfig, SchedulerConfig
 
     config = RouterConfig(
         model_path=str(model_dir), stage_addresses=("127.0.0.1:1",), host="127.0.0.1", port=0,
         rendezvous_port=0, scheduler=SchedulerConfig(), cache=CacheConfig(),
     )
-    return GenerationService(config, ModelConfig.from_pretrained(model_dir), load_tokenizer(str(model_dir)))
+    return GenerationService(
+        config, ModelConfig.from_pretrained(model_dir), load_tokenizer(str(model_dir)), RouterMetrics(), ServingState()
+    )
 
 
 class _Aborted(Exception):

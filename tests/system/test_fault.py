@@ -28,7 +28,7 @@ from router.stage_client import StageClient
 from shared.proto import stage_worker_pb2 as pb
 from stageserve.client import GenerationClient, RetryPolicy
 from stageserve.demo_model import write_tiny_model
-from tests.harness.processes import Process, free_port, rank_pids, stop_all
+from tests.harness.processes import Process, free_port, stop_all
 
 pytestmark = pytest.mark.timeout(240)
 

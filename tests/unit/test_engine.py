@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from router.block_manager import BlockManager
-from router.engine import Engine, EngineUnavailable
+from router.engine import Engine
+from router.engine_events import EngineUnavailable
 from router.request_validation import RequestLimits, validate_request
 from router.scheduler import QueueFullError, Scheduler
 from shared.config import SchedulerConfig

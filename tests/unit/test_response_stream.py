@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from router.engine import EngineUnavailable
+from router.engine_events import EngineUnavailable
 from router.response_stream import ResponseOutbox, coalesce, drain
 from shared.proto import generation_pb2 as gen
 
