@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stageserve.client import GenerationClient
+from stageserve.launcher import free_port  # noqa: F401 - the tests take it from here
 
 REPO = Path(__file__).resolve().parent.parent.parent
 # `python -m` of the `stageserve` command, from the checkout under test (not an installed copy).
 STAGESERVE = (sys.executable, "-m", "stageserve.cli")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_pids(pid: int) -> list[int]:
