@@ -29,8 +29,8 @@ from shared.sizes import format_size, parse_size
 from stage_worker.distributed import TensorParallelGroup, get_tp_group, set_tp_group
 from stage_worker.kv_cache import bytes_per_block
 from stage_worker.models.registry import build_model
+from tests.harness.processes import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "docs" / "model-configs"
 GiB = 2**30
 
