@@ -23,6 +23,7 @@ WORKDIR /opt/stageserve
 COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY shared ./shared
+COPY stageserve ./stageserve
 COPY router ./router
 COPY stage_worker ./stage_worker
 # Pin torch to the base's own build so pip never replaces it with a PyPI wheel. The [openai]

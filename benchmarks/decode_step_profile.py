@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.config import ModelConfig, ParallelConfig  # noqa: E402
 from shared.proto import stage_worker_pb2 as pb  # noqa: E402
+from shared.sampling_params import SamplingParams  # noqa: E402
 from stage_worker.distributed import RankPlacement, declare_tp_placement  # noqa: E402
 from stage_worker.input_batch import build_input_batch  # noqa: E402
 from stage_worker.model_runner import ModelRunner  # noqa: E402
@@ -56,7 +57,7 @@ def _decode_batch(runner: ModelRunner, batch_size: int, context: int):
     for i in range(batch_size):
         prompt = [int(t) for t in torch.randint(3, runner.config.vocab_size, (context,))]
         seqs.append(StageSequence(
-            seq_id=i, prompt_token_ids=prompt, output_token_ids=[], sampling=pb.StageSamplingParams(),
+            seq_id=i, prompt_token_ids=prompt, output_token_ids=[], sampling=SamplingParams().to_proto(),
             block_table=list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)),
         ))
         scheduled.append(pb.ScheduledSequence(seq_id=i, start_position=context - 1, num_tokens=1, sample=True))

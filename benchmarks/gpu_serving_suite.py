@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.merge_timeline import read_events, summarize  # noqa: E402
 from benchmarks.process_cpu import cpu_snapshot, deployment_processes  # noqa: E402
-from shared.client import GenerationClient  # noqa: E402
-from shared.demo_model import write_tiny_model  # noqa: E402
 from shared.step_timeline import TIMELINE_DIR_ENV  # noqa: E402
+from stageserve.client import GenerationClient  # noqa: E402
+from stageserve.demo_model import write_tiny_model  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def _serve(
 ) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [
-        sys.executable, "-m", "shared.cli", "up", "--model", model, "--load-format", "dummy",
+        sys.executable, "-m", "stageserve.cli", "up", "--model", model, "--load-format", "dummy",
         "--pp", str(scenario.pp), "--tp", str(scenario.tp), "--device", scenario.device,
         "--dtype", "bfloat16" if scenario.device == "cuda" else "float32",
         "--port", str(port), "--max-num-seqs", str(max(scenario.concurrency, 1)),

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.proto import stage_worker_pb2 as pb  # noqa: E402
+from shared.sampling_params import SamplingParams  # noqa: E402
 from stage_worker.host_upload import upload_packed  # noqa: E402
 from stage_worker.input_batch import build_input_batch  # noqa: E402
 from stage_worker.layers.sampler import SamplerOutput  # noqa: E402
@@ -56,7 +57,7 @@ def main() -> None:
     prompt = ctx // 2
     seqs = [
         StageSequence(seq_id=i, prompt_token_ids=list(range(prompt)), output_token_ids=list(range(ctx - prompt)),
-                      sampling=pb.StageSamplingParams(), block_table=list(range(i * blocks, (i + 1) * blocks)))
+                      sampling=SamplingParams().to_proto(), block_table=list(range(i * blocks, (i + 1) * blocks)))
         for i in range(n)
     ]
     scheduled = [pb.ScheduledSequence(seq_id=i, start_position=ctx - 1, num_tokens=1, sample=True) for i in range(n)]

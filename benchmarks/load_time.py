@@ -44,10 +44,10 @@ def drop_page_cache() -> bool:
 def rank_load(rank: int, model_dir: str, pp: int, tp: int, device_type: str, results: dict) -> None:
     from shared.config import ModelConfig, ParallelConfig, dtype_from_name
     from shared.partition import even_layer_partition
+    from shared.sharded_state import read_sharded_state
     from stage_worker.distributed import RankPlacement, declare_tp_placement
     from stage_worker.loader import load_weights
     from stage_worker.models.registry import build_model
-    from shared.sharded_state import read_sharded_state
 
     stage, tp_rank = divmod(rank, tp)
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
@@ -89,12 +89,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            from shared.demo_model import write_tiny_model
+            from stageserve.demo_model import write_tiny_model
 
             model_dir = str(write_tiny_model(Path(tmp) / "hf", dtype="bfloat16", initializer_range=0.02,
                                              **RANDOM_SHAPES[args.random_model or "tiny"]))
         sharded = str(Path(tmp) / "sharded")
-        subprocess.run([sys.executable, "-m", "shared.cli", "save-sharded", "--model", model_dir, "--pp",
+        subprocess.run([sys.executable, "-m", "stageserve.cli", "save-sharded", "--model", model_dir, "--pp",
                         str(args.pp), "--tp", str(args.tp), "--dtype", "bfloat16" if args.device == "cuda"
                         else "float32", "--out", sharded], check=True, stdout=subprocess.DEVNULL)
         total = sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.config import ModelConfig, ParallelConfig  # noqa: E402
 from shared.proto import stage_worker_pb2 as pb  # noqa: E402
+from shared.sampling_params import SamplingParams  # noqa: E402
 from stage_worker.distributed import RankPlacement, declare_tp_placement  # noqa: E402
 from stage_worker.input_batch import build_input_batch  # noqa: E402
 from stage_worker.model_runner import ModelRunner  # noqa: E402
@@ -55,7 +56,7 @@ def _mixed_batch(runner: ModelRunner, prefill: int, decode: int, context: int):
         num_blocks = -(-length // BLOCK_SIZE)
         seqs.append(StageSequence(
             seq_id=i, prompt_token_ids=[int(t) for t in torch.randint(3, vocab, (length,))], output_token_ids=[],
-            sampling=pb.StageSamplingParams(), block_table=list(range(next_block, next_block + num_blocks)),
+            sampling=SamplingParams().to_proto(), block_table=list(range(next_block, next_block + num_blocks)),
         ))
         next_block += num_blocks
         start = 0 if is_prefill else context - 1

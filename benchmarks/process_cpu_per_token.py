@@ -25,9 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from shared.client import GenerationClient  # noqa: E402
+from stageserve.client import GenerationClient  # noqa: E402
 from benchmarks.process_cpu import cpu_snapshot, deployment_processes  # noqa: E402
-from shared.demo_model import write_tiny_model  # noqa: E402
+from stageserve.demo_model import write_tiny_model  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
     args = p.parse_args()
     model = args.model or str(write_tiny_model(Path(tempfile.mkdtemp()) / "tiny", "LlamaForCausalLM", seed=1))
     port = 50000 + os.getpid() % 10000
-    cmd = [sys.executable, "-m", "shared.cli", "up", "--model", model, "--pp", str(args.pp), "--device", args.device,
+    cmd = [sys.executable, "-m", "stageserve.cli", "up", "--model", model, "--pp", str(args.pp), "--device", args.device,
            "--port", str(port), "--no-stage-token", "--max-num-seqs", str(args.concurrency),
            "--max-num-batched-tokens", "8192", "--load-format", args.load_format,
            "--stream-interval", str(args.stream_interval)]

@@ -27,7 +27,7 @@ from router.block_manager import BlockManager  # noqa: E402
 from router.engine import Engine  # noqa: E402
 from router.request_validation import RequestLimits, validate_request  # noqa: E402
 from router.scheduler import Scheduler  # noqa: E402
-from router.server import TokenIdsOnly  # noqa: E402
+from router.tokenizer import TokenIdsOnly  # noqa: E402
 from shared.config import SchedulerConfig  # noqa: E402
 from shared.interpreter import apply_interpreter_settings  # noqa: E402
 from shared.proto import generation_pb2 as gen  # noqa: E402

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -25,6 +24,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from stageserve.launcher import free_port  # noqa: E402
+
 SHAPES = {
     # Llama-3-8B's published config values.
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -34,12 +35,6 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
                  rope_theta=10000.0, rms_norm_eps=1e-5),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(shape: str, out: Path) -> None:

@@ -19,7 +19,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from router.block_manager import BlockManager
+from router.config import DEFAULT_STEP_TIMEOUT_S
 from router.detokenizer import DetokenizerStep, IncrementalDetokenizer, TokenDecoder, add_tokens_batch
+from router.engine_events import (
+    Abort,
+    EngineEvent,
+    EngineUnavailable,
+    ResponseSink,
+    Resume,
+    StageResult,
+    StageStreamBroken,
+    Stop,
+    Submit,
+)
 from router.metrics import RouterMetrics
 from router.request_validation import ValidatedRequest
 from router.response_stream import merge_tokens
@@ -32,26 +44,6 @@ from shared.proto import stage_worker_pb2 as pb
 from shared.step_timeline import open_timeline, seconds_to_ns
 
 log = logging.getLogger("stageserve.router")
-
-# A stage that neither answers nor breaks its stream (a hung collective, a wedged rank)
-# would leave every client waiting forever; past this long without an answer the pipeline
-# is declared failed. Generous: a cold first step or a long CPU prefill must not trip it.
-DEFAULT_STEP_TIMEOUT_S = 120.0
-# How long the streams in flight when a stage fails are kept for the re-formed pipeline to
-# carry on (the router's --recovery-timeout). A stage restarted at once rejoins in 7-11 s on
-# the CPU test machine; with real checkpoints the weights' load time adds to that.
-DEFAULT_RECOVERY_TIMEOUT_S = 60.0
-
-
-class EngineUnavailable(RuntimeError):
-    """The pipeline is down (a stage failed); requests cannot be served now."""
-
-
-# A sink receives each response of one request, then the end of the stream: None, or an
-# EngineUnavailable when the request ended because the pipeline went down (the server
-# turns that into an UNAVAILABLE status, which clients may retry).
-ResponseSink = Callable[[gen.GenerateResponse | EngineUnavailable | None], None]
-
 
 @dataclass
 class _Request:
@@ -91,6 +83,7 @@ class Engine:
         forward_sampled_tokens: bool = False,
         stream_interval: int = 1,
         recovery_timeout_s: float = 0.0,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         if not step_timeout_s > 0:
             raise ValueError(f"step_timeout_s must be > 0 seconds, got {step_timeout_s}")
@@ -118,8 +111,9 @@ class Engine:
         # past it): they end with UNAVAILABLE at once, for callers that retry themselves.
         self.recovery_timeout_s = recovery_timeout_s
         self.stats = EngineStats()
-        self.metrics = RouterMetrics()  # detached; the router's own comes via RouterMetrics.attach
-        self._events: queue.Queue[tuple] = queue.Queue()
+        # None: a private one nobody scrapes (tests, benchmarks), so the hooks need no guard.
+        self.metrics = metrics if metrics is not None else RouterMetrics(num_stages=len(stages))
+        self._events: queue.Queue[EngineEvent] = queue.Queue()
         self._requests: dict[int, _Request] = {}
         self._inflight: dict[int, ScheduledBatch] = {}
         # Stages answer steps in order, so only the oldest step in flight is timed: from
@@ -172,22 +166,22 @@ class Engine:
         streams, last = self._streams, len(self.stages) - 1
         for index, stage in enumerate(self.stages):
             stage.open_execute(
-                on_result=lambda r, i=index: self._events.put(("result", streams, i == last, r, time.monotonic())),
-                on_error=lambda msg: self._events.put(("stage_error", streams, msg)),
+                on_result=lambda r, i=index: self._events.put(StageResult(streams, i == last, r, time.monotonic())),
+                on_error=lambda msg: self._events.put(StageStreamBroken(streams, msg)),
             )
 
     def resume(self, block_manager: BlockManager) -> None:
         """The pipeline was re-formed (every stage serves again, with an empty KV pool of
         `block_manager`'s size): new Execute streams open and the requests kept meanwhile are
         recomputed and continue. Called from the router's recovery thread."""
-        self._events.put(("resume", block_manager))
+        self._events.put(Resume(block_manager))
 
     @property
     def serving(self) -> bool:
         return self.down is None and self.failed is None
 
     def stop(self) -> None:
-        self._events.put(("stop",))
+        self._events.put(Stop())
         self._thread.join(timeout=10)
 
     def submit(self, request: ValidatedRequest, sink: ResponseSink) -> int:
@@ -202,11 +196,11 @@ class Engine:
                 )
             self._pending += 1
         seq_id = next(self._ids)
-        self._events.put(("submit", seq_id, request, sink))
+        self._events.put(Submit(seq_id, request, sink))
         return seq_id
 
     def abort(self, seq_id: int) -> None:
-        self._events.put(("abort", seq_id))
+        self._events.put(Abort(seq_id))
 
     @property
     def num_pending(self) -> int:
@@ -239,26 +233,26 @@ class Engine:
             self._schedule_steps()
             self._emit_tokens()
 
-    def _handle(self, event: tuple) -> None:
-        kind = event[0]
-        if kind in ("result", "stage_error") and event[1] != self._streams:
+    def _handle(self, event: EngineEvent) -> None:
+        if isinstance(event, StageResult | StageStreamBroken) and event.streams != self._streams:
             return  # from the streams of a pipeline that failed before
-        if kind not in ("submit", "result"):
+        if not isinstance(event, Submit | StageResult):
             # An abort or a failure ends streams: their tokens already sampled go out first.
             self._emit_tokens()
-        if kind == "submit":
-            self._admit(*event[1:])
-        elif kind == "abort":
-            self._abort(event[1])
-        elif kind == "result":
-            self._on_result(event[2], event[3], event[4])
-        elif kind == "stage_error":
-            self._pipeline_failed(event[2])
-        elif kind == "resume":
-            self._resume(event[1])
-        elif kind == "stop":
-            self._stop = True
-            self._fail_all("the router is shutting down", expected=True)
+        match event:
+            case Submit(seq_id, request, sink):
+                self._admit(seq_id, request, sink)
+            case Abort(seq_id):
+                self._abort(seq_id)
+            case StageResult(_, from_last_stage, result, arrived):
+                self._on_result(from_last_stage, result, arrived)
+            case StageStreamBroken(_, message):
+                self._pipeline_failed(message)
+            case Resume(block_manager):
+                self._resume(block_manager)
+            case Stop():
+                self._stop = True
+                self._fail_all("the router is shutting down", expected=True)
 
     def _admit(self, seq_id: int, request: ValidatedRequest, sink: ResponseSink) -> None:
         if self.failed:
@@ -288,7 +282,7 @@ class Engine:
                 self.tokenizer, request.prompt_token_ids, request.sampling.stop, decoder=self._decoder
             ),
             sink=sink,
-            stage_sampling=request.sampling.to_stage_proto(),
+            stage_sampling=request.sampling.to_proto(),
         )
 
     def _abort(self, seq_id: int) -> None:

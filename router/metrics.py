@@ -13,22 +13,21 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from router.block_manager import BlockManager
+from router.scheduler import Scheduler
 from router.sequence import Sequence
 from shared.metrics import LATENCY_BUCKETS, NAMESPACE, STEP_BUCKETS, new_registry
-
-# Seconds. A recovery reloads weights in fresh rank processes: seconds (a tiny model) to minutes.
-RECOVERY_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0, 600.0)
 from shared.proto import generation_pb2 as gen
 from shared.proto import stage_worker_pb2 as pb
 
-if TYPE_CHECKING:
-    from router.engine import Engine
+# Seconds. A recovery reloads weights in fresh rank processes: seconds (a tiny model) to minutes.
+RECOVERY_BUCKETS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0, 600.0)
 
 # Its own logger, so an operator can route or silence the per-request lines separately.
 request_log = logging.getLogger("stageserve.requests")
@@ -65,8 +64,27 @@ TOKEN_BUCKETS = (
 _MAX_TRACKED_STEPS = 1024
 
 
+class EngineCounts(Protocol):
+    """What the engine's counters read (router/engine.py, EngineStats)."""
+
+    steps: int
+    preemptions: int
+
+
+class EngineState(Protocol):
+    """What a scrape reads of the engine (router/engine.py, Engine): metrics know the engine
+    only through this, so the engine can hold its metrics without an import circle."""
+
+    scheduler: Scheduler
+    block_manager: BlockManager
+    stats: EngineCounts
+
+    @property
+    def num_pending(self) -> int: ...
+
+
 class RouterMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, num_stages: int = 1) -> None:
         # A detached instance (no registry given) records into a private registry nobody
         # scrapes, so the engine can call the hooks unconditionally.
         self.registry = registry if registry is not None else new_registry(process_metrics=False)
@@ -180,19 +198,13 @@ class RouterMetrics:
         self._last_token_at: dict[int, float] = {}
         # step id -> (send time, step kind, {stage index: arrival time of its result})
         self._steps: OrderedDict[int, tuple[float, str, dict[int, float]]] = OrderedDict()
-        self._num_stages = 0
-        self._collector: _EngineCollector | None = None
+        # A step's record is complete once this many stages have answered it.
+        self._num_stages = num_stages
 
-    def attach(self, engine: Engine) -> None:
-        """Makes `engine` report here and exports its scheduler and pool state. A recovered
-        pipeline's new engine replaces the old one (registering twice would clash)."""
-        self._num_stages = len(engine.stages)
-        engine.metrics = self
-        if self._collector is None:
-            self._collector = _EngineCollector(engine, self)
-            self.registry.register(self._collector)
-        else:
-            self._collector.engine = engine
+    def export_engine_state(self, engine: EngineState) -> None:
+        """Exports `engine`'s scheduler and pool state, read at scrape time. Once: a recovered
+        pipeline keeps its engine."""
+        self.registry.register(_EngineCollector(engine, self))
 
     @property
     def num_tracked_steps(self) -> int:
@@ -295,7 +307,7 @@ class _EngineCollector(Collector):
     lengths owned by the engine thread are atomic under the GIL; a scrape may see a state
     between two steps, which is all a gauge promises."""
 
-    def __init__(self, engine: Engine, metrics: RouterMetrics) -> None:
+    def __init__(self, engine: EngineState, metrics: RouterMetrics) -> None:
         self.engine = engine
         self.metrics = metrics
 

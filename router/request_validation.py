@@ -3,20 +3,19 @@
 A request is checked once, on arrival, and turned into a ``ValidatedRequest`` whose sampling
 parameters are fully resolved (defaults applied, seed assigned, ``max_new_tokens`` known), so
 nothing downstream (scheduler, stages) has to reinterpret proto3 zero values or guard against
-bad input. Every rejection raises ``InvalidRequestError`` whose message names the field, the
+bad input. The sampling rules themselves are shared/sampling_params.py's; stages assert them. Every rejection raises ``InvalidRequestError`` whose message names the field, the
 offending value and the allowed range; the server maps it to INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
-import math
-import secrets
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from shared.config import ConfigError, ModelConfig
-from shared.proto import generation_pb2, stage_worker_pb2
+from shared.proto import generation_pb2
+from shared.sampling_params import InvalidSamplingParams, SamplingParams
 
 MAX_REQUEST_ID_CHARS = 128
 # Roles a chat message may have: OpenAI's (developer is its newer name for system). The model's
@@ -65,39 +64,15 @@ class RequestLimits:
         return cls(vocab_size=model.vocab_size, max_context=model.max_context, **overrides)
 
 
-@dataclass(frozen=True)
-class ResolvedSampling:
-    """Sampling parameters with every default applied; what the scheduler and stages use."""
+@dataclass(frozen=True, kw_only=True)
+class ResolvedSampling(SamplingParams):
+    """The stages' sampling parameters (shared/sampling_params.py), resolved, plus what only the
+    router needs: the stop conditions and the length limit."""
 
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    seed: int
-    stop: tuple[str, ...]
-    stop_token_ids: frozenset[int]
-    ignore_eos: bool
-    repetition_penalty: float
-    presence_penalty: float
-    frequency_penalty: float
-    top_logprobs: int
-    return_logprob: bool
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
     max_new_tokens: int
-
-    def to_stage_proto(self) -> stage_worker_pb2.StageSamplingParams:
-        # Stop conditions and the length limit are the router's business; stages only sample.
-        return stage_worker_pb2.StageSamplingParams(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            seed=self.seed,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            top_logprobs=self.top_logprobs,
-            return_logprob=self.return_logprob,
-        )
 
 
 @dataclass(frozen=True)
@@ -229,50 +204,13 @@ def _resolve_prompt(
     return resolved
 
 
-def _in_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
-              high_open: bool = False, note: str = "") -> float:
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    # NaN compares false with everything, so it needs its own test.
-    if not math.isfinite(value) or too_low or too_high:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise InvalidRequestError(f"sampling.{name} must be a finite number in {interval}{note}, got {value:g}")
-    return value
-
-
 def _resolve_sampling(
     params: generation_pb2.SamplingParams, prompt_len: int, limits: RequestLimits
 ) -> ResolvedSampling:
-    temperature = _in_range("temperature", params.temperature, 0.0, 100.0)
-
-    top_k = int(params.top_k)
-    if top_k > limits.vocab_size:
-        raise InvalidRequestError(
-            f"sampling.top_k must be in [0, {limits.vocab_size}] (the vocabulary size; 0 disables), got {top_k}"
-        )
-
-    # proto3 cannot tell "unset" from 0: 0 means no nucleus filtering.
-    top_p = _in_range("top_p", params.top_p, 0.0, 1.0, note=" (0 means 1)")
-    if top_p == 0.0:
-        top_p = 1.0
-
-    min_p = _in_range("min_p", params.min_p, 0.0, 1.0, high_open=True, note=" (0 disables)")
-
-    repetition_penalty = float(params.repetition_penalty)
-    if repetition_penalty == 0.0:
-        repetition_penalty = 1.0
-    else:
-        _in_range("repetition_penalty", repetition_penalty, 0.0, 10.0, low_open=True, note=" (or 0 for none)")
-
-    presence_penalty = _in_range("presence_penalty", params.presence_penalty, -2.0, 2.0)
-    frequency_penalty = _in_range("frequency_penalty", params.frequency_penalty, -2.0, 2.0)
-
-    top_logprobs = int(params.logprobs)
-    if top_logprobs > limits.max_top_logprobs:
-        raise InvalidRequestError(
-            f"sampling.logprobs must be in [0, {limits.max_top_logprobs}], got {top_logprobs}"
-        )
+    try:
+        stage = SamplingParams.from_request(params, limits.vocab_size, limits.max_top_logprobs)
+    except InvalidSamplingParams as exc:
+        raise InvalidRequestError(str(exc)) from None
 
     # The repeated fields themselves: their lengths are checked before any element is read.
     stop = _resolve_stop_strings(params.stop, limits)
@@ -288,24 +226,11 @@ def _resolve_sampling(
             f"{prompt_len + max_new_tokens} exceed the context limit of {limits.max_context}; for this "
             f"prompt max_new_tokens must be in [1, {room}] (or 0 for as many as fit)"
         )
-
-    # A 63-bit seed fits every signed/unsigned 64-bit consumer (torch.Generator.manual_seed included).
-    seed = int(params.seed) if params.HasField("seed") else secrets.randbits(63)
-
     return ResolvedSampling(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        seed=seed,
+        **{f.name: getattr(stage, f.name) for f in fields(SamplingParams)},
         stop=stop,
         stop_token_ids=stop_token_ids,
         ignore_eos=bool(params.ignore_eos),
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        top_logprobs=top_logprobs,
-        return_logprob=bool(params.return_logprob) or top_logprobs > 0,
         max_new_tokens=max_new_tokens,
     )
 

@@ -1,6 +1,7 @@
-"""The router process: public Generation service (grpc.aio, so thousands of open streams
-cost no thread each), standard health service, rendezvous store for the stages, and the
-engine thread that drives the pipeline."""
+"""The router process: the public Generation service (grpc.aio, so thousands of open streams
+cost no thread each), the standard health service and reflection. The pipeline behind it is
+brought up, watched and recovered by the router's lifecycle (router/lifecycle.py); the engine
+thread drives it (router/engine.py)."""
 
 from __future__ import annotations
 
@@ -8,121 +9,42 @@ import asyncio
 import functools
 import logging
 import signal
-import socket
-import threading
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from router.block_manager import BlockManager
 from router.chat_template import ChatRenderer, chat_template_of
-from router.control_plane import CachePlan, PipelineState, bring_up
-from router.engine import DEFAULT_RECOVERY_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, Engine, EngineUnavailable
+from router.config import RouterConfig
+from router.engine_events import EngineUnavailable
+from router.lifecycle import SERVICE_NAME, Router, ServingState
 from router.malformed_requests import RejectMalformedRequests
 from router.metrics import RouterMetrics
 from router.prompt_encoder import LARGE_TEXT_CHARS, PromptEncoder
-from router.recovery import PipelineRecovery
 from router.request_size import generate_request_bounds, max_request_bytes, size_check, tokenize_request_bounds
 from router.request_validation import InvalidRequestError, RequestLimits, validate_request
 from router.response_stream import ResponseOutbox, StreamItem, coalesce, drain
-from router.scheduler import QueueFullError, Scheduler
-from router.stage_client import StageClient
-from shared.client import LIVENESS_SERVICE
-from shared.config import CacheConfig, ModelConfig, SchedulerConfig
-from shared.grpc_options import CannotListen, server_options
+from router.scheduler import QueueFullError
+from router.tokenizer import TOKENIZER_FILES, load_tokenizer
+from shared.config import ModelConfig
+from shared.grpc_options import server_options
 from shared.interpreter import apply_interpreter_settings, freeze_startup_objects
 from shared.metrics import MODEL_NAME_LABEL, add_build_info, model_name_of, new_registry, serve_metrics
 from shared.proto import generation_pb2 as gen
 from shared.proto import generation_pb2_grpc as gen_grpc
-from shared.rendezvous import EPOCH_KEY
-from shared.security import AsyncRequireToken, ServerTls, StageAccess, add_port, api_token_check
+from shared.security import AsyncRequireToken, add_port, api_token_check
 
 log = logging.getLogger("stageserve.router")
 
-SERVICE_NAME = "stageserve.v1.Generation"
-
-# Files any Hugging Face tokenizer is read from; a folder with none of them has no tokenizer
-# (a config.json-only folder served with --load-format dummy). Checked before AutoTokenizer
-# runs, because transformers may build an empty tokenizer from config.json alone.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-    "vocab.txt", "spiece.model",
-)
-
-
-def tokenizer_files(model_path: str | Path) -> list[str]:
-    """The tokenizer files in the model folder (empty: the router serves token ids only)."""
-    return [name for name in TOKENIZER_FILES if (Path(model_path) / name).is_file()]
-
-
-def load_tokenizer(model_path: str) -> Any | None:
-    """The folder's tokenizer, or None if it has no tokenizer files (a broken one still fails)."""
-    if not tokenizer_files(model_path):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
-
-
-class TokenIdsOnly:
-    """Stands in for the tokenizer in the detokenizer of a router without one: every decode
-    is "", so responses carry token ids and empty text."""
-
-    def decode(self, token_ids: Sequence[int], **kwargs: Any) -> str:
-        return ""
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    model_path: str
-    stage_addresses: tuple[str, ...]
-    host: str
-    port: int
-    # The TCPStore the stages' ranks rendezvous through.
-    rendezvous_port: int
-    scheduler: SchedulerConfig
-    cache: CacheConfig
-    gpu_memory_utilization: float = 0.9
-    kv_cache_bytes: int = 0
-    max_kv_blocks: int = 0
-    startup_timeout_s: float = 1800.0
-    # Tests: a seeded shuffle of the free block list, so block tables are non-contiguous.
-    shuffle_blocks_seed: int | None = None
-    # A step no stage answers for this long fails the pipeline (a stuck stage).
-    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
-    # A stage failure keeps the requests in flight this long for the re-formed pipeline to
-    # continue them (0: they end with UNAVAILABLE at once, today's fail-fast behaviour).
-    recovery_timeout_s: float = DEFAULT_RECOVERY_TIMEOUT_S
-    # Tokens per streamed message after the first (Engine.stream_interval).
-    stream_interval: int = 1
-    # Prometheus endpoint on host:metrics_port; None serves none.
-    metrics_port: int | None = None
-    # TLS on the public API (None: plaintext).
-    tls: ServerTls | None = None
-    # Bearer tokens the public API requires (None: no auth); health and reflection stay open.
-    auth_token_file: str | None = None
-    # mTLS and the stage token the router presents to its stages.
-    stage_access: StageAccess = StageAccess()
-    # The address the rendezvous store listens on; None: `host`. The store has no
-    # authentication, so it should listen only where the stages' ranks reach it.
-    rendezvous_host: str | None = None
-    # GetModelInfo lists each stage's address only with this on: the internal topology is
-    # the operator's business, not every API client's (the router logs it at start-up).
-    expose_stage_addresses: bool = False
-
-    @property
-    def store_host(self) -> str:
-        return self.host if self.rendezvous_host is None else self.rendezvous_host
-
 
 class GenerationService(gen_grpc.GenerationServicer):
-    def __init__(self, config: RouterConfig, model: ModelConfig, tokenizer: Any | None) -> None:
+    def __init__(
+        self, config: RouterConfig, model: ModelConfig, tokenizer: Any | None, metrics: RouterMetrics,
+        state: ServingState,
+    ) -> None:
         self.config = config
         self.model = model
         # None: the folder has no tokenizer; only prompt_token_ids requests without stop strings.
@@ -134,11 +56,9 @@ class GenerationService(gen_grpc.GenerationServicer):
         # core each: one at a time on one thread, so that eight of them at once still leave
         # the event loop and the engine thread a core.
         self._large_text_worker = ThreadPoolExecutor(1, thread_name_prefix="large-text")
-        self.engine: Engine | None = None
-        self.pipeline: PipelineState | None = None
-        # Why the pipeline is being re-formed; None while it serves or first starts.
-        self.recovering: str | None = None
-        self.metrics = RouterMetrics()  # the Router gives it its own
+        # The pipeline's state, as the router's lifecycle (router/lifecycle.py) changes it.
+        self.state = state
+        self.metrics = metrics
         self._outbox: ResponseOutbox | None = None
         # None: `messages` requests get FAILED_PRECONDITION (no tokenizer, or a base model).
         self.render_chat = ChatRenderer(tokenizer) if chat_template_of(tokenizer) is not None else None
@@ -226,13 +146,13 @@ class GenerationService(gen_grpc.GenerationServicer):
         if missing is not None:
             self.metrics.on_rejected("failed_precondition")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, missing)
-        engine = self.engine
+        engine = self.state.engine
         # While the pipeline recovers, the engine keeps requests (--recovery-timeout) and this
         # one waits with them; one that keeps none (0, or past that time) refuses at once.
         if engine is None or engine.failed:
             self.metrics.on_rejected("unavailable")
-            if self.recovering is not None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"recovering: {self.recovering}")
+            if self.state.recovering is not None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"recovering: {self.state.recovering}")
             reason = engine.failed if engine is not None else "the pipeline is starting"
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"not serving: {reason}")
         loop = asyncio.get_running_loop()
@@ -301,7 +221,7 @@ class GenerationService(gen_grpc.GenerationServicer):
             num_layers=self.model.num_hidden_layers,
             eos_token_ids=list(self.model.eos_token_ids),
         )
-        pipeline, engine = self.pipeline, self.engine
+        pipeline, engine = self.state.pipeline, self.state.engine
         if pipeline is not None and engine is not None:
             info.tensor_parallel_size = pipeline.infos[0].tp_size
             info.dtype = pipeline.infos[0].dtype
@@ -345,179 +265,39 @@ class GenerationService(gen_grpc.GenerationServicer):
         return gen.TokenizeResponse(token_ids=ids, tokens=self.tokenizer.convert_ids_to_tokens(ids))
 
 
-def listen_socket(host: str, port: int, what: str, flag: str) -> socket.socket:
-    """A TCP socket listening on host:port, or CannotListen saying which flag to change.
-    SO_REUSEADDR (a restart may reuse a port still in TIME_WAIT) but never SO_REUSEPORT:
-    a port another process listens on is refused, not shared."""
-    try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as exc:
-        raise CannotListen(f"cannot listen for the {what} on {host}:{port}: {exc}") from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
-        raise CannotListen(
-            f"cannot listen for the {what} on {host}:{port}: {exc.strerror or exc}; choose another {flag}"
-        ) from exc
-    return sock
-
-
-class Router:
-    """Owns the rendezvous store, the stage clients, the engine and the health status."""
-
-    def __init__(self, config: RouterConfig) -> None:
-        self.config = config
-        self.model = ModelConfig.from_pretrained(config.model_path)
-        tokenizer = load_tokenizer(config.model_path)
-        if tokenizer is None:
-            log.warning("model folder %s has no tokenizer (none of %s): serving prompt_token_ids only; "
-                        "text prompts, stop strings and Tokenize get FAILED_PRECONDITION, and responses "
-                        "carry token ids with empty text", config.model_path, ", ".join(TOKENIZER_FILES))
-        self.service = GenerationService(config, self.model, tokenizer)
-        self.metrics = self.service.metrics = RouterMetrics(
-            new_registry(labels={MODEL_NAME_LABEL: model_name_of(config.model_path)})
-        )
-        add_build_info(
-            self.metrics.registry, component="router", architecture=self.model.architecture,
-            pipeline_parallel_size=len(config.stage_addresses), block_size=config.cache.block_size,
-            max_num_seqs=config.scheduler.max_num_seqs,
-            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            async_scheduling=config.scheduler.async_scheduling, stream_interval=config.stream_interval,
-            prefix_caching=config.scheduler.enable_prefix_caching, tls=config.tls is not None,
-        )
-        self.health = health.aio.HealthServicer()
-        self.stages = [StageClient(a, config.stage_access) for a in config.stage_addresses]
-        self._store = None
-        self._store_socket: socket.socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.recovery = PipelineRecovery(
-            self.stages, self._publish_epoch, self.start_engine, self._set_serving_from_thread
-        )
-
-    async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
-        self.metrics.serving.set(1 if serving else 0)
-
-    def host_rendezvous(self) -> None:
-        import torch.distributed as dist
-
-        # The stages' ranks join the process group through this store; the router is the
-        # one process every stage already has to reach. TCPStore itself listens on every
-        # interface whatever host it is given, so it gets a socket bound here instead.
-        host, port = self.config.store_host, self.config.rendezvous_port
-        self._store_socket = listen_socket(host, port, "rendezvous store", "--rendezvous-port")
-        self._store = dist.TCPStore(
-            host, port, is_master=True, wait_for_workers=False, master_listen_fd=self._store_socket.fileno()
-        )
-        self._publish_epoch(0)
-        log.info("rendezvous store on %s:%d", host, port)
-
-    def start_engine(self) -> None:
-        cfg = self.config
-        state = bring_up(
-            self.stages,
-            self.model,
-            CachePlan(
-                block_size=cfg.cache.block_size,
-                max_num_batched_tokens=cfg.scheduler.max_num_batched_tokens,
-                max_num_seqs=cfg.scheduler.max_num_seqs,
-                gpu_memory_utilization=cfg.gpu_memory_utilization,
-                kv_cache_bytes=cfg.kv_cache_bytes,
-                max_kv_blocks=cfg.max_kv_blocks,
-            ),
-            cfg.startup_timeout_s,
-        )
-        block_manager = BlockManager(
-            state.num_blocks,
-            cfg.cache.block_size,
-            enable_prefix_caching=cfg.scheduler.enable_prefix_caching,
-            shuffle_seed=cfg.shuffle_blocks_seed,
-        )
-        if self.service.engine is not None:
-            # A recovery: the engine that kept the requests carries on with the new pipeline
-            # (and its empty pool; the sizes may differ if a stage came back with other memory).
-            self.service.pipeline = state
-            self.service.engine.resume(block_manager)
-            self.service.recovering = None
-            return
-        scheduler = Scheduler(
-            cfg.scheduler, block_manager, max_context=self.model.max_context, num_stages=len(self.stages)
-        )
-        engine = Engine(
-            self.stages,
-            scheduler,
-            self.service.tokenizer if self.service.tokenizer is not None else TokenIdsOnly(),
-            self.model.eos_token_ids,
-            self.model.max_context,
-            max_inflight=cfg.scheduler.inflight_steps(len(self.stages)),
-            forward_sampled_tokens=cfg.scheduler.async_scheduling and len(self.stages) > 1,
-            max_pending=cfg.scheduler.max_queue_len,
-            step_timeout_s=cfg.step_timeout_s,
-            stream_interval=cfg.stream_interval,
-            on_failure=self._on_engine_failure,
-            recovery_timeout_s=cfg.recovery_timeout_s,
-        )
-        self.metrics.attach(engine)
-        engine.start()
-        self.service.pipeline = state
-        self.service.engine = engine
-        self.service.recovering = None
-
-    # ---- recovery (router/recovery.py) ----------------------------------------------------
-
-    def _publish_epoch(self, epoch: int) -> None:
-        assert self._store is not None, "host_rendezvous first"
-        self._store.set(EPOCH_KEY, str(epoch))
-
-    def _on_engine_failure(self, reason: str) -> None:
-        # From the engine thread, once it has kept (or ended) every request.
-        self.service.recovering = reason
-        self.recovery.trigger(reason)
-
-    def _set_serving_from_thread(self, serving: bool) -> None:
-        if self._loop is not None and not self._loop.is_closed():
-            asyncio.run_coroutine_threadsafe(self.set_serving(serving), self._loop)
-
-    async def watch_health(self, stop: asyncio.Event) -> None:
-        """Router health is SERVING only while the engine runs and every stage serves."""
-        loop = asyncio.get_running_loop()
-        serving = True
-        while not stop.is_set():
-            engine = self.service.engine
-            stages_ok = all(await asyncio.gather(*(loop.run_in_executor(None, s.is_serving) for s in self.stages)))
-            now = engine is not None and engine.serving and stages_ok
-            if now != serving:
-                serving = now
-                await self.set_serving(now)
-                log.warning("router health: %s", "SERVING" if now else "NOT_SERVING")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
-
-
 async def serve_async(config: RouterConfig) -> None:
-    router = Router(config)
+    model = ModelConfig.from_pretrained(config.model_path)
+    tokenizer = load_tokenizer(config.model_path)
+    if tokenizer is None:
+        log.warning("model folder %s has no tokenizer (none of %s): serving prompt_token_ids only; "
+                    "text prompts, stop strings and Tokenize get FAILED_PRECONDITION, and responses "
+                    "carry token ids with empty text", config.model_path, ", ".join(TOKENIZER_FILES))
+    metrics = RouterMetrics(
+        new_registry(labels={MODEL_NAME_LABEL: model_name_of(config.model_path)}),
+        num_stages=len(config.stage_addresses),
+    )
+    add_build_info(
+        metrics.registry, component="router", architecture=model.architecture,
+        pipeline_parallel_size=len(config.stage_addresses), block_size=config.cache.block_size,
+        max_num_seqs=config.scheduler.max_num_seqs,
+        max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+        async_scheduling=config.scheduler.async_scheduling, stream_interval=config.stream_interval,
+        prefix_caching=config.scheduler.enable_prefix_caching, tls=config.tls is not None,
+    )
+    router = Router(config, model, tokenizer, metrics)
+    service = GenerationService(config, model, tokenizer, metrics, router.state)
     router.host_rendezvous()
     # The token check comes first: an unauthenticated caller's request is not even parsed.
     auth = [AsyncRequireToken(api_token_check(config.auth_token_file))] if config.auth_token_file else []
     refuse = RejectMalformedRequests(
-        SERVICE_NAME, size_checks=router.service.size_checks(),
-        on_refused=lambda method: router.metrics.on_rejected("invalid_argument") if method.endswith("/Generate") else None,
+        SERVICE_NAME, size_checks=service.size_checks(),
+        on_refused=lambda method: metrics.on_rejected("invalid_argument") if method.endswith("/Generate") else None,
     )
     server = grpc.aio.server(
-        options=server_options(max_receive_bytes=max_request_bytes(router.service.limits)),
+        options=server_options(max_receive_bytes=max_request_bytes(service.limits)),
         interceptors=[*auth, refuse],
     )
-    gen_grpc.add_GenerationServicer_to_server(router.service, server)
+    gen_grpc.add_GenerationServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(router.health, server)
     # grpcurl and similar tools discover the API from the server, without the .proto files.
     reflection.enable_server_reflection(
@@ -526,11 +306,10 @@ async def serve_async(config: RouterConfig) -> None:
     address = f"{config.host}:{config.port}"
     add_port(server, address, config.tls)
     await router.set_serving(False)
-    # Liveness: SERVING while this process runs, whatever the pipeline's state (readiness).
-    await router.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await router.report_alive()
     metrics_endpoint = None
     if config.metrics_port is not None:
-        metrics_endpoint = serve_metrics(router.metrics.registry, config.metrics_port, config.host)
+        metrics_endpoint = serve_metrics(metrics.registry, config.metrics_port, config.host)
     await server.start()
     log.info("router listening on %s (%s, %s); waiting for %d stage(s): %s", address,
              "TLS" if config.tls else "plaintext", "bearer token required" if auth else "no auth",
@@ -539,21 +318,9 @@ async def serve_async(config: RouterConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    router._loop = loop
-    startup: asyncio.Future[None] = loop.create_future()
-
-    def bring_up_thread() -> None:
-        # A daemon thread, not the loop's executor: a SIGTERM during a long bring-up must
-        # not wait for it to finish.
-        try:
-            router.start_engine()
-            loop.call_soon_threadsafe(startup.set_result, None)
-        except BaseException as exc:  # noqa: BLE001 - reported by the awaiting coroutine
-            loop.call_soon_threadsafe(startup.set_exception, exc)
-
-    threading.Thread(target=bring_up_thread, name="bring-up", daemon=True).start()
+    startup = router.start_in_background(loop)
     # While the stages load their weights: the tokenizer process is up before serving.
-    await loop.run_in_executor(None, router.service.start)
+    await loop.run_in_executor(None, service.start)
     stop_wait = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
     watcher = None
@@ -569,18 +336,14 @@ async def serve_async(config: RouterConfig) -> None:
         watcher = asyncio.ensure_future(router.watch_health(stop))
         await stop.wait()
     log.info("router stopping")
-    router.recovery.stop()
-    await router.set_serving(False)
     if watcher is not None:
         await watcher
-    if router.service.engine is not None:
-        router.service.engine.stop()
+    await router.stop()
     await server.stop(grace=2.0)
     if metrics_endpoint is not None:
         metrics_endpoint.stop()
-    router.service.close()
-    for stage in router.stages:
-        stage.close()
+    service.close()
+    router.close()
 
 
 def serve(config: RouterConfig) -> None:

@@ -15,8 +15,8 @@ out=${1:-gpu-test-logs}
 shift || true
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
-  files=(tests/test_triton_attention.py tests/test_triton_fused.py tests/test_triton_fused_moe.py tests/test_kernel_backends.py
-         tests/test_triton_fp8_matmul.py tests/test_gpu_fast_path.py tests/test_gpu_fp8.py tests/test_gpu_parity.py)
+  files=(tests/gpu/test_triton_attention.py tests/gpu/test_triton_fused.py tests/gpu/test_triton_fused_moe.py tests/gpu/test_kernel_backends.py
+         tests/gpu/test_triton_fp8_matmul.py tests/gpu/test_gpu_fast_path.py tests/gpu/test_gpu_memory_profile.py tests/gpu/test_gpu_fp8.py tests/gpu/test_gpu_parity.py)
 fi
 if ! "${PYTHON:-python3}" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "no CUDA device: the GPU tests would all skip" >&2

@@ -1,11 +1,15 @@
-"""gRPC channel and server options used by every stageserve endpoint, and the error every
-server raises when it cannot take its port."""
+"""gRPC channel and server options used by every stageserve endpoint, the health service name
+that reports liveness, and the error every server raises when it cannot take its port."""
 
 from __future__ import annotations
 
 # Generous for step messages of large batches, yet bounded so no peer can make us
 # buffer an arbitrarily large message.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+# The health service name every stageserve process reports SERVING while it runs (liveness);
+# "" and the API's own service name report whether it can serve requests (readiness).
+LIVENESS_SERVICE = "liveness"
 
 
 class CannotListen(RuntimeError):

@@ -9,7 +9,7 @@ writing responses, a rank building the next step's inputs), the woken thread wai
 GIL up to the switch interval, CPython's default 5 ms. On the serving path that wait is
 latency on every step, so stageserve shortens it to 1 ms (measured on 2 x H200, 256
 streams: pp=2 9.1k -> 10.0k tok/s, TTFT p50 1.9 -> 1.0 s; pp=1 unchanged; 64 streams 5.5k ->
-6.6k; docs/benchmarks.md). STAGESERVE_SWITCH_INTERVAL_MS overrides it (spawned rank
+6.6k; docs/benchmarks-history.md). STAGESERVE_SWITCH_INTERVAL_MS overrides it (spawned rank
 processes inherit it).
 
 Garbage collection. Serving allocates short-lived containers by the thousand per step

@@ -44,3 +44,8 @@ def resolve_layer_partition(
             f"model's {num_layers} layers"
         )
     return explicit
+
+
+def format_partition(partition: tuple[int, ...]) -> str:
+    """The --layer-partition spelling: '9,10,11'."""
+    return ",".join(str(n) for n in partition)

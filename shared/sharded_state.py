@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from shared.config import ConfigError, StageLayout
-from shared.memory_plan import format_partition
+from shared.partition import format_partition
 
 METADATA_FILE = "stageserve-sharded.json"
 FORMAT_NAME = "stageserve-sharded-state"

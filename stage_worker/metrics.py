@@ -26,7 +26,7 @@ class StageView(Protocol):
 
 
 class StageMetrics:
-    def __init__(self, stage_index: int, model_name: str = "") -> None:
+    def __init__(self, stage_index: int, view: StageView, model_name: str = "") -> None:
         self.registry = new_registry(labels={MODEL_NAME_LABEL: model_name} if model_name else None)
         ns, r = NAMESPACE, self.registry
         self.stage = str(stage_index)
@@ -49,9 +49,8 @@ class StageMetrics:
         # step id -> when it was handed to the ranks. Written by the Execute pump thread,
         # popped by the Execute response loop: single dict operations, atomic under the GIL.
         self._sent: dict[int, float] = {}
-
-    def attach(self, stage: StageView) -> None:
-        self.registry.register(_StageCollector(stage, self.stage))
+        # The stage's state, read at scrape time.
+        self.registry.register(_StageCollector(view, self.stage))
 
     def on_step_sent(self, step_id: int) -> None:
         self._sent[step_id] = time.monotonic()

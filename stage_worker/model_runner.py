@@ -15,6 +15,7 @@ import torch
 
 from shared.config import ModelConfig, StageLayout
 from shared.proto import stage_worker_pb2 as pb
+from shared.sampling_params import SamplingParams
 from shared.step_timeline import open_timeline
 from stage_worker.attention_metadata import AttentionMetadata
 from stage_worker.cuda_graphs import DecodeGraphs, capture_sizes
@@ -261,7 +262,7 @@ class ModelRunner:
         assert self.sampler is not None
         num_seqs = rows.shape[0]
         logits = self.model.compute_logits(rows)
-        params = [pb.StageSamplingParams(temperature=1.0, top_p=0.9, seed=i) for i in range(num_seqs)]
+        params = [SamplingParams(temperature=1.0, top_p=0.9, seed=i).to_proto() for i in range(num_seqs)]
         self.sampler(logits, params, [[0]] * num_seqs, [[]] * num_seqs)
 
     def init_cache(self, request: pb.InitCacheRequest) -> pb.InitCacheResponse:

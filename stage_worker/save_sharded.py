@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from shared.config import DTYPES, ConfigError, ModelConfig, ParallelConfig
-from shared.memory_plan import format_size
+from shared.sizes import format_size
 from shared.sharded_state import (
     DEFAULT_MAX_SHARD_BYTES,
     FORMAT_NAME,

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.proto import stage_worker_pb2 as pb
+from shared.sampling_params import stage_params_hold
 from shared.token_ids import slice_prompt_and_output
-from stage_worker.layers.sampler import sampling_param_problems
 from stage_worker.sampled_tokens import PLACEHOLDER, SampledToken
 
 
@@ -119,11 +119,10 @@ class SequenceTable:
                     f"sequence {new.seq_id}: token id {bad[0]} outside the vocabulary "
                     f"[0, {limits.vocab_size})"
                 )
-            problems = sampling_param_problems(new.sampling)
-            if new.sampling.top_k > limits.vocab_size or new.sampling.top_logprobs > limits.vocab_size:
-                problems.append(f"top_k / top_logprobs above the vocabulary size {limits.vocab_size}")
-            if problems:
-                raise StepRejected(f"sequence {new.seq_id}: " + "; ".join(problems))
+            # The router resolved and checked these (shared/sampling_params.py): a stage trusts it.
+            assert stage_params_hold(new.sampling, limits.vocab_size), (
+                f"sequence {new.seq_id}: sampling parameters outside the rules: {new.sampling}"
+            )
             new_counts[new.seq_id] = (len(ids), 0)
         seen: set[int] = set()
         for sched in step.seqs:

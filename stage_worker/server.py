@@ -20,20 +20,19 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shared.client import LIVENESS_SERVICE
 from shared.config import ConfigError, ModelConfig, ParallelConfig
-from shared.grpc_options import server_options
+from shared.grpc_options import LIVENESS_SERVICE, server_options
 from shared.interpreter import apply_interpreter_settings
 from shared.metrics import add_build_info, model_name_of, serve_metrics
 from shared.proto import stage_worker_pb2 as pb
 from shared.proto import stage_worker_pb2_grpc as pb_grpc
 from shared.security import RequireToken, ServerTls, add_port, stage_token_check
-from shared.step_timeline import open_timeline
 from shared.sharded_state import read_sharded_state
-from stage_worker.metrics import StageMetrics
+from shared.step_timeline import open_timeline
 from stage_worker.distributed import read_epoch
 from stage_worker.layers.kernel_backend import KERNEL_BACKENDS
 from stage_worker.loader import LOAD_FORMATS
+from stage_worker.metrics import StageMetrics
 from stage_worker.rank_pool import RankFailure, RankPool
 from stage_worker.rank_process import RankArgs
 
@@ -41,6 +40,10 @@ log = logging.getLogger("stageserve.stage")
 
 SERVICE_NAME = "stageserve.v1.StageWorker"
 CONTROL_TIMEOUT_S = 600.0
+
+
+class StepOrderError(ValueError):
+    """The router's steps do not arrive in increasing id order: its stream is refused."""
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
         self._set_health(False)
         # Liveness: SERVING while the process runs and its ranks are alive (readiness is "").
         self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self.metrics = StageMetrics(config.stage_index, model_name_of(config.model_path))
-        self.metrics.attach(self)
+        self.metrics = StageMetrics(config.stage_index, self, model_name_of(config.model_path))
         add_build_info(
             self.metrics.registry, component="stage", stage=config.stage_index,
             num_stages=config.parallel.num_stages, tensor_parallel_size=config.parallel.tp_size,
@@ -331,7 +333,8 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
         # Rejoin replaces self.pool and kills this one, which ends the stream below.
         pool = self.pool
         assert pool is not None, "SERVING without ranks"
-        results: queue.Queue[pb.StepResult | str | None] = queue.Queue()
+        # Rank 0's results in order; an error that ends the stream; None when the pump is done.
+        results: queue.Queue[pb.StepResult | StepOrderError | RankFailure | None] = queue.Queue()
         pool.set_step_sink(results.put)
         timeline = open_timeline(f"stage{self.config.stage_index}")
         sent = 0
@@ -343,7 +346,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
             try:
                 for step in request_iterator:
                     if step.step_id <= last_step:
-                        results.put(f"step ids must increase: got {step.step_id} after {last_step}")
+                        results.put(StepOrderError(f"step ids must increase: got {step.step_id} after {last_step}"))
                         return
                     last_step = step.step_id
                     sent += 1
@@ -352,7 +355,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                         timeline.instant("execute", "step in", time.monotonic_ns(), step=step.step_id)
                     pool.send(pb.RankCommand(step=step))
             except RankFailure as exc:
-                results.put(str(exc))
+                results.put(exc)
             except grpc.RpcError:
                 pass  # The router went away; the stream ends below.
             finally:
@@ -369,8 +372,10 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                     item = None
                 if pool.failed:
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"stage failed: {pool.failed}")
-                if isinstance(item, str):
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, item)
+                if isinstance(item, StepOrderError):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                if isinstance(item, RankFailure):
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"stage failed: {item}")
                 if item is not None:
                     received += 1
                     self.metrics.on_step_done(item)

@@ -1,4 +1,6 @@
-"""Session-wide test setup.
+"""Session-wide test setup. The tests are grouped by what they run: tests/unit in this process
+(and the gloo ranks it spawns), tests/system real `stageserve` processes (tests/harness/processes.py
+starts and stops them), tests/gpu CUDA and the Triton kernels (CUDA-only tests skip themselves).
 
 Without CUDA, Triton's kernels run in its interpreter. Triton reads TRITON_INTERPRET when it
 is first imported, and any test module may import it at collection (before the kernel tests
@@ -15,16 +17,3 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def chat_system(tmp_path_factory: pytest.TempPathFactory):
-    """tests/chat_harness.py: one `stageserve up --openai-port` for the chat and front tests."""
-    from tests.chat_harness import start_chat_system
-
-    started = start_chat_system(tmp_path_factory.mktemp("chat-system"))
-    yield started
-    code = started.system.stop()
-    assert code == 0, f"stageserve up exited with {code}; log:\n{started.system.log()}"

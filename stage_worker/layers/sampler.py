@@ -6,7 +6,7 @@ Per sequence, in this order:
 1. **Penalties** (skipped entirely when no sequence in the batch uses one), applied to the
    raw logits before temperature, so they also change greedy picks:
 
-   * ``repetition_penalty`` (0 or 1 = off), over every token of prompt + output, with
+   * ``repetition_penalty`` (1 = off), over every token of prompt + output, with
      transformers' ``RepetitionPenaltyLogitsProcessor`` semantics: a positive logit is
      divided by the penalty, any other is multiplied by it.
    * ``presence_penalty`` / ``frequency_penalty`` (0 = off), over OUTPUT tokens only, with
@@ -18,7 +18,7 @@ Per sequence, in this order:
 3. Otherwise ``logits / temperature``, then
    * ``top_k`` (0 = off): keep the tokens whose logit is >= the k-th largest (ties at the
      boundary are all kept, as in transformers);
-   * ``top_p`` (0 or 1 = off): on the renormalised top_k distribution, keep the smallest
+   * ``top_p`` (1 = off): on the renormalised top_k distribution, keep the smallest
      prefix of tokens, by descending probability, whose mass reaches top_p (the most
      likely token is always kept);
    * ``min_p`` (0 = off): keep tokens with ``prob >= min_p * max_prob``;
@@ -37,8 +37,11 @@ type.
 **Log-probabilities** always come from ``log_softmax`` of the raw, unmodified logits: the
 model's own distribution, whatever penalties or truncation did to the pick.
 
+The parameters arrive resolved by the router (shared/sampling_params.py holds the rules: each
+value's range and the one value that turns it off); the sampler asserts them, never remaps them.
+
 **Host work per step** is vectorised too: one pass over the params fills a numpy table
-(validation, row keys and the top_p / repetition "off" mappings are numpy ops on it), the
+(the rules' assert and the row keys are numpy ops on it), the
 token ids of the rows that use a penalty become one flat int64 array, and all of it reaches
 the device in a single copy. Nothing inside the sampler reads back from the device; the
 caller does one ``.tolist()`` of the result.
@@ -47,7 +50,6 @@ caller does one ``.tolist()`` of the result.
 from __future__ import annotations
 
 import itertools
-import math
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ import numpy as np
 import torch
 
 from shared.proto import stage_worker_pb2
+from shared.sampling_params import within_bounds
 from stage_worker.host_upload import upload
 
 # A python int, an int64 tensor or a uint64 numpy array: the hash code below works on all
@@ -154,57 +157,8 @@ def uniform_noise(
 
 def uses_penalties(p: stage_worker_pb2.StageSamplingParams) -> bool:
     """Whether sampling this sequence reads the values of its earlier tokens (repetition,
-    presence or frequency penalty); 0 and 1 both leave the repetition penalty off."""
-    return p.repetition_penalty not in (0.0, 1.0) or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-
-def sampling_param_problems(p: stage_worker_pb2.StageSamplingParams) -> list[str]:
-    """What is wrong with `p` under the semantics above (NaN fails every comparison); the
-    stage checks this when a sequence arrives, so a bad value rejects a step, not a rank."""
-    problems = []
-    if not (p.temperature >= 0.0 and math.isfinite(p.temperature)):
-        problems.append(f"temperature={p.temperature} (allowed: finite, >= 0; 0 = greedy)")
-    if not (0.0 <= p.top_p <= 1.0):
-        problems.append(f"top_p={p.top_p} (allowed: 0..1; 0 or 1 = off)")
-    if not (0.0 <= p.min_p <= 1.0):
-        problems.append(f"min_p={p.min_p} (allowed: 0..1; 0 = off)")
-    if not (p.repetition_penalty >= 0.0 and math.isfinite(p.repetition_penalty)):
-        problems.append(
-            f"repetition_penalty={p.repetition_penalty} (allowed: finite, > 0; 0 or 1 = off)"
-        )
-    if not math.isfinite(p.presence_penalty):
-        problems.append(f"presence_penalty={p.presence_penalty} (allowed: finite)")
-    if not math.isfinite(p.frequency_penalty):
-        problems.append(f"frequency_penalty={p.frequency_penalty} (allowed: finite)")
-    return problems
-
-
-def _check_params(p: stage_worker_pb2.StageSamplingParams, index: int) -> None:
-    problems = sampling_param_problems(p)
-    if problems:
-        raise ValueError(f"invalid sampling parameters for batch row {index}: " + "; ".join(problems))
-
-
-def _check_table(raw: np.ndarray, params: Sequence[stage_worker_pb2.StageSamplingParams]) -> None:
-    """``sampling_param_problems`` on the whole raw table at once (columns as in ``_prepare``);
-    only a batch that fails pays for the per-row messages."""
-    temperature, top_p, min_p, repetition, presence, frequency = raw[:, :6].T
-    # NaN fails every comparison here as it does there.
-    ok = (
-        (temperature >= 0.0)
-        & np.isfinite(temperature)
-        & (top_p >= 0.0)
-        & (top_p <= 1.0)
-        & (min_p >= 0.0)
-        & (min_p <= 1.0)
-        & (repetition >= 0.0)
-        & np.isfinite(repetition)
-        & np.isfinite(presence)
-        & np.isfinite(frequency)
-    )
-    if not ok.all():
-        for i, p in enumerate(params):
-            _check_params(p, i)
+    presence or frequency penalty)."""
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def _concat_ids(seqs: Sequence[Sequence[int]], total: int) -> np.ndarray:
@@ -260,7 +214,7 @@ def _prepare(
     vocab: int,
     device: torch.device,
 ) -> _StepInputs:
-    """Validates ``params`` and moves everything the sampler needs to ``device`` at once."""
+    """Moves everything the sampler needs to ``device`` at once."""
     batch = len(params)
     raw = np.array(
         [
@@ -278,18 +232,21 @@ def _prepare(
         ],
         dtype=np.float64,
     ).reshape(batch, 8)  # [batch, 8]; the reshape also covers batch 0 (which comes out 1-D)
-    _check_table(raw, params)
     temperature, top_p, min_p, repetition, presence, frequency, top_k, top_logprobs = raw.T
+    # The stage asserted each sequence's parameters on arrival (sequence_state.py); this
+    # vectorised check of the same rules costs a few numpy ops per step.
+    assert within_bounds(temperature, top_p, min_p, repetition, presence, frequency).all(), (
+        f"sampling parameters outside the rules (shared/sampling_params.py): {raw.tolist()}"
+    )
 
     table = np.empty((batch, _NUM_COLUMNS), dtype=np.float64)
-    top_p_on = (top_p > 0.0) & (top_p < 1.0)
-    repetition_on = (repetition != 0.0) & (repetition != 1.0)
+    top_p_on = top_p < 1.0
+    repetition_on = repetition != 1.0
     table[:, _TEMPERATURE] = temperature
-    # 0 means off for top_p, like 1: map both to 1.0 so one comparison handles them.
-    table[:, _TOP_P] = np.where(top_p_on, top_p, 1.0)
+    table[:, _TOP_P] = top_p
     table[:, _MIN_P] = min_p
     # 1.0 leaves a logit untouched, so rows without the penalty need no special case.
-    table[:, _REPETITION] = np.where(repetition_on, repetition, 1.0)
+    table[:, _REPETITION] = repetition
     table[:, _PRESENCE] = presence
     table[:, _FREQUENCY] = frequency
     table[:, _TOP_K] = top_k
