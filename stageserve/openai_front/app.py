@@ -64,8 +64,6 @@ _HTTP_OF_GRPC = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
 }
-# A non-streamed request whose client is gone is cancelled within this many seconds.
-DISCONNECT_POLL_S = 0.25
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -88,8 +86,12 @@ class ApiError(Exception):
         return Response(_dumps(self.body()), status_code=self.status, media_type="application/json")
 
 
+# What json.dumps(data, ensure_ascii=False, separators=(",", ":")) builds on every call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def _dumps(data: Any) -> bytes:
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _ENCODER.encode(data).encode("utf-8")
 
 
 def _sse(data: Any) -> bytes:
@@ -268,9 +270,12 @@ class Front:
         total = Collected()
         text_offset = 0
         ended = False
+        # Every chunk is this header around one choice: serialised once, not once per token.
+        prefix = b"data: " + _dumps(header)[:-1] + b',"choices":['
+        suffix = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
 
         def chunk(choice: dict[str, Any]) -> bytes:
-            return _sse({**header, "choices": [choice], **({"usage": None} if include_usage else {})})
+            return prefix + _dumps(choice) + suffix
 
         try:
             if chat:
@@ -279,7 +284,7 @@ class Front:
                              "finish_reason": None})
             msg: gen.GenerateResponse | None = first
             while msg is not None:
-                total.add(msg)
+                total.count(msg)
                 self.metrics.generation_tokens.inc(len(msg.token_ids))
                 if msg.finish_reason and msg.finish_reason not in FINISH_REASONS:
                     raise ApiError(500, msg.error_message or "the request was cancelled by the router", "server_error")
@@ -344,18 +349,28 @@ async def _collect(stream: AsyncIterator[gen.GenerateResponse], into: Collected)
     return True
 
 
+async def _disconnect(request: Request) -> None:
+    """Returns when the client goes away. The body is read, so the next ASGI message is the
+    disconnect (Starlette's StreamingResponse listens the same way): one waiting task per
+    request instead of polling `is_disconnected`, which hundreds of waiting requests would
+    pay for on every poll."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any | None:
     """`work`'s result, or None (and `work` cancelled) if the client disconnects first."""
     task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():  # the client went away, or this request itself was cancelled
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError, StopAsyncIteration):
                 await task
-            return None
+    return None if task.cancelled() else task.result()
 
 
 class _ClosingStreamingResponse(StreamingResponse):

@@ -285,8 +285,13 @@ class Collected:
 
     def add(self, msg: gen.GenerateResponse) -> None:
         self.text += msg.text
-        self.completion_tokens += len(msg.token_ids)
         self.logprobs.extend(msg.logprobs)
+        self.count(msg)
+
+    def count(self, msg: gen.GenerateResponse) -> None:
+        """Only what `usage` and the finish need: a streamed answer's text and logprobs go out
+        in its chunks, so copying them here would be work per token for nothing."""
+        self.completion_tokens += len(msg.token_ids)
         if msg.finish_reason:
             self.finish_reason = msg.finish_reason
             self.stop_reason = msg.stop_reason
