@@ -9,13 +9,15 @@ machine's load (other processes on a shared host) falls on both; the figure is t
 the sides' median output tok/s. Each run also reads, from /proc, the CPU seconds of the
 router, the stages, the front process and this client, and how busy the whole machine was.
 
-    python3 benchmarks/openai_front_load.py --concurrency 256 --prompt-len 32 --output-len 64 --rounds 3
+    python3 benchmarks/openai_front_load.py --concurrency 256 --prompt-len 32 --output-len 64 --rounds 8
 
 The HTTP side is a minimal asyncio HTTP/1.1 client (keep-alive, chunked body, SSE events
 split and each JSON-decoded), not httpx or the openai SDK: the client shares the host's cores
 with the server, and a heavier client stack would be charged to the front. Tokens per stream
 come from the final `usage` chunk (a chunk may carry no token: a multi-byte character's first
-byte has no text yet). Linux only (/proc). Prints figures; asserts nothing.
+byte has no text yet). The model needs its tokenizer: the front sends a chunk only for a
+message with text, and a router without one sends none. Linux only (/proc). Prints figures;
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -371,6 +373,8 @@ def start_server(args: argparse.Namespace, port: int, openai_port: int, log: Any
            "--no-prefix-caching"]
     if args.model:
         cmd += ["--model", args.model]
+    if args.stream_interval:
+        cmd += ["--stream-interval", str(args.stream_interval)]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=None if args.verbose else log)
 
 
@@ -429,11 +433,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pp", type=int, default=2,
                    help="pipeline stages (default 2, as scripts/demo.sh; on CPU each stage's torch then takes "
                         "a core's share of threads)")
+    p.add_argument("--stream-interval", type=int, default=0,
+                   help="the router's tokens per streamed message (default: its own, 1)")
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--requests", type=int, default=0, help="streams per run (default: --concurrency)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3, help="runs of each side, alternating")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="runs of each side, alternating (a shared host's load moves single runs by tens of %%)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--goal", type=float, default=0.95, help="the front / gRPC ratio aimed at")
     p.add_argument("--verbose", action="store_true", help="the server's log on stderr")
