@@ -52,9 +52,6 @@ from shared.grpc_options import channel_options  # noqa: E402
 from shared.proto import generation_pb2 as gen  # noqa: E402
 from shared.proto import generation_pb2_grpc as gen_grpc  # noqa: E402
 
-# The `stageserve` CLI's module in this checkout (it moves from shared/ to the stageserve
-# package), run with this interpreter so the server is this checkout's code.
-CLI_MODULE = "stageserve.cli" if (REPO / "stageserve" / "cli.py").is_file() else "shared.cli"
 SIDES = ("front", "grpc")
 # Process roles (benchmarks/process_cpu.py's, plus "openai" and "client") in the report's groups.
 GROUPS = ("front", "router", "stages", "client")
@@ -367,7 +364,8 @@ def free_port() -> int:
 
 
 def start_server(args: argparse.Namespace, port: int, openai_port: int, log: Any) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", CLI_MODULE, "up", "--port", str(port), "--openai-port", str(openai_port),
+    # This interpreter and this checkout's CLI module, so the server is this checkout's code.
+    cmd = [sys.executable, "-m", "stageserve.cli", "up", "--port", str(port), "--openai-port", str(openai_port),
            "--max-num-seqs", str(args.concurrency), "--device", args.device, "--pp", str(args.pp),
            # The same prompts run on both sides and in every round: no run may find them cached.
            "--no-prefix-caching"]

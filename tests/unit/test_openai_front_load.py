@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-# The checkout's root, wherever in tests/ this file sits.
-REPO = next(p for p in Path(__file__).resolve().parents if (p / "benchmarks").is_dir())
+from tests.harness.processes import REPO
 
 _spec = importlib.util.spec_from_file_location("openai_front_load", REPO / "benchmarks" / "openai_front_load.py")
 ofl = importlib.util.module_from_spec(_spec)
