@@ -1,4 +1,4 @@
-"""The serving-speed targets of issue 4 in one invocation, on a GPU host.
+"""The serving-speed scenarios (docs/benchmarks.md) in one invocation, on a GPU host.
 
 For each scenario: start `stageserve up` on a config-only model folder with random weights
 (`--load-format dummy`), drive it with benchmarks/load_generator.py, stop it, and keep the
