@@ -26,10 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.config import ModelConfig, ParallelConfig  # noqa: E402
+from benchmarks.one_stage import one_stage_runner  # noqa: E402
 from shared.proto import stage_worker_pb2 as pb  # noqa: E402
 from shared.sampling_params import SamplingParams  # noqa: E402
-from stage_worker.distributed import RankPlacement, declare_tp_placement  # noqa: E402
 from stage_worker.input_batch import build_input_batch  # noqa: E402
 from stage_worker.model_runner import ModelRunner  # noqa: E402
 from stage_worker.sampled_tokens import SamplerHostCopy  # noqa: E402
@@ -73,14 +72,8 @@ def main() -> None:
     p.add_argument("--top-kernels", type=int, default=12)
     args = p.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
-    config = ModelConfig.from_pretrained(args.model)
-    parallel = ParallelConfig(num_stages=1, tp_size=1, layer_partition=(config.num_hidden_layers,))
-    placement = RankPlacement(parallel, 0, 0)
-    declare_tp_placement(placement, device)
-    runner = ModelRunner(config, parallel.stage_layout(0), placement, torch.bfloat16, device, load_format="dummy")
-    runner.load()
+    runner = one_stage_runner(args.model)
+    config = runner.config
     num_blocks = max(sizes) * -(-args.context // BLOCK_SIZE) + 8
     runner.init_cache(pb.InitCacheRequest(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=max(sizes)))
     weight_bytes = runner.model.parameter_bytes()

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.merge_timeline import read_events, summarize  # noqa: E402
 from benchmarks.process_cpu import cpu_snapshot, deployment_processes  # noqa: E402
 from shared.step_timeline import TIMELINE_DIR_ENV  # noqa: E402
+from stageserve.launcher import free_port  # noqa: E402
 from stageserve.client import GenerationClient  # noqa: E402
 from stageserve.demo_model import write_tiny_model  # noqa: E402
 
@@ -102,17 +102,11 @@ SCENARIOS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(
     model: str, scenario: Scenario, log_path: Path, memory_utilization: float, metrics_port: int,
     timeline_dir: Path | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable, "-m", "stageserve.cli", "up", "--model", model, "--load-format", "dummy",
         "--pp", str(scenario.pp), "--tp", str(scenario.tp), "--device", scenario.device,
@@ -202,7 +196,7 @@ def run_scenario(args: argparse.Namespace, scenario: Scenario, out: Path) -> dic
     baseline = run_baseline(args, scenario, out) if scenario.hf_baseline and not args.skip_baselines else None
     utilization = 0.9
     # Router metrics on metrics_port, stage i's on metrics_port + 1 + i (as `up` assigns them).
-    metrics_port = _free_port()
+    metrics_port = free_port()
     model = args.model
     if scenario.device == "cpu":
         model = str(out / "tiny-model")

@@ -57,7 +57,7 @@ ROOFLINE_NOTE = (
 
 @dataclass
 class RequestTiming:
-    prompt_len: int
+    prompt_len: int = 0
     output_tokens: int = 0
     ttft_s: float = 0.0
     # Mean gap between output tokens after the first.
@@ -96,7 +96,7 @@ def _mean_length(spec: str) -> float:
     return float(spec)
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -106,12 +106,19 @@ def _percentile(values: list[float], q: float) -> float:
 # ---- the load ----------------------------------------------------------------------------------
 
 
-async def _one(stub: gen_grpc.GenerationStub, prompt: list[int], output_len: int) -> RequestTiming:
-    timing = RequestTiming(prompt_len=len(prompt))
-    request = gen.GenerateRequest(
-        prompt_token_ids=gen.TokenIds(ids=prompt),
-        sampling=gen.SamplingParams(max_new_tokens=output_len, ignore_eos=True),
-    )
+def finish_timing(timing: RequestTiming, start: float, first: float | None, last: float | None) -> RequestTiming:
+    """Fills TTFT (from `start` to the first token) and the mean gap after it."""
+    if first is not None:
+        timing.ttft_s = first - start
+        if timing.output_tokens > 1 and last is not None:
+            timing.tpot_s = (last - first) / (timing.output_tokens - 1)
+    return timing
+
+
+async def timed_generate(stub: gen_grpc.GenerationStub, request: gen.GenerateRequest,
+                         prompt_len: int = 0) -> RequestTiming:
+    """One streamed Generate, timed from the call to each message that carries tokens."""
+    timing = RequestTiming(prompt_len=prompt_len)
     start = time.perf_counter()
     first = last = None
     try:
@@ -125,11 +132,15 @@ async def _one(stub: gen_grpc.GenerationStub, prompt: list[int], output_len: int
                 timing.error = msg.error_message
     except grpc.aio.AioRpcError as exc:
         timing.error = f"{exc.code().name}: {exc.details()}"
-    if first is not None:
-        timing.ttft_s = first - start
-        if timing.output_tokens > 1:
-            timing.tpot_s = (last - first) / (timing.output_tokens - 1)
-    return timing
+    return finish_timing(timing, start, first, last)
+
+
+async def _one(stub: gen_grpc.GenerationStub, prompt: list[int], output_len: int) -> RequestTiming:
+    request = gen.GenerateRequest(
+        prompt_token_ids=gen.TokenIds(ids=prompt),
+        sampling=gen.SamplingParams(max_new_tokens=output_len, ignore_eos=True),
+    )
+    return await timed_generate(stub, request, len(prompt))
 
 
 async def _drive(stub: gen_grpc.GenerationStub, work: list[tuple[list[int], int]],
@@ -233,10 +244,10 @@ async def run_load(addr: str, concurrency: int, requests: int, prompt_len: str, 
     report = Report(
         concurrency=concurrency, requests=requests, failed=len(timings) - len(ok), wall_s=wall,
         output_tokens=tokens, output_tok_s=tokens / wall,
-        ttft_p50_ms=_percentile([t.ttft_s for t in ok], 0.5) * 1e3,
-        ttft_p99_ms=_percentile([t.ttft_s for t in ok], 0.99) * 1e3,
-        tpot_p50_ms=_percentile([t.tpot_s for t in ok if t.tpot_s], 0.5) * 1e3,
-        tpot_p99_ms=_percentile([t.tpot_s for t in ok if t.tpot_s], 0.99) * 1e3,
+        ttft_p50_ms=percentile([t.ttft_s for t in ok], 0.5) * 1e3,
+        ttft_p99_ms=percentile([t.ttft_s for t in ok], 0.99) * 1e3,
+        tpot_p50_ms=percentile([t.tpot_s for t in ok if t.tpot_s], 0.5) * 1e3,
+        tpot_p99_ms=percentile([t.tpot_s for t in ok if t.tpot_s], 0.99) * 1e3,
         client_processes=processes,
         first_error=next((t.error for t in timings if t.error), ""),
     )

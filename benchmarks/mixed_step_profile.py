@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.config import ModelConfig, ParallelConfig  # noqa: E402
+from benchmarks.one_stage import one_stage_runner  # noqa: E402
+from shared.config import ModelConfig  # noqa: E402
 from shared.proto import stage_worker_pb2 as pb  # noqa: E402
 from shared.sampling_params import SamplingParams  # noqa: E402
-from stage_worker.distributed import RankPlacement, declare_tp_placement  # noqa: E402
 from stage_worker.input_batch import build_input_batch  # noqa: E402
 from stage_worker.model_runner import ModelRunner  # noqa: E402
 from stage_worker.sequence_state import StageSequence  # noqa: E402
@@ -90,14 +90,8 @@ def main() -> None:
     p.add_argument("--kernels", type=int, default=0, help="also list the N costliest kernels of each shape")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split("+")) for s in args.shapes.split(",")]
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
-    config = ModelConfig.from_pretrained(args.model)
-    parallel = ParallelConfig(num_stages=1, tp_size=1, layer_partition=(config.num_hidden_layers,))
-    placement = RankPlacement(parallel, 0, 0)
-    declare_tp_placement(placement, device)
-    runner = ModelRunner(config, parallel.stage_layout(0), placement, torch.bfloat16, device, load_format="dummy")
-    runner.load()
+    runner = one_stage_runner(args.model)
+    config = runner.config
 
     started = time.perf_counter()
     profile = runner.profile(pb.ProfileRequest(

@@ -29,7 +29,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,10 +46,12 @@ import grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.load_generator import RequestTiming, finish_timing, percentile, timed_generate  # noqa: E402
 from benchmarks.process_cpu import cpu_seconds, deployment_processes  # noqa: E402
 from shared.grpc_options import channel_options  # noqa: E402
 from shared.proto import generation_pb2 as gen  # noqa: E402
 from shared.proto import generation_pb2_grpc as gen_grpc  # noqa: E402
+from stageserve.launcher import free_port  # noqa: E402
 
 SIDES = ("front", "grpc")
 # Process roles (benchmarks/process_cpu.py's, plus "openai" and "client") in the report's groups.
@@ -59,15 +60,6 @@ GROUPS = ("front", "router", "stages", "client")
 
 def group_of(role: str) -> str:
     return {"openai": "front", "router": "router", "client": "client"}.get(role, "stages")
-
-
-@dataclass
-class StreamTiming:
-    output_tokens: int = 0
-    ttft_s: float = 0.0
-    # Mean gap between output tokens after the first.
-    tpot_s: float = 0.0
-    error: str = ""
 
 
 @dataclass
@@ -91,14 +83,7 @@ class Run:
     first_error: str = ""
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def summarize(side: str, round_: int, timings: list[StreamTiming], wall_s: float) -> Run:
+def summarize(side: str, round_: int, timings: list[RequestTiming], wall_s: float) -> Run:
     ok = [t for t in timings if not t.error]
     tokens = sum(t.output_tokens for t in ok)
     return Run(
@@ -210,8 +195,8 @@ class HttpConnection:
             await self.close()
 
 
-async def front_stream(conn: HttpConnection, body: bytes) -> StreamTiming:
-    timing = StreamTiming()
+async def front_stream(conn: HttpConnection, body: bytes) -> RequestTiming:
+    timing = RequestTiming()
     start = time.perf_counter()
     first = last = None
     try:
@@ -237,36 +222,7 @@ async def front_stream(conn: HttpConnection, body: bytes) -> StreamTiming:
     except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
         timing.error = f"{type(exc).__name__}: {exc}"
         await conn.close()
-    if first is not None:
-        timing.ttft_s = first - start
-        if timing.output_tokens > 1:
-            timing.tpot_s = (last - first) / (timing.output_tokens - 1)
-    return timing
-
-
-async def grpc_stream(stub: gen_grpc.GenerationStub, request: gen.GenerateRequest) -> StreamTiming:
-    timing = StreamTiming()
-    start = time.perf_counter()
-    first = last = None
-    try:
-        async for msg in stub.Generate(request):
-            if msg.token_ids:
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                timing.output_tokens += len(msg.token_ids)
-            if msg.finish_reason == gen.FINISH_REASON_ERROR:
-                timing.error = msg.error_message
-    except grpc.aio.AioRpcError as exc:
-        timing.error = f"{exc.code().name}: {exc.details()}"
-    if first is not None:
-        timing.ttft_s = first - start
-        if timing.output_tokens > 1:
-            timing.tpot_s = (last - first) / (timing.output_tokens - 1)
-    return timing
-
-
-# ---- the load -------------------------------------------------------------------------------
+    return finish_timing(timing, start, first, last)
 
 
 def completion_body(model: str, prompt: list[int], output_len: int) -> bytes:
@@ -285,10 +241,10 @@ def grpc_request(prompt: list[int], output_len: int) -> gen.GenerateRequest:
 
 
 async def drive(side: str, prompts: list[list[int]], output_len: int, concurrency: int,
-                stub: gen_grpc.GenerationStub, front: tuple[str, int], model: str) -> tuple[list[StreamTiming], float]:
+                stub: gen_grpc.GenerationStub, front: tuple[str, int], model: str) -> tuple[list[RequestTiming], float]:
     """`concurrency` clients taking prompts until none is left; their timings and the wall time."""
     pending = list(reversed(prompts))
-    timings: list[StreamTiming] = []
+    timings: list[RequestTiming] = []
 
     async def client() -> None:
         conn = HttpConnection(*front)
@@ -298,7 +254,7 @@ async def drive(side: str, prompts: list[list[int]], output_len: int, concurrenc
                 if side == "front":
                     timings.append(await front_stream(conn, completion_body(model, prompt, output_len)))
                 else:
-                    timings.append(await grpc_stream(stub, grpc_request(prompt, output_len)))
+                    timings.append(await timed_generate(stub, grpc_request(prompt, output_len)))
         finally:
             await conn.close()
 
@@ -355,12 +311,6 @@ async def measure(args: argparse.Namespace, roles: dict[str, int], router: str,
 
 
 # ---- the server -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args: argparse.Namespace, port: int, openai_port: int, log: Any) -> subprocess.Popen:

@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.config import ModelConfig, ParallelConfig
+from benchmarks.one_stage import one_stage_runner
 from shared.proto import stage_worker_pb2 as pb
 from shared.sampling_params import SamplingParams
-from stage_worker.distributed import RankPlacement, declare_tp_placement
 from stage_worker.model_runner import ModelRunner
 
 pytestmark = [
@@ -45,15 +44,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> ModelRunner:
     config["num_hidden_layers"] = 4
     folder = tmp_path_factory.mktemp("llama-8b-4-layers")
     (folder / "config.json").write_text(json.dumps(config))
-    model_config = ModelConfig.from_pretrained(str(folder))
-    parallel = ParallelConfig(num_stages=1, tp_size=1, layer_partition=(4,))
-    placement = RankPlacement(parallel, 0, 0)
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
-    declare_tp_placement(placement, device)
-    runner = ModelRunner(model_config, parallel.stage_layout(0), placement, torch.bfloat16, device,
-                         load_format="dummy")
-    runner.load()
+    runner = one_stage_runner(str(folder))
     return runner
 
 

@@ -57,9 +57,9 @@ def test_sides_alternate_and_the_ratio_is_of_medians() -> None:
 
 
 def test_summary_of_one_run() -> None:
-    timings = [ofl.StreamTiming(output_tokens=10, ttft_s=0.1, tpot_s=0.02),
-               ofl.StreamTiming(output_tokens=10, ttft_s=0.3, tpot_s=0.04),
-               ofl.StreamTiming(error="HTTP 429: full")]
+    timings = [ofl.RequestTiming(output_tokens=10, ttft_s=0.1, tpot_s=0.02),
+               ofl.RequestTiming(output_tokens=10, ttft_s=0.3, tpot_s=0.04),
+               ofl.RequestTiming(error="HTTP 429: full")]
     run = ofl.summarize("front", 0, timings, wall_s=2.0)
     assert (run.failed, run.output_tokens, run.output_tok_s, run.first_error) == (1, 20, 10.0, "HTTP 429: full")
     assert run.ttft_p50_ms == pytest.approx(300.0) and run.tpot_p50_ms == pytest.approx(40.0)
