@@ -6,7 +6,7 @@ stream. Measured on the demo tokenizer (2-core CPU machine, 1,000,000 CJK charac
 2.9M tokens): `tokenizers.Tokenizer.encode` holds the GIL for the whole 3 s it runs,
 `encode_batch` releases it but runs on tokenizers' own thread pool at normal priority, and
 turning the result into Python ints holds the GIL ~70 ms. With eight such prompts at once
-(issue 20) other streams' gaps still reached 0.5 s on a busy 2-core host from CPU alone.
+(tests/system/test_bad_input.py) other streams' gaps still reached 0.5 s on a busy 2-core host from CPU alone.
 
 So texts longer than LARGE_TEXT_CHARS are tokenized in a separate process at a lower CPU
 priority (`LargeTextEncoder`): the serving threads win the CPU whenever they need it, the

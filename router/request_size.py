@@ -4,7 +4,7 @@ A GenerateRequest carrying 60 MB of token ids or of stop strings is invalid what
 bytes hold (a prompt may have at most max_context - 1 tokens, sampling.stop at most a few
 short strings), yet parsing it builds the message and validating it used to build a Python
 object per element: seconds with the GIL held, during which every other stream stalled, and
-hundreds of MB of garbage (issue 20). The server's deserializer receives the serialized bytes
+hundreds of MB of garbage. The server's deserializer receives the serialized bytes
 before anything is parsed, and the sizes of the top-level fields can be read from the wire
 format without decoding their contents; a field larger than any valid value of it is refused
 right there, naming the field and the limit.

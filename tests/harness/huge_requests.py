@@ -1,4 +1,4 @@
-"""Oversized requests (issue 20) and a sender that runs them from its own process.
+"""Oversized requests and a sender that runs them from its own process.
 
 The tests that measure the router while it refuses these send them from worker processes:
 building and sending 60 MB in the measuring process would hold its GIL and show up as a

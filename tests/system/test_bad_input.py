@@ -356,7 +356,7 @@ def test_huge_requests_do_not_stall_other_streams(system: ServingSystem, stub: A
         # The host's own noise first, over about as long as the longest phase below (other
         # processes share its cores). The bound sits between what the fix leaves on a 2-core
         # host (up to ~0.4 s seen for eight long prompts, whose tokenizer process takes a
-        # core) and the stalls before issue 20's fix (1.3-4.4 s): 0.8 s, or three times the
+        # core) and the stalls before the router refused them from the wire (1.3-4.4 s): 0.8 s, or three times the
         # noise on a busy host.
         time.sleep(QUIET_S)
         quiet = max(gaps)
@@ -364,7 +364,7 @@ def test_huge_requests_do_not_stall_other_streams(system: ServingSystem, stub: A
         for kind in huge_requests.KINDS:
             first = len(gaps)
             start = time.monotonic()
-            # The long prompts eight at once, as in issue 20; the others one at a time.
+            # The long prompts eight at once; the others one at a time.
             copies = 8 if kind.startswith("a prompt") else 1
             results = [senders.submit(huge_requests.refused, system.address, kind) for _ in range(copies)]
             assert not [r.result() for r in results if r.result()]
@@ -381,7 +381,7 @@ def test_huge_requests_do_not_stall_other_streams(system: ServingSystem, stub: A
           f"while the router refused:")
     for name, gap in longest.items():
         print(f"  {name:50s} {gap * 1000:6.0f} ms")
-    # Before issue 20's fix: 1.3-4.4 s.
+    # Before the refusal from the wire: 1.3-4.4 s.
     assert max(longest.values()) < bound, f"a stream stalled (bound {bound * 1000:.0f} ms)"
 
 

@@ -424,7 +424,7 @@ def test_generate_exits_130_on_ctrl_c(system: Cluster) -> None:
     assert gen_cli.returncode == 130 and "Traceback" not in err, err
 
 
-# ---- ports, addresses and start-up (issue 20) ------------------------------------------
+# ---- ports, addresses and start-up -----------------------------------------------------
 
 
 def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -226,7 +226,7 @@ def test_limits_validated(kwargs: dict[str, int]) -> None:
         RequestLimits(**kwargs)
 
 
-# ---- oversized input: refused before a Python object per element is built (issue 20) ------
+# ---- oversized input: refused before a Python object per element is built ---------------
 
 
 class CountOnly:
