@@ -34,8 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +50,7 @@ from shared.grpc_options import channel_options  # noqa: E402
 from shared.proto import generation_pb2 as gen  # noqa: E402
 from shared.proto import generation_pb2_grpc as gen_grpc  # noqa: E402
 from stageserve.launcher import free_port  # noqa: E402
+from stageserve.openai_front.health_probe import front_is_healthy  # noqa: E402
 
 SIDES = ("front", "grpc")
 # Process roles (benchmarks/process_cpu.py's, plus "openai" and "client") in the report's groups.
@@ -329,13 +328,7 @@ def start_server(args: argparse.Namespace, port: int, openai_port: int, log: Any
 def wait_until_serving(server: subprocess.Popen, url: str, log: Any, timeout: float = 600.0) -> None:
     """The front's /health is 200 only once it runs and the router serves."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+    while not front_is_healthy(url):
         if server.poll() is not None or time.monotonic() > deadline:
             log.seek(0)
             tail = log.read().decode(errors="replace")[-3000:]

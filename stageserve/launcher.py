@@ -294,17 +294,10 @@ class Launcher:
 
     def wait_until_front_serves(self) -> None:
         """The front answers /health with 200 once it runs and the router serves."""
-        import urllib.error
-        import urllib.request
+        from stageserve.openai_front.health_probe import front_is_healthy
 
         deadline = time.monotonic() + 60.0
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.openai_url}/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+        while not front_is_healthy(self.openai_url):
             dead = self.dead_child()
             if dead:
                 raise RuntimeError(dead)

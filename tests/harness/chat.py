@@ -6,12 +6,11 @@ short queue (so its 429 is too). Started once per session: a system costs ~15-30
 from __future__ import annotations
 
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from stageserve.demo_model import write_tiny_model
+from stageserve.openai_front.health_probe import front_is_healthy
 from tests.harness.processes import ServingSystem, free_port
 
 TOKEN = "chat-tests-token"
@@ -44,13 +43,7 @@ def start_chat_system(root: Path) -> ChatSystem:
     url = f"http://127.0.0.1:{port}"
     # `up` starts the front beside the router; the gRPC side may be ready a moment before it.
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
-                if reply.status == 200:
-                    break
-        except (urllib.error.URLError, OSError):
-            pass
+    while not front_is_healthy(url):
         if time.monotonic() > deadline:
             system.stop()
             raise RuntimeError(f"the OpenAI front did not become healthy; log:\n{system.log()}")
