@@ -30,6 +30,7 @@ from benchmarks.one_stage import one_stage_runner  # noqa: E402
 from shared.proto import stage_worker_pb2 as pb  # noqa: E402
 from shared.sampling_params import SamplingParams  # noqa: E402
 from stage_worker.input_batch import build_input_batch  # noqa: E402
+from stage_worker.kv_cache import bytes_per_block  # noqa: E402
 from stage_worker.model_runner import ModelRunner  # noqa: E402
 from stage_worker.sampled_tokens import SamplerHostCopy  # noqa: E402
 from stage_worker.sequence_state import StageSequence  # noqa: E402
@@ -70,15 +71,19 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--hbm-bytes-per-s", type=float, default=4.15e12)
     p.add_argument("--top-kernels", type=int, default=12)
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     args = p.parse_args()
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    runner = one_stage_runner(args.model)
+    runner = one_stage_runner(args.model, kv_cache_dtype=args.kv_cache_dtype)
     config = runner.config
     num_blocks = max(sizes) * -(-args.context // BLOCK_SIZE) + 8
     runner.init_cache(pb.InitCacheRequest(num_blocks=num_blocks, block_size=BLOCK_SIZE, max_num_seqs=max(sizes)))
     weight_bytes = runner.model.parameter_bytes()
-    kv_bytes_per_token = 2 * config.num_hidden_layers * runner.model.num_local_kv_heads * config.head_dim * 2
-    print(f"weights {weight_bytes / 1e9:.2f} GB, KV {kv_bytes_per_token / 1024:.0f} KiB/token, "
+    kv_bytes_per_token = bytes_per_block(
+        config, runner.model.num_local_kv_heads, config.num_hidden_layers, BLOCK_SIZE, runner.cache_dtype
+    ) / BLOCK_SIZE
+    print(f"weights {weight_bytes / 1e9:.2f} GB, KV {kv_bytes_per_token / 1024:.0f} KiB/token "
+          f"({str(runner.cache_dtype).removeprefix('torch.')}), "
           f"copy rate {args.hbm_bytes_per_s / 1e12:.2f} TB/s, context {args.context}")
     print("| batch | roofline ms | graph replay ms | vs roofline | lm_head+sampler+D2H ms | eager forward ms |")
     print("| --- | --- | --- | --- | --- | --- |")

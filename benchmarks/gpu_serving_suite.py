@@ -75,6 +75,9 @@ SCENARIOS = (
     Scenario("c512-mixed", 1, 1, 512, 1024, "128-1024", "64-512"),
     Scenario("c512-mixed-2048", 1, 1, 512, 1024, "128-1024", "64-512",
              server_args=("--max-num-batched-tokens", "2048")),
+    # The same two loads with an FP8 KV cache: half the bytes per cached token.
+    Scenario("c256-pp1-kvfp8", 1, 1, 256, 256, 512, 256, server_args=("--kv-cache-dtype", "fp8")),
+    Scenario("c512-mixed-kvfp8", 1, 1, 512, 1024, "128-1024", "64-512", server_args=("--kv-cache-dtype", "fp8")),
     # The same loads with every step waiting for the previous step's tokens (the A/B of
     # asynchronous scheduling).
     Scenario("batch1-pp1-sync", 1, 1, 1, 3, 128, 256, server_args=("--no-async-scheduling",)),

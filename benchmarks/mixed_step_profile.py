@@ -88,9 +88,10 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--kernels", type=int, default=0, help="also list the N costliest kernels of each shape")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split("+")) for s in args.shapes.split(",")]
-    runner = one_stage_runner(args.model)
+    runner = one_stage_runner(args.model, kv_cache_dtype=args.kv_cache_dtype)
     config = runner.config
 
     started = time.perf_counter()

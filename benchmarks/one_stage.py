@@ -16,15 +16,19 @@ from stage_worker.distributed import RankPlacement, declare_tp_placement  # noqa
 from stage_worker.model_runner import ModelRunner  # noqa: E402
 
 
-def one_stage_runner(model_path: str, dtype: torch.dtype = torch.bfloat16) -> ModelRunner:
+def one_stage_runner(
+    model_path: str, dtype: torch.dtype = torch.bfloat16, kv_cache_dtype: str = "auto"
+) -> ModelRunner:
     """A loaded runner of every layer of `model_path` on cuda:0, with random weights (as
-    `--load-format dummy`); its cache is not allocated yet."""
+    `--load-format dummy`) and a KV cache of kv_cache_dtype ("auto" or "fp8") once allocated."""
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     config = ModelConfig.from_pretrained(model_path)
     parallel = ParallelConfig(num_stages=1, tp_size=1, layer_partition=(config.num_hidden_layers,))
     placement = RankPlacement(parallel, 0, 0)
     declare_tp_placement(placement, device)
-    runner = ModelRunner(config, parallel.stage_layout(0), placement, dtype, device, load_format="dummy")
+    runner = ModelRunner(
+        config, parallel.stage_layout(0), placement, dtype, device, load_format="dummy", kv_cache_dtype=kv_cache_dtype
+    )
     runner.load()
     return runner

@@ -19,6 +19,7 @@ from shared.config import ConfigError, ModelConfig
 from shared.partition import even_layer_partition, format_partition
 from shared.quantization import QuantizationConfig
 from shared.sizes import format_size
+from stage_worker.kv_cache import kv_block_bytes_per_layer, resolve_kv_cache_dtype
 from stage_worker.layers.embed_head import pad_vocab_size
 from stage_worker.layers.linear import divide, kv_head_partition
 
@@ -28,6 +29,8 @@ class MemorySettings:
     """The serving settings that decide how many KV blocks fit on a rank."""
 
     dtype: torch.dtype
+    # --kv-cache-dtype: "auto" (K/V in dtype) or "fp8".
+    kv_cache_dtype: str = "auto"
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
@@ -161,7 +164,9 @@ def rank_bytes(config: ModelConfig, tp: int, settings: MemorySettings) -> RankBy
         embedding=vocab_rows * hidden * itemsize,
         lm_head=vocab_rows * hidden * itemsize,
         final_norm=hidden * itemsize,
-        kv_block_per_layer=2 * settings.block_size * kv_heads * head_dim * itemsize,
+        kv_block_per_layer=kv_block_bytes_per_layer(
+            settings.block_size, kv_heads, head_dim, resolve_kv_cache_dtype(settings.kv_cache_dtype, settings.dtype)
+        ),
         activation=activation,
         sampling_activation=sampling,
         moe_layer=moe_layer,
@@ -443,7 +448,8 @@ def render_plan(
         + f", pp={pp}, tp={tp}",
         f"per rank: {per_layer}, embedding {format_size(rb.embedding)}, "
         f"lm_head {format_size(rb.lm_head)}; KV block of {settings.block_size} tokens: "
-        f"{format_size(rb.kv_block_per_layer)} per layer",
+        f"{format_size(rb.kv_block_per_layer)} per layer"
+        + (" (FP8 K/V with per-row scales)" if settings.kv_cache_dtype == "fp8" else ""),
     ]
     if settings.kv_cache_bytes > 0:
         lines.append(f"KV budget per rank: {format_size(settings.kv_cache_bytes)} (fixed)")

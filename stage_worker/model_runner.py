@@ -21,7 +21,7 @@ from stage_worker.attention_metadata import AttentionMetadata
 from stage_worker.cuda_graphs import DecodeGraphs, capture_sizes
 from stage_worker.distributed import RankPlacement, StageHop, get_tp_group
 from stage_worker.input_batch import InputBatch, build_input_batch
-from stage_worker.kv_cache import KVCache, bytes_per_block
+from stage_worker.kv_cache import KVCache, bytes_per_block, check_kv_cache_dtype, resolve_kv_cache_dtype
 from stage_worker.layers.kernel_backend import resolve_kernel_backend, set_kernel_backend
 from stage_worker.layers.sampler import Sampler, SamplerOutput, uses_penalties
 from stage_worker.layers.sequence_parallel import padded_num_tokens, shard_rows
@@ -84,6 +84,7 @@ class ModelRunner:
         load_format: str = "auto",
         kernel_backend: str = "auto",
         enforce_eager: bool = False,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         self.config = config
         # "auto": the checkpoint in config.model_path; "dummy": random weights, no files read.
@@ -92,6 +93,9 @@ class ModelRunner:
         self.placement = placement
         self.dtype = dtype
         self.device = device
+        check_kv_cache_dtype(kv_cache_dtype, device)
+        # K/V storage: the model dtype, or FP8 (--kv-cache-dtype fp8).
+        self.cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype)
         self.model = build_model(
             config, layout, dtype, device, sequence_parallel=placement.parallel.sequence_parallel
         )
@@ -154,7 +158,7 @@ class ModelRunner:
             self.model.num_local_kv_heads,
             self.layout.num_layers,
             request.block_size,
-            self.dtype,
+            self.cache_dtype,
         )
         weight_bytes = self.model.parameter_bytes()
         peak_activation = self._profile_peak(request)
@@ -189,7 +193,7 @@ class ModelRunner:
             # The CPU measures nothing; the forward still checks that a step of the budget runs.
             return self._measured(lambda: self._profile_reference_forward(num_tokens, num_seqs))
         block_size = max(1, request.block_size)
-        scratch = KVCache.for_model(self.model, 1, block_size)
+        scratch = KVCache.for_model(self.model, 1, block_size, self.cache_dtype)
         scratch.bind(self.model)
         try:
             step_peak = self._measured(
@@ -270,7 +274,7 @@ class ModelRunner:
         self.graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.kv_cache = KVCache.for_model(self.model, request.num_blocks, request.block_size)
+        self.kv_cache = KVCache.for_model(self.model, request.num_blocks, request.block_size, self.cache_dtype)
         self.kv_cache.bind(self.model)
         self.block_size = request.block_size
         response = pb.InitCacheResponse(kv_cache_bytes=self.kv_cache.nbytes)

@@ -42,6 +42,8 @@ class RankArgs:
     load_format: str = "auto"
     kernel_backend: str = "auto"
     enforce_eager: bool = False
+    # stage_worker.kv_cache.KV_CACHE_DTYPES: "auto" (the model dtype) or "fp8".
+    kv_cache_dtype: str = "auto"
 
 
 # The main thread (control replies) and the step finisher (step results) both reply.
@@ -124,7 +126,7 @@ def _run(args: RankArgs, conn: Connection) -> None:
     declare_tp_placement(placement, device)
     runner = ModelRunner(
         config, layout, placement, dtype_from_name(args.dtype), device, load_format=args.load_format,
-        kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
+        kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
     )
     summary = runner.load()
     report = pb.RankReady(

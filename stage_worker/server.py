@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from shared.config import ConfigError, ModelConfig, ParallelConfig
+from shared.config import ConfigError, ModelConfig, ParallelConfig, dtype_from_name
 from shared.grpc_options import LIVENESS_SERVICE, server_options
 from shared.interpreter import apply_interpreter_settings
 from shared.metrics import add_build_info, model_name_of, serve_metrics
@@ -30,6 +30,7 @@ from shared.security import RequireToken, ServerTls, add_port, stage_token_check
 from shared.sharded_state import read_sharded_state
 from shared.step_timeline import open_timeline
 from stage_worker.distributed import read_epoch
+from stage_worker.kv_cache import KV_CACHE_DTYPES, resolve_kv_cache_dtype
 from stage_worker.layers.kernel_backend import KERNEL_BACKENDS
 from stage_worker.loader import LOAD_FORMATS
 from stage_worker.metrics import StageMetrics
@@ -69,12 +70,18 @@ class StageServerConfig:
     kernel_backend: str = "auto"
     # No CUDA graphs for decode steps.
     enforce_eager: bool = False
+    # "auto": K/V in the model dtype; "fp8": float8_e4m3fn with per-row scales (kv_cache.py).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ConfigError(
                 f"unknown kernel backend {self.kernel_backend!r}; "
                 f"choose one of {', '.join(KERNEL_BACKENDS)}"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"unknown KV cache dtype {self.kv_cache_dtype!r}; choose one of {', '.join(KV_CACHE_DTYPES)}"
             )
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError(
@@ -119,6 +126,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
             first_layer=self.layout.first_layer, last_layer=self.layout.last_layer,
             device=config.device_type, dtype=config.dtype, load_format=config.load_format,
             kernel_backend=config.kernel_backend, sequence_parallel=config.parallel.sequence_parallel,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         tp = config.parallel.tp_size
         cpu_threads = max(1, (os.cpu_count() or 1) // (tp * config.parallel.num_stages))
@@ -136,6 +144,7 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
                 load_format=config.load_format,
                 kernel_backend=config.kernel_backend,
                 enforce_eager=config.enforce_eager,
+                kv_cache_dtype=config.kv_cache_dtype,
             )
             for r in range(tp)
         ]
@@ -249,6 +258,9 @@ class StageWorkerService(pb_grpc.StageWorkerServicer):
             model_path=self.config.model_path,
             kv_cache_bytes=self.kv_cache_bytes,
             sharded_state=self.sharded_state,
+            kv_cache_dtype=str(
+                resolve_kv_cache_dtype(self.config.kv_cache_dtype, dtype_from_name(self.config.dtype))
+            ).removeprefix("torch."),
         )
         if self.profile is not None:
             info.profile.CopyFrom(self.profile)

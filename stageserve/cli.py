@@ -91,6 +91,14 @@ def _add_execution_flags(p: Flags) -> None:
                         "plain-torch reference elsewhere; see stage_worker/layers/kernel_backend.py")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs for decode steps (they are captured at startup by default on CUDA)")
+    _add_kv_cache_dtype_flag(p)
+
+
+def _add_kv_cache_dtype_flag(p: Flags) -> None:
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="auto: K/V in the model dtype; fp8: float8_e4m3fn with a scale per token and kv head "
+                        "(about half the bytes: twice the KV blocks, less to read per decode step; needs a GPU "
+                        "of compute capability 8.9+, or the CPU)")
 
 
 def _add_client_tls_flags(p: Flags, cert: bool = False) -> None:
@@ -391,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--reserved-memory", default="0",
                       help="held back per GPU besides weights and activations (CUDA context, NCCL)")
     plan.add_argument("--dtype", default="bfloat16", help="serving dtype: bfloat16, float16, float32")
+    _add_kv_cache_dtype_flag(plan)
     plan.add_argument("--layer-partition", default=None, help="also show this partition, e.g. 9,11,12")
     _add_memory_flags(plan)
 
@@ -425,6 +434,7 @@ def _memory_settings(args: argparse.Namespace, dtype: str, device_bytes: int | N
     # `up` and `save-sharded` lack some of plan's flags: those take the router's defaults.
     return MemorySettings(
         dtype=dtype_from_name(dtype),
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         block_size=getattr(args, "block_size", 16),
         max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 2048),
         max_num_seqs=getattr(args, "max_num_seqs", 64),
@@ -595,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
                 tls=_server_tls(args), tls_ca=args.tls_ca, auth_token_file=args.auth_token_file,
                 stage_token=not args.no_stage_token, load_format=args.load_format,
                 kernel_backend=args.kernel_backend, enforce_eager=args.enforce_eager,
-                openai_port=args.openai_port, served_model_name=args.served_model_name,
+                kv_cache_dtype=args.kv_cache_dtype, openai_port=args.openai_port, served_model_name=args.served_model_name,
                 stage_restart=StageRestartPolicy(args.max_stage_failures, args.stage_failure_window),
             )
             return run_up(config, args.prompt, _sampling_from(args))
@@ -659,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
                 device_type=device, dtype=resolve_dtype(args.dtype, device), metrics_port=args.metrics_port,
                 tls=_server_tls(args, args.tls_client_ca), stage_token_file=args.stage_token_file,
                 load_format=args.load_format, kernel_backend=args.kernel_backend,
-                enforce_eager=args.enforce_eager,
+                enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
             ))
             return 0
         if args.command == "plan":

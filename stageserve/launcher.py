@@ -66,9 +66,10 @@ class UpConfig:
     stage_token: bool = True
     # Every stage's --load-format: "auto" (the checkpoint) or "dummy" (random weights).
     load_format: str = "auto"
-    # Every stage's --kernel-backend and --enforce-eager.
+    # Every stage's --kernel-backend, --enforce-eager and --kv-cache-dtype.
     kernel_backend: str = "auto"
     enforce_eager: bool = False
+    kv_cache_dtype: str = "auto"
     # The OpenAI-compatible front (`stageserve openai`) on host:openai_port; None: none.
     openai_port: int | None = None
     served_model_name: str | None = None
@@ -260,7 +261,7 @@ class Launcher:
                 args += ["--layer-partition", cfg.layer_partition]
             if cfg.sequence_parallel:
                 args.append("--sequence-parallel")
-            args += ["--kernel-backend", cfg.kernel_backend]
+            args += ["--kernel-backend", cfg.kernel_backend, "--kv-cache-dtype", cfg.kv_cache_dtype]
             if cfg.enforce_eager:
                 args.append("--enforce-eager")
             env = None

@@ -41,7 +41,7 @@ class RankLoadReport(_message.Message):
     def __init__(self, tp_rank: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., bytes_read: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("stage_index", "num_stages", "first_layer", "last_layer", "tp_size", "dtype", "device", "state", "error", "architecture", "has_embedding", "has_lm_head", "parameter_bytes", "parameter_names", "ranks", "num_kv_blocks", "block_size", "vocab_size", "max_position_embeddings", "num_layers", "model_path", "profile", "kv_cache_bytes", "sharded_state")
+    __slots__ = ("stage_index", "num_stages", "first_layer", "last_layer", "tp_size", "dtype", "device", "state", "error", "architecture", "has_embedding", "has_lm_head", "parameter_bytes", "parameter_names", "ranks", "num_kv_blocks", "block_size", "vocab_size", "max_position_embeddings", "num_layers", "model_path", "profile", "kv_cache_bytes", "sharded_state", "kv_cache_dtype")
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,7 @@ class StageInfo(_message.Message):
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARDED_STATE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     stage_index: int
     num_stages: int
     first_layer: int
@@ -90,7 +91,8 @@ class StageInfo(_message.Message):
     profile: ProfileResponse
     kv_cache_bytes: int
     sharded_state: bool
-    def __init__(self, stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., tp_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., error: _Optional[str] = ..., architecture: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_lm_head: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., parameter_names: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[_Union[RankLoadReport, _Mapping]]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., num_layers: _Optional[int] = ..., model_path: _Optional[str] = ..., profile: _Optional[_Union[ProfileResponse, _Mapping]] = ..., kv_cache_bytes: _Optional[int] = ..., sharded_state: _Optional[bool] = ...) -> None: ...
+    kv_cache_dtype: str
+    def __init__(self, stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., first_layer: _Optional[int] = ..., last_layer: _Optional[int] = ..., tp_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., error: _Optional[str] = ..., architecture: _Optional[str] = ..., has_embedding: _Optional[bool] = ..., has_lm_head: _Optional[bool] = ..., parameter_bytes: _Optional[int] = ..., parameter_names: _Optional[_Iterable[str]] = ..., ranks: _Optional[_Iterable[_Union[RankLoadReport, _Mapping]]] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., num_layers: _Optional[int] = ..., model_path: _Optional[str] = ..., profile: _Optional[_Union[ProfileResponse, _Mapping]] = ..., kv_cache_bytes: _Optional[int] = ..., sharded_state: _Optional[bool] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
     __slots__ = ("block_size", "max_num_batched_tokens", "max_num_seqs", "gpu_memory_utilization", "kv_cache_bytes")

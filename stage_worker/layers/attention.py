@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stage_worker.attention_metadata import AttentionMetadata
+from stage_worker.layers.layer_kv_cache import LayerKVCache
 
 
 class Attention(nn.Module):
@@ -26,9 +27,8 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.num_queries_per_kv = num_heads // num_kv_heads
-        # (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]; set by
-        # KVCache.bind. Not buffers: the cache is sized after the model is built.
-        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Set by KVCache.bind. Not buffers: the cache is sized after the model is built.
+        self.kv_cache: LayerKVCache | None = None
         # See layers/kernel_backend.py.
         self.kernel_backend = "reference"
 
@@ -51,17 +51,14 @@ class Attention(nn.Module):
         out = torch.empty_like(q)  # [num_tokens, heads, head_dim]
         if md.use_cache:
             assert self.kv_cache is not None, "KV cache not bound: call KVCache.bind(model) first"
-            k_cache, v_cache = self.kv_cache
-            # A slot is block_id * block_size + offset, i.e. a row of the flattened cache.
-            k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, md.slot_mapping, k)
-            v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, md.slot_mapping, v)
+            self.kv_cache.write(md.slot_mapping, k, v)
         for i in range(md.num_seqs):
             q_start, q_end = md.query_start_loc[i], md.query_start_loc[i + 1]
             if q_end == q_start:
                 continue
             if md.use_cache:
                 assert md.context_lens[i] == md.start_positions[i] + (q_end - q_start)
-                seq_k, seq_v = self._gather_context(i, md)
+                seq_k, seq_v = self._gather_context(i, md, q.dtype)
             else:
                 seq_k, seq_v = k[q_start:q_end], v[q_start:q_end]
             out[q_start:q_end] = self._attend(q[q_start:q_end], seq_k, seq_v)
@@ -74,32 +71,33 @@ class Attention(nn.Module):
 
         assert self.kv_cache is not None, "KV cache not bound: call KVCache.bind(model) first"
         assert md.block_tables_tensor is not None, "the Triton path needs the device metadata"
-        k_cache, v_cache = self.kv_cache
-        store_kv_cache(k, v, k_cache, v_cache, md.slot_mapping)
+        cache = self.kv_cache
+        store_kv_cache(k, v, cache.key, cache.value, md.slot_mapping, cache.key_scale, cache.value_scale)
         return paged_attention(
             q,
-            k_cache,
-            v_cache,
+            cache.key,
+            cache.value,
             md.query_start_loc_tensor,
             md.context_lens_tensor,
             md.block_tables_tensor,
             md.max_query_len,
             self.scale,
+            k_scale=cache.key_scale,
+            v_scale=cache.value_scale,
         )
 
-    def _gather_context(self, i: int, md: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequence i's first context_lens[i] cached K/V rows, each [context_len, kv_heads, head_dim]."""
-        k_cache, v_cache = self.kv_cache
+    def _gather_context(
+        self, i: int, md: AttentionMetadata, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence i's first context_lens[i] cached K/V rows, each [context_len, kv_heads, head_dim]
+        in `dtype`."""
         context_len = md.context_lens[i]
         num_blocks = (context_len + md.block_size - 1) // md.block_size
         blocks = md.block_tables[i][:num_blocks]
         assert blocks.numel() == num_blocks, (
             f"block table of sequence {i} has {blocks.numel()} blocks, {num_blocks} needed"
         )
-        # [num_blocks, block_size, kv_heads, head_dim] -> [num_blocks * block_size, kv_heads, head_dim]
-        seq_k = k_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context_len]
-        seq_v = v_cache[blocks].view(-1, self.num_kv_heads, self.head_dim)[:context_len]
-        return seq_k, seq_v
+        return self.kv_cache.gather(blocks, context_len, dtype)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [q_len, heads, head_dim]: the last q_len positions of k/v [ctx_len, kv_heads, head_dim]."""

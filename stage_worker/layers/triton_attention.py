@@ -38,7 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
-from stage_worker.layers.triton_decode_attention import paged_decode_split_kv
+from stage_worker.layers.layer_kv_cache import FP8_KV_DTYPE
+from stage_worker.layers.triton_decode_attention import (
+    KV_FP8_MAX,
+    KV_FP8_MIN_SCALE,
+    dequantize_kv_tile,
+    paged_decode_split_kv,
+)
 from stage_worker.layers.triton_interpreter import fix_loop_bounds_for_numpy_2_4, interpreting
 
 if interpreting():
@@ -48,11 +54,30 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _round_to_e4m3(x):
+    """x float32 within +-448 -> the nearest float8_e4m3fn value (ties to even), still float32.
+    Rounded here so that the cast to FP8 which follows is exact, on the GPU and in the
+    interpreter alike (the interpreter's cast drops the carry of a mantissa that rounds up)."""
+    # Normal range: round the float32 mantissa to its top 3 bits (the carry may bump the
+    # exponent, as it should); -1048576 is 0xFFF00000 as an int32.
+    bits = x.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    # Below 2**-6 e4m3 is subnormal, a fixed step of 2**-9: adding 1.5 * 2**23 to |x| * 2**9
+    # leaves a float32 whose ulp is 1, so the sum rounds to an integer (ties to even). The
+    # sign is put back from the bits, so a small negative value rounds to -0 as torch's cast does.
+    subnormal = ((tl.abs(x) * 512.0 + 12582912.0) - 12582912.0) * (1.0 / 512.0)
+    subnormal = (subnormal.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(x) < 0.015625, subnormal, normal)
+
+
+@triton.jit
 def _store_kv_cache_kernel(
     key_ptr,
     value_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     slot_mapping_ptr,
     block_size,
     num_kv_heads,
@@ -71,8 +96,12 @@ def _store_kv_cache_kernel(
     stride_vcs,
     stride_vch,
     stride_vcd,
+    stride_sb,
+    stride_ss,
+    stride_sh,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     token = tl.program_id(0)
     # int64: block_id * stride_kcb overflows int32 for caches past 2**31 elements.
@@ -84,14 +113,26 @@ def _store_kv_cache_kernel(
     # Negative slots are padding rows: every access is masked off, nothing is read or written.
     mask = (slot >= 0) & (h[:, None] < num_kv_heads) & (d[None, :] < head_dim)  # [BLOCK_H, BLOCK_D]
 
-    k = tl.load(key_ptr + token * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd, mask=mask)
-    v = tl.load(value_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd, mask=mask)
+    k = tl.load(key_ptr + token * stride_kt + h[:, None] * stride_kh + d[None, :] * stride_kd, mask=mask, other=0.0)
+    v = tl.load(value_ptr + token * stride_vt + h[:, None] * stride_vh + d[None, :] * stride_vd, mask=mask, other=0.0)
     k_row = block_id * stride_kcb + offset * stride_kcs  # the slot's row of the flattened cache
     v_row = block_id * stride_vcb + offset * stride_vcs
     k_dst = k_cache_ptr + k_row + h[:, None] * stride_kch + d[None, :] * stride_kcd
     v_dst = v_cache_ptr + v_row + h[:, None] * stride_vch + d[None, :] * stride_vcd
-    tl.store(k_dst, k, mask=mask)
-    tl.store(v_dst, v, mask=mask)
+    if KV_FP8:
+        # layer_kv_cache.quantize_rows, op for op: a scale per (token, kv head) row.
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        k_scale = tl.maximum(tl.max(tl.abs(k), 1) / KV_FP8_MAX, KV_FP8_MIN_SCALE)  # [BLOCK_H]
+        v_scale = tl.maximum(tl.max(tl.abs(v), 1) / KV_FP8_MAX, KV_FP8_MIN_SCALE)
+        k = _round_to_e4m3(tl.clamp(k / k_scale[:, None], -KV_FP8_MAX, KV_FP8_MAX))
+        v = _round_to_e4m3(tl.clamp(v / v_scale[:, None], -KV_FP8_MAX, KV_FP8_MAX))
+        scale_row = block_id * stride_sb + offset * stride_ss + h * stride_sh  # [BLOCK_H]
+        head_mask = (slot >= 0) & (h < num_kv_heads)
+        tl.store(k_scale_ptr + scale_row, k_scale, mask=head_mask)
+        tl.store(v_scale_ptr + scale_row, v_scale, mask=head_mask)
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv_cache(
@@ -100,16 +141,21 @@ def store_kv_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write key/value [num_tokens, num_kv_heads, head_dim] into the caches
     [num_blocks, block_size, num_kv_heads, head_dim] at slot_mapping [num_tokens] (int32 or
-    int64; slot = block_id * block_size + offset). Rows with a negative slot are skipped."""
+    int64; slot = block_id * block_size + offset). Rows with a negative slot are skipped.
+    With k_scale/v_scale [num_blocks, block_size, num_kv_heads] float32 the caches are FP8
+    and each row is quantized with its own scale (layer_kv_cache.py)."""
     num_tokens, num_kv_heads, head_dim = key.shape
     assert value.shape == key.shape, (value.shape, key.shape)
     assert k_cache.shape == v_cache.shape and k_cache.dim() == 4, (k_cache.shape, v_cache.shape)
     assert k_cache.shape[2:] == (num_kv_heads, head_dim), (k_cache.shape, key.shape)
     assert slot_mapping.shape == (num_tokens,), (slot_mapping.shape, num_tokens)
-    assert key.dtype == value.dtype == k_cache.dtype == v_cache.dtype
+    assert key.dtype == value.dtype and k_cache.dtype == v_cache.dtype
+    fp8 = _check_scales(k_cache, k_scale, v_scale, key.dtype)
     if num_tokens == 0:
         return
     _store_kv_cache_kernel[(num_tokens,)](
@@ -117,6 +163,8 @@ def store_kv_cache(
         value,
         k_cache,
         v_cache,
+        k_scale if fp8 else k_cache,  # placeholders when unused: never touched
+        v_scale if fp8 else v_cache,
         slot_mapping,
         k_cache.shape[1],
         num_kv_heads,
@@ -125,9 +173,26 @@ def store_kv_cache(
         *value.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
+        *(k_scale.stride() if fp8 else (0, 0, 0)),
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
+        KV_FP8=fp8,
     )
+
+
+def _check_scales(
+    k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, dtype: torch.dtype
+) -> bool:
+    """Whether the caches are FP8 with per-row scales (asserting the pieces agree); otherwise
+    they must be in `dtype`, the activations' dtype."""
+    if k_scale is None:
+        assert v_scale is None
+        assert k_cache.dtype == dtype, (k_cache.dtype, dtype)
+        return False
+    assert v_scale is not None and k_cache.dtype == FP8_KV_DTYPE, k_cache.dtype
+    assert k_scale.shape == v_scale.shape == k_cache.shape[:3], (k_scale.shape, k_cache.shape)
+    assert k_scale.stride() == v_scale.stride() and k_scale.dtype == v_scale.dtype == torch.float32
+    return True
 
 
 @triton.jit
@@ -135,6 +200,8 @@ def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     out_ptr,
     query_start_loc_ptr,
     context_lens_ptr,
@@ -156,6 +223,9 @@ def _paged_attention_kernel(
     stride_vcs,
     stride_vch,
     stride_vcd,
+    stride_sb,
+    stride_ss,
+    stride_sh,
     stride_bt,
     num_seqs,
     QUERIES_PER_KV: tl.constexpr,
@@ -163,6 +233,7 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -220,8 +291,14 @@ def _paged_attention_kernel(
         k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :] * stride_kcd, mask=kv_mask, other=0.0)
         v_rows = block_ids * stride_vcb + within * stride_vcs + kv_head * stride_vch
         v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vcd, mask=kv_mask, other=0.0)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        if KV_FP8:
+            k, v, key_scale = dequantize_kv_tile(
+                k, v, k_scale_ptr, v_scale_ptr, block_ids * stride_sb + within * stride_ss + kv_head * stride_sh,
+                k_valid, q.dtype,
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (key_scale * scale_log2)[None, :]
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -276,6 +353,8 @@ def paged_attention(
     block_n: int | None = None,
     split_kv: bool | None = None,
     num_splits: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of query [num_tokens, num_heads, head_dim] over the paged caches
     [num_blocks, block_size, num_kv_heads, head_dim] -> out [num_tokens, num_heads, head_dim].
@@ -290,12 +369,15 @@ def paged_attention(
     anything else the general kernel; split_kv=False forces the general kernel for decode too (benchmarks compare the
     two), split_kv=True needs max_query_len == 1. num_splits overrides the split count of the
     split-KV path, which ignores block_m (its rows are one GQA group).
+    k_scale / v_scale [num_blocks, block_size, num_kv_heads] float32: the caches are FP8 with
+    a scale per row (layer_kv_cache.py), dequantized as they are read.
     """
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
     assert v_cache.shape == k_cache.shape, (v_cache.shape, k_cache.shape)
     assert cache_head_dim == head_dim and num_heads % num_kv_heads == 0, (query.shape, k_cache.shape)
-    assert query.dtype == k_cache.dtype == v_cache.dtype, (query.dtype, k_cache.dtype, v_cache.dtype)
+    assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
+    fp8 = _check_scales(k_cache, k_scale, v_scale, query.dtype)
     num_seqs = context_lens.shape[0]
     assert query_start_loc.shape == (num_seqs + 1,), (query_start_loc.shape, num_seqs)
     assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs, (block_tables.shape, num_seqs)
@@ -315,7 +397,7 @@ def paged_attention(
             raise ValueError(f"the split-KV kernel is for decode (max_query_len 1), not {max_query_len}")
         return paged_decode_split_kv(
             query, k_cache, v_cache, query_start_loc, context_lens, block_tables, scale, out,
-            num_splits=num_splits, block_n=block_n,
+            num_splits=num_splits, block_n=block_n, k_scale=k_scale, v_scale=v_scale,
         )
 
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -330,6 +412,8 @@ def paged_attention(
         query,
         k_cache,
         v_cache,
+        k_scale if fp8 else k_cache,  # placeholders when unused: never touched
+        v_scale if fp8 else v_cache,
         out,
         query_start_loc,
         context_lens,
@@ -341,6 +425,7 @@ def paged_attention(
         *out.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
+        *(k_scale.stride() if fp8 else (0, 0, 0)),
         block_tables.stride(0),
         num_seqs,
         QUERIES_PER_KV=queries_per_kv,
@@ -349,6 +434,7 @@ def paged_attention(
         BLOCK_D=block_d,
         # float32 inputs would otherwise run the dots in TF32 (~1e-3 error) on tensor cores.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        KV_FP8=fp8,
         num_warps=num_warps,
     )
     return out

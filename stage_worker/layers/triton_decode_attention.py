@@ -23,12 +23,29 @@ import torch
 import triton
 import triton.language as tl
 
+from stage_worker.layers.layer_kv_cache import FP8_KV_MAX, FP8_KV_MIN_SCALE
 from stage_worker.layers.triton_interpreter import fix_loop_bounds_for_numpy_2_4, interpreting
 
 if interpreting():
     fix_loop_bounds_for_numpy_2_4()
 
 LOG2E = 1.4426950408889634
+# layer_kv_cache's constants, as the kernels read them.
+KV_FP8_MAX = tl.constexpr(FP8_KV_MAX)
+KV_FP8_MIN_SCALE = tl.constexpr(FP8_KV_MIN_SCALE)
+
+
+@triton.jit
+def dequantize_kv_tile(k, v, k_scale_ptr, v_scale_ptr, scale_rows, valid, dtype: tl.constexpr):
+    """FP8 K/V tiles [BLOCK_N, BLOCK_D] read at rows scale_rows [BLOCK_N] (offsets into the
+    scale caches, `valid` masking them) -> (K in `dtype`, still to be scaled: one factor per key,
+    which the caller applies to the Q.K^T columns; V dequantized in `dtype`; K's scales
+    [BLOCK_N] float32). Masked rows get scale 0."""
+    key_scale = tl.load(k_scale_ptr + scale_rows, mask=valid, other=0.0)
+    value_scale = tl.load(v_scale_ptr + scale_rows, mask=valid, other=0.0)
+    # Scaled in float32 before rounding to `dtype`: a float16 tile keeps the full range.
+    v = (v.to(tl.float32) * value_scale[:, None]).to(dtype)
+    return k.to(dtype), v, key_scale
 
 
 @triton.jit
@@ -36,6 +53,8 @@ def _paged_decode_split_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     out_ptr,
     part_m_ptr,
     part_l_ptr,
@@ -62,6 +81,9 @@ def _paged_decode_split_kernel(
     stride_vcs,
     stride_vch,
     stride_vcd,
+    stride_sb,
+    stride_ss,
+    stride_sh,
     stride_bt,
     QUERIES_PER_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -69,6 +91,7 @@ def _paged_decode_split_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Decode (every sequence has at most one query): program (seq, kv_head, split) attends
     the GQA group's query heads (rows) to its split of the sequence's context."""
@@ -112,8 +135,14 @@ def _paged_decode_split_kernel(
         k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :] * stride_kcd, mask=kv_mask, other=0.0)
         v_rows = block_ids * stride_vcb + within * stride_vcs + kv_head * stride_vch
         v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vcd, mask=kv_mask, other=0.0)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        if KV_FP8:
+            k, v, key_scale = dequantize_kv_tile(
+                k, v, k_scale_ptr, v_scale_ptr, block_ids * stride_sb + within * stride_ss + kv_head * stride_sh,
+                k_valid, q.dtype,
+            )
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (key_scale * scale_log2)[None, :]
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         s = tl.where(k_valid[None, :], s, float("-inf"))
         # Every tile holds at least one valid key, which every row sees: m_new is finite.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -250,10 +279,13 @@ def paged_decode_split_kv(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """paged_attention for max_query_len == 1 through the split-KV kernels (arguments
-    checked by the caller). num_splits / block_n / num_warps / num_stages override the
-    defaults (tests and benchmarks)."""
+    checked by the caller; k_scale/v_scale given for an FP8 cache). num_splits / block_n /
+    num_warps / num_stages override the defaults (tests and benchmarks)."""
+    fp8 = k_scale is not None
     num_heads, head_dim = query.shape[1], query.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_seqs = context_lens.shape[0]
@@ -286,6 +318,8 @@ def paged_decode_split_kv(
         query,
         k_cache,
         v_cache,
+        k_scale if fp8 else k_cache,  # placeholders when unused: never touched
+        v_scale if fp8 else v_cache,
         out,
         part_m,
         part_l,
@@ -302,6 +336,7 @@ def paged_decode_split_kv(
         *out.stride(),
         *k_cache.stride(),
         *v_cache.stride(),
+        *(k_scale.stride() if fp8 else (0, 0, 0)),
         block_tables.stride(0),
         QUERIES_PER_KV=queries_per_kv,
         BLOCK_M=block_m,
@@ -309,6 +344,7 @@ def paged_decode_split_kv(
         BLOCK_D=block_d,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         SINGLE_SPLIT=single,
+        KV_FP8=fp8,
         **launch,
     )
     if not single:

@@ -5,6 +5,9 @@ A dense Llama and a Qwen3-MoE (its experts on the Triton path inside the graphs)
 * float32: concurrent requests (decode steps of several sequences, replayed from a graph
   captured for a larger batch, so padding rows run too) give transformers' float32 greedy
   tokens and logprobs, as tightly as the plain-torch path does.
+* an FP8 KV cache (`--kv-cache-dtype fp8`), float32 otherwise: the compiled FP8 store and
+  attention kernels, graphs included, give the greedy tokens and logprobs of transformers'
+  float32 with its K/V rounded the same way (tests/harness/fp8_kv_attention.py).
 * bfloat16: the fast path against the plain-torch path of this project
   (`--kernel-backend reference --enforce-eager`) on the same concurrent load: the same
   tokens until a step where float32's top-2 margin is within bf16's reach (twice transformers'
@@ -24,6 +27,7 @@ import pytest
 import torch
 
 from stageserve.demo_model import write_tiny_model
+from tests.harness.fp8_kv_attention import FP8_KV_ATTENTION
 from tests.harness.processes import ServingSystem
 from tests.harness.reference import agreement_with_reference, assert_matches_reference, hf_greedy, steps_before_near_tie
 
@@ -80,6 +84,23 @@ def test_fast_path_float32_equals_transformers_under_concurrency(model: Path) ->
             compared, max_diff = compared + n, max(max_diff, diff)
         print(f"\nfast path float32, {len(results)} concurrent: {compared} tokens equal transformers, "
               f"max logprob diff {max_diff:.2e}")
+        assert compared >= 3 * NEW_TOKENS
+    finally:
+        system.stop()
+
+
+def test_fast_path_fp8_kv_cache_equals_transformers_with_rounded_kv(model: Path) -> None:
+    system = _serve(model, "float32", "--kv-cache-dtype", "fp8")
+    try:
+        results = _generate_concurrently(system, _prompts())
+        compared, max_diff = 0, 0.0
+        for prompt, got in zip(_prompts(), results):
+            ref = hf_greedy(model, prompt, NEW_TOKENS, dtype=torch.float32, device="cuda:0",
+                            attn_implementation=FP8_KV_ATTENTION)
+            n, diff = assert_matches_reference(got, ref, FP32_TOL)
+            compared, max_diff = compared + n, max(max_diff, diff)
+        print(f"\nfast path, FP8 KV cache, {len(results)} concurrent: {compared} tokens equal transformers with "
+              f"rounded K/V, max logprob diff {max_diff:.2e}")
         assert compared >= 3 * NEW_TOKENS
     finally:
         system.stop()

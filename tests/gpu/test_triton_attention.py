@@ -23,6 +23,7 @@ import torch
 from stage_worker.attention_metadata import AttentionMetadata
 from stage_worker.layers import triton_decode_attention
 from stage_worker.layers.attention import Attention
+from stage_worker.layers.layer_kv_cache import LayerKVCache, quantize_rows
 from stage_worker.layers.triton_attention import paged_attention, store_kv_cache
 from stage_worker.layers.triton_decode_attention import decode_num_splits
 
@@ -72,9 +73,18 @@ class Batch:
     max_query_len: int
     num_real_tokens: int  # rows of the real sequences (padding rows follow them)
     metadata: AttentionMetadata  # the real sequences only, for the reference
+    # An FP8 cache's per-row scales [num_blocks, block_size, num_kv_heads] float32 (NaN
+    # where the cache is NaN); None for a cache in the activations' dtype.
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    @property
+    def cache(self) -> LayerKVCache:
+        return LayerKVCache(self.k_cache, self.v_cache, self.k_scale, self.v_scale)
 
 
-def make_batch(case: Case, dtype: torch.dtype, device: torch.device, seed: int) -> Batch:
+def make_batch(case: Case, dtype: torch.dtype, device: torch.device, seed: int, fp8: bool = False) -> Batch:
+    """fp8: the cached rows are stored quantized (an FP8 cache with per-row scales)."""
     gen = torch.Generator().manual_seed(seed)
     bs, kvh, d = case.block_size, case.num_kv_heads, case.head_dim
     blocks_per_seq = [(c + bs - 1) // bs for c in case.context_lens]
@@ -126,12 +136,16 @@ def make_batch(case: Case, dtype: torch.dtype, device: torch.device, seed: int) 
         block_tables=[torch.tensor(t, dtype=torch.long, device=device) for t in tables],
         block_size=bs,
     )
+    k_scale = v_scale = None
+    if fp8:
+        (k_cache, k_scale), (v_cache, v_scale) = quantize_rows(k_cache), quantize_rows(v_cache)
+        k_scale, v_scale = k_scale.to(device), v_scale.to(device)
     return Batch(
         query=q.view(num_rows, case.num_heads, d),
         key=k.view(num_rows, kvh, d),
         value=v.view(num_rows, kvh, d),
-        k_cache=k_cache.to(device, dtype),
-        v_cache=v_cache.to(device, dtype),
+        k_cache=k_cache.to(device) if fp8 else k_cache.to(device, dtype),
+        v_cache=v_cache.to(device) if fp8 else v_cache.to(device, dtype),
         slot_mapping=torch.tensor(slots, dtype=torch.int32, device=device),
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         context_lens=torch.tensor(
@@ -141,31 +155,41 @@ def make_batch(case: Case, dtype: torch.dtype, device: torch.device, seed: int) 
         max_query_len=max(case.query_lens + (1,) * case.num_padding_seqs) + case.extra_max_query_len,
         num_real_tokens=num_real,
         metadata=metadata,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
 
 
-def reference(case: Case, batch: Batch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [num_real_tokens, heads, head_dim], k_cache, v_cache) from the reference Attention in `dtype`."""
+def reference(case: Case, batch: Batch, dtype: torch.dtype) -> tuple[torch.Tensor, LayerKVCache]:
+    """(out [num_real_tokens, heads, head_dim], the cache after the step's write) from the
+    reference Attention computing in `dtype` (an FP8 cache stays FP8, dequantized to `dtype`)."""
     n, h, d = batch.num_real_tokens, case.num_heads, case.head_dim
     attn = Attention(h, case.num_kv_heads, d, scale=d**-0.5)
-    attn.kv_cache = (batch.k_cache.to(dtype).clone(), batch.v_cache.to(dtype).clone())
+    c = batch.cache
+    if c.quantized:
+        attn.kv_cache = LayerKVCache(c.key.clone(), c.value.clone(), c.key_scale.clone(), c.value_scale.clone())
+    else:
+        attn.kv_cache = LayerKVCache(c.key.to(dtype).clone(), c.value.to(dtype).clone())
     out = attn(
         batch.query[:n].to(dtype).reshape(n, h * d),
         batch.key[:n].to(dtype).reshape(n, -1),
         batch.value[:n].to(dtype).reshape(n, -1),
         batch.metadata,
     )
-    return out.view(n, h, d), *attn.kv_cache
+    return out.view(n, h, d), attn.kv_cache
 
 
 def run_kernels(case: Case, batch: Batch) -> torch.Tensor:
     """The Triton path on copies of the batch's caches (left in batch.k_cache/v_cache)."""
-    store_kv_cache(batch.key, batch.value, batch.k_cache, batch.v_cache, batch.slot_mapping)
+    store_kv_cache(
+        batch.key, batch.value, batch.k_cache, batch.v_cache, batch.slot_mapping, batch.k_scale, batch.v_scale
+    )
     out = torch.full_like(batch.query, float("nan"))  # contiguous, unlike the query view
     result = paged_attention(
         batch.query, batch.k_cache, batch.v_cache, batch.query_start_loc, batch.context_lens,
         batch.block_tables, batch.max_query_len, case.head_dim**-0.5, out=out,
         block_m=case.block_m, block_n=case.block_n, split_kv=case.split_kv, num_splits=case.num_splits,
+        k_scale=batch.k_scale, v_scale=batch.v_scale,
     )
     assert result is out
     return out
@@ -175,13 +199,26 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def check_case(case: Case, dtype: torch.dtype, ref_dtype: torch.dtype, tol: float, seed: int) -> None:
-    batch = make_batch(case, dtype, DEVICE, seed)
-    ref_out, ref_k, ref_v = reference(case, batch, ref_dtype)
+def assert_same_cache(batch: Batch, ref: LayerKVCache, dtype: torch.dtype) -> None:
+    """The kernel's cache write equals the reference's bit for bit (a copy, or the same
+    quantization), and padding slots (-1) wrote nothing (NaNs compare equal)."""
+    if ref.quantized:
+        assert torch.equal(batch.k_cache.view(torch.uint8), ref.key.view(torch.uint8))
+        assert torch.equal(batch.v_cache.view(torch.uint8), ref.value.view(torch.uint8))
+        torch.testing.assert_close(batch.k_scale, ref.key_scale, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(batch.v_scale, ref.value_scale, rtol=0, atol=0, equal_nan=True)
+        return
+    torch.testing.assert_close(batch.k_cache, ref.key.to(dtype), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(batch.v_cache, ref.value.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
+def check_case(
+    case: Case, dtype: torch.dtype, ref_dtype: torch.dtype, tol: float, seed: int, fp8: bool = False
+) -> None:
+    batch = make_batch(case, dtype, DEVICE, seed, fp8=fp8)
+    ref_out, ref_cache = reference(case, batch, ref_dtype)
     out = run_kernels(case, batch)
-    # The cache write is a copy: bit-exact, padding slots (-1) wrote nothing (NaNs compare equal).
-    torch.testing.assert_close(batch.k_cache, ref_k.to(dtype), rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(batch.v_cache, ref_v.to(dtype), rtol=0, atol=0, equal_nan=True)
+    assert_same_cache(batch, ref_cache, dtype)
 
     n = batch.num_real_tokens
     real = out[:n]
@@ -273,6 +310,80 @@ def test_float16_matches_float32_reference(name: str) -> None:
     check_case(CPU_CASES[name], torch.float16, torch.float32, tol=2e-3, seed=zlib.crc32(name.encode()) + 1)
 
 
+# The FP8-cache variants: prefill, decode rows among chunks with GQA 3, graph padding, and the
+# split-KV decode with and without padding.
+FP8_CASES = [
+    "prefill-gqa2-bs8-d32",
+    "mixed-flat-tiles-gqa3-bs8-d16",
+    "mixed-padded-gqa4-bs8-d48",
+    "split-gqa4-bs8-d32",
+    "split-padded-gqa2-bs16-d16",
+]
+
+
+@pytest.mark.parametrize("name", FP8_CASES)
+def test_fp8_cache_matches_reference(name: str) -> None:
+    """An FP8 cache: the kernels' write quantizes as the reference's does (the same bytes and
+    scales), and their attention over the dequantized rows matches the reference's."""
+    check_case(CPU_CASES[name], torch.float32, torch.float32, tol=1e-4, seed=zlib.crc32(name.encode()) + 2, fp8=True)
+
+
+@pytest.mark.parametrize("name", ["mixed-gqa4-bs16-d48", "split-gqa4-bs8-d32"])
+def test_fp8_cache_error_against_unquantized(name: str) -> None:
+    """What FP8 storage costs: the attention over an FP8 cache stays within a few percent of
+    the same step over the unquantized cache (e4m3 keeps 3 mantissa bits: ~2% per value)."""
+    case, seed = CPU_CASES[name], zlib.crc32(name.encode()) + 3
+    exact, _ = reference(case, make_batch(case, torch.float32, DEVICE, seed), torch.float32)
+    batch = make_batch(case, torch.float32, DEVICE, seed, fp8=True)
+    out = run_kernels(case, batch)[: batch.num_real_tokens]
+    err = relative_error(out, exact)
+    assert 1e-4 < err < 0.05, f"relative error {err:.2e} of the FP8 cache against the unquantized one"
+
+
+def test_fp8_store_rounds_as_torch() -> None:
+    """The kernel's FP8 write rounds every value as torch's cast does (nearest, ties to even),
+    at every e4m3 binade, the subnormals and the midpoints between neighbours, where a
+    rounded-up mantissa carries into the exponent."""
+    grid = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = grid[grid.isfinite() & (grid >= 0)].unique()  # [127] sorted, 0 .. 448
+    midpoints = (grid[1:] + grid[:-1]) / 2
+    gen = torch.Generator().manual_seed(5)
+    spread = torch.rand(2048, generator=gen) * 448 * torch.logspace(-4, 0, 2048)
+    values = torch.cat([grid, midpoints, midpoints.nextafter(torch.tensor(0.0)), spread])
+    values = torch.cat([values, -values])
+    d = 64
+    rows = values[: values.numel() // (d - 1) * (d - 1)].view(-1, d - 1)
+    # A leading 448 in every row: its scale is exactly 1, so the row's values are cast as they are.
+    rows = torch.cat([torch.full((rows.shape[0], 1), 448.0), rows], dim=1).view(-1, 1, d)  # [n, 1 head, d]
+    n = rows.shape[0]
+    k_cache = torch.zeros(n, 1, 1, d, dtype=torch.float8_e4m3fn, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    k_scale = torch.zeros(n, 1, 1, device=DEVICE)
+    v_scale = torch.zeros_like(k_scale)
+    slots = torch.arange(n, device=DEVICE)
+    store_kv_cache(rows.to(DEVICE), rows.to(DEVICE), k_cache, v_cache, slots, k_scale, v_scale)
+    assert torch.equal(k_scale.cpu(), torch.ones(n, 1, 1))
+    expected = rows.to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(k_cache.view(torch.uint8).view(n, 1, d).cpu(), expected)
+    assert torch.equal(v_cache.view(torch.uint8).view(n, 1, d).cpu(), expected)
+
+
+def test_fp8_rows_keep_their_own_scale() -> None:
+    """Rows of very different magnitudes (a V row of 1e-3 beside a K row of 1e2) each keep
+    e4m3's relative precision: a per-row scale, not one for the tensor."""
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(6, 4, 64, generator=gen) * torch.logspace(-3, 2, 6)[:, None, None]  # [rows, heads, d]
+    rows[2, 1] = 0.0  # an all-zero row stays zero
+    values, scale = quantize_rows(rows)
+    assert values.dtype == torch.float8_e4m3fn and scale.shape == (6, 4)
+    back = values.float() * scale[..., None]
+    assert torch.equal(back[2, 1], torch.zeros(64))
+    amax = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+    # e4m3 rounds to 3 mantissa bits (half an ulp: 2**-4 relative) above its subnormals,
+    # which start 2**-6 below the row's largest value.
+    assert ((back - rows).abs() / amax).max() <= 2**-4
+
+
 def test_split_counts_agree() -> None:
     """The split count changes only the float32 summation order, not the result."""
     case = CPU_CASES["split-gqa4-bs8-d32"]
@@ -359,8 +470,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reas
     ],
     ids=["mixed", "decode", "decode-general-kernel", "decode-batch1", "decode-batch67"],
 )
-def test_bf16_llama3_shape_matches_fp32_reference(case: Case) -> None:
-    check_case(case, torch.bfloat16, torch.float32, tol=1e-2, seed=1234)
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-cache", "fp8-cache"])
+def test_bf16_llama3_shape_matches_fp32_reference(case: Case, fp8: bool) -> None:
+    """fp8: the compiled kernels' FP8 write equals the reference's bit for bit, and their
+    attention over it matches the reference's float32 attention over the same FP8 rows."""
+    check_case(case, torch.bfloat16, torch.float32, tol=1e-2, seed=1234, fp8=fp8)
 
 
 @pytest.mark.gpu
@@ -414,7 +528,7 @@ def test_decode_replays_from_cuda_graph() -> None:
         step()
 
     for case, batch in zip(cases, batches):
-        ref_out, _, _ = reference(case, batch, torch.float32)
+        ref_out, _ = reference(case, batch, torch.float32)
         load(batch)
         graph.replay()
         torch.cuda.synchronize()

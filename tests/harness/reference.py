@@ -19,10 +19,11 @@ class Reference:
 
 def hf_greedy(
     model_dir: Path, prompt_ids: Sequence[int], max_new_tokens: int,
-    dtype: torch.dtype = torch.float32, device: str = "cpu",
+    dtype: torch.dtype = torch.float32, device: str = "cpu", attn_implementation: str | None = None,
 ) -> Reference:
-    """Greedy decoding with the transformers model, one full forward per token (no eos stop)."""
-    model = _load_hf(model_dir, dtype, device)
+    """Greedy decoding with the transformers model, one full forward per token (no eos stop).
+    attn_implementation: one registered with transformers' AttentionInterface (None: its default)."""
+    model = _load_hf(model_dir, dtype, device, attn_implementation)
     ids = torch.tensor([list(prompt_ids)], device=device)
     out, lps = [], []
     with torch.no_grad():
@@ -39,12 +40,15 @@ def hf_greedy(
 _HF_MODELS: dict[tuple, torch.nn.Module] = {}
 
 
-def _load_hf(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.nn.Module:
+def _load_hf(
+    model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", attn_implementation: str | None = None
+) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    key = (str(model_dir), dtype, device)
+    key = (str(model_dir), dtype, device, attn_implementation)
     if key not in _HF_MODELS:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **extra)
         _HF_MODELS[key] = model.to(device).eval()
     return _HF_MODELS[key]
 

@@ -443,8 +443,13 @@ def test_slot_mapping_and_block_bytes(checkpoints) -> None:
     assert bytes_per_block(config, 1, 2, 16, torch.bfloat16) == 2 * 2 * 16 * 1 * 16 * 2
     model = build_model(config, StageLayout(0, 2, 0, 2), torch.float32, torch.device("cpu"))
     cache = KVCache.for_model(model, NUM_BLOCKS, BLOCK_SIZE)
-    assert cache.k_caches[1].shape == (NUM_BLOCKS, BLOCK_SIZE, 2, 16)
+    assert cache.layers[1].key.shape == (NUM_BLOCKS, BLOCK_SIZE, 2, 16)
     assert cache.nbytes == NUM_BLOCKS * bytes_per_block(config, 2, 2, BLOCK_SIZE, torch.float32)
+    # FP8: a byte per value plus a float32 scale per (token, kv head) row.
+    assert bytes_per_block(config, 1, 2, 16, torch.float8_e4m3fn) == 2 * 2 * 16 * 1 * (16 + 4)
+    fp8 = KVCache.for_model(model, NUM_BLOCKS, BLOCK_SIZE, torch.float8_e4m3fn)
+    assert fp8.layers[1].key.dtype == torch.float8_e4m3fn and fp8.layers[1].key_scale.shape == (NUM_BLOCKS, BLOCK_SIZE, 2)
+    assert fp8.nbytes == NUM_BLOCKS * bytes_per_block(config, 2, 2, BLOCK_SIZE, torch.float8_e4m3fn)
 
 
 def test_unbound_cache_asserts(checkpoints) -> None:
