@@ -1,7 +1,9 @@
 """Token sampling on the last stage, after ``compute_logits``.
 
-One vectorised pass over the batch, the same code on CPU and GPU, no host sync per token.
-Per sequence, in this order:
+Vectorised over the batch, the same code on CPU and GPU, no host sync per token. Rows are
+independent, so the batch is processed in chunks of rows (see ``CHUNK_BYTES``): the
+float32 work buffers then scale with the chunk, not with max_num_seqs, and the results are
+the same bit for bit as in one pass. Per sequence, in this order:
 
 1. **Penalties** (skipped entirely when no sequence in the batch uses one), applied to the
    raw logits before temperature, so they also change greedy picks:
@@ -42,9 +44,10 @@ value's range and the one value that turns it off); the sampler asserts them, ne
 
 **Host work per step** is vectorised too: one pass over the params fills a numpy table
 (the rules' assert and the row keys are numpy ops on it), the
-token ids of the rows that use a penalty become one flat int64 array, and all of it reaches
-the device in a single copy. Nothing inside the sampler reads back from the device; the
-caller does one ``.tolist()`` of the result.
+token ids of the rows that use a penalty become one flat int64 array grouped by row, and all
+of it reaches the device in a single copy; each chunk takes views of it at offsets the host
+already knows. Nothing inside the sampler reads back from the device; the caller does one
+``.tolist()`` of the result.
 """
 
 from __future__ import annotations
@@ -83,6 +86,21 @@ _TEMPERATURE, _TOP_P, _MIN_P = 0, 1, 2  # -> float32; top_p 1.0 = off
 _REPETITION, _PRESENCE, _FREQUENCY = 3, 4, 5  # -> float32; repetition 1.0 = off
 _TOP_K, _ROW_KEY = 6, 7  # -> int64; top_k 0 = off
 _NUM_COLUMNS = 8
+
+# Rows per chunk: as many as keep one float32 [rows, vocab] buffer within this many bytes.
+# A chunk holds about a dozen buffers of that size at once (its float32 logits, their
+# log_softmax, the penalised and scaled copies, the sort's values and int64 order, the
+# noise's int64 hash and float32 uniforms), so the peak stays in the hundreds of MiB
+# whatever the batch, where one pass over 512 rows of a 128k vocab needs GiBs. 32 MiB is
+# still 65 such rows: a 512-row batch takes 8 chunks, few enough that the extra kernel
+# launches stay small beside a step.
+CHUNK_BYTES = 32 * 2**20
+
+
+def chunk_rows(vocab: int, max_rows: int | None = None) -> int:
+    """Rows per chunk for ``vocab`` columns: at least 1, at most ``max_rows`` when given."""
+    rows = max(1, CHUNK_BYTES // (vocab * 4))  # 4 = bytes of a float32
+    return rows if max_rows is None else min(rows, max_rows)
 
 
 @dataclass
@@ -177,33 +195,63 @@ def _concat_ids(seqs: Sequence[Sequence[int]], total: int) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
 
 
-def _flat_ids(rows: np.ndarray, token_lists: Sequence[Sequence[int]], vocab: int) -> np.ndarray:
-    """``row * vocab + token`` for every token of ``token_lists[row]``, ``row`` in ``rows``.
+def _flat_ids(
+    rows: np.ndarray, token_lists: Sequence[Sequence[Sequence[int]]], vocab: int, chunk_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk-local flat ids of the tokens of ``rows``, grouped by row, and their count per row.
 
-    Flat indices into [batch, vocab] let gather/scatter do the updates: 2-D advanced
-    indexing synchronises with the host on CUDA.
+    For each ``row`` in ``rows`` (ascending), every token of ``lists[row]`` for each ``lists``
+    in ``token_lists`` becomes ``(row % chunk_rows) * vocab + token``: chunks start at
+    multiples of ``chunk_rows``, so that is the index into the chunk's [rows, vocab] logits,
+    and grouping by ascending row makes each chunk's ids one contiguous slice. Flat indices
+    let gather/scatter do the updates: 2-D advanced indexing synchronises with the host on CUDA.
     """
-    seqs = [token_lists[r] for r in rows.tolist()]
+    seqs = [lists[r] for r in rows.tolist() for lists in token_lists]
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     tokens = _concat_ids(seqs, int(lengths.sum()))
-    return np.repeat(rows * vocab, lengths) + tokens  # [sum(lengths)]
+    row_base = np.repeat(rows % chunk_rows * vocab, len(token_lists))  # [len(seqs)]
+    per_row = lengths.reshape(len(rows), len(token_lists)).sum(axis=1)  # [len(rows)]
+    return np.repeat(row_base, lengths) + tokens, per_row  # [sum(lengths)], [len(rows)]
+
+
+def _chunk_offsets(counts: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Prefix sums of the per-row ``counts`` at the chunk ``bounds``: chunk ``i`` owns items
+    ``[out[i], out[i + 1])`` of an array holding ``counts[row]`` items per row, in row order."""
+    return np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))[bounds]
+
+
+def _scatter_counts(batch: int, rows: np.ndarray, per_row: np.ndarray) -> np.ndarray:
+    """[batch] counts: ``per_row[i]`` at ``rows[i]``, 0 for the rows not listed."""
+    counts = np.zeros(batch, dtype=np.int64)
+    counts[rows] = per_row
+    return counts
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """The sampler's inputs for rows [start, end) of the batch: views of one device buffer,
+    with row indices local to the chunk."""
+
+    start: int
+    end: int
+    table: torch.Tensor  # [rows, _NUM_COLUMNS] float64, columns as named above
+    num_sampled: int  # rows with temperature > 0
+    sample_rows: torch.Tensor | None  # [num_sampled] int64; None when all rows or none sample
+    # Whether any SAMPLED row of the chunk uses each filter: unused filters are skipped.
+    uses_top_k: bool
+    uses_top_p: bool
+    uses_min_p: bool
+    # Flat ids (local row * vocab + token, repeats allowed) of prompt + output tokens of the
+    # rows with a repetition penalty, and of output tokens of the rows with presence/frequency.
+    repetition_ids: torch.Tensor | None
+    output_ids: torch.Tensor | None
 
 
 @dataclass(frozen=True)
 class _StepInputs:
     """The sampler's per-row inputs on the device, from one host->device copy."""
 
-    table: torch.Tensor  # [batch, _NUM_COLUMNS] float64, columns as named above
-    num_sampled: int  # rows with temperature > 0
-    sample_rows: torch.Tensor | None  # [num_sampled] int64; None when all rows or none sample
-    # Whether any SAMPLED row uses each filter: unused filters are skipped entirely.
-    uses_top_k: bool
-    uses_top_p: bool
-    uses_min_p: bool
-    # Flat ids (row * vocab + token, repeats allowed) of prompt + output tokens of the rows
-    # with a repetition penalty, and of output tokens of the rows with presence/frequency.
-    repetition_ids: torch.Tensor | None
-    output_ids: torch.Tensor | None
+    chunks: tuple[_Chunk, ...]  # consecutive, covering the batch (one empty chunk for batch 0)
     max_top_logprobs: int
 
 
@@ -213,8 +261,10 @@ def _prepare(
     output_token_ids: Sequence[Sequence[int]],
     vocab: int,
     device: torch.device,
+    chunk_rows: int,
 ) -> _StepInputs:
-    """Moves everything the sampler needs to ``device`` at once."""
+    """Moves everything the sampler needs to ``device`` at once, cut in chunks of
+    ``chunk_rows`` rows (the last one ragged)."""
     batch = len(params)
     raw = np.array(
         [
@@ -261,36 +311,69 @@ def _prepare(
 
     sampled = temperature > 0.0
     num_sampled = int(sampled.sum())
+    # [num_chunks + 1] row bounds; batch 0 gets one empty chunk, so it takes the same path.
+    bounds = np.append(np.arange(0, max(batch, 1), chunk_rows), batch)
     # One int64 buffer: the table's bits, then the optional index arrays.
     parts = [table.view(np.int64).ravel()]
+    sample_offsets = _chunk_offsets(sampled, bounds).tolist()
     if 0 < num_sampled < batch:
-        parts.append(np.flatnonzero(sampled).astype(np.int64))
+        parts.append(np.flatnonzero(sampled).astype(np.int64) % chunk_rows)
+    repetition_offsets: list[int] | None = None
+    output_offsets: list[int] | None = None
     repetition_rows = np.flatnonzero(repetition_on).astype(np.int64)
     if repetition_rows.size:
-        parts.append(_flat_ids(repetition_rows, prompt_token_ids, vocab))
-        parts.append(_flat_ids(repetition_rows, output_token_ids, vocab))
+        token_lists = (prompt_token_ids, output_token_ids)
+        ids, per_row = _flat_ids(repetition_rows, token_lists, vocab, chunk_rows)
+        parts.append(ids)
+        counts = _scatter_counts(batch, repetition_rows, per_row)
+        repetition_offsets = _chunk_offsets(counts, bounds).tolist()
     output_rows = np.flatnonzero((presence != 0.0) | (frequency != 0.0)).astype(np.int64)
     if output_rows.size:
-        parts.append(_flat_ids(output_rows, output_token_ids, vocab))
+        ids, per_row = _flat_ids(output_rows, (output_token_ids,), vocab, chunk_rows)
+        parts.append(ids)
+        output_offsets = _chunk_offsets(_scatter_counts(batch, output_rows, per_row), bounds).tolist()
     sizes = [part.size for part in parts]
     on_device = upload(np.concatenate(parts), device)
 
     pieces = iter(on_device.split(sizes))
-    return _StepInputs(
-        table=next(pieces).view(torch.float64).view(batch, _NUM_COLUMNS),
-        num_sampled=num_sampled,
-        sample_rows=next(pieces) if 0 < num_sampled < batch else None,
-        uses_top_k=bool((top_k[sampled] > 0).any()),
-        uses_top_p=bool(top_p_on[sampled].any()),
-        uses_min_p=bool((min_p[sampled] > 0.0).any()),
-        repetition_ids=torch.cat([next(pieces), next(pieces)]) if repetition_rows.size else None,
-        output_ids=next(pieces) if output_rows.size else None,
-        max_top_logprobs=int(top_logprobs.max(initial=0)),
-    )
+    table_on_device = next(pieces).view(torch.float64).view(batch, _NUM_COLUMNS)
+    all_sample_rows = next(pieces) if 0 < num_sampled < batch else None
+    repetition_ids = next(pieces) if repetition_rows.size else None
+    output_ids = next(pieces) if output_rows.size else None
+    # Per chunk, how many sampled rows use each filter.
+    top_k_users = np.diff(_chunk_offsets(sampled & (top_k > 0), bounds)).tolist()
+    top_p_users = np.diff(_chunk_offsets(sampled & top_p_on, bounds)).tolist()
+    min_p_users = np.diff(_chunk_offsets(sampled & (min_p > 0.0), bounds)).tolist()
+
+    def ids_of(ids: torch.Tensor | None, offsets: list[int] | None, i: int) -> torch.Tensor | None:
+        # Host-known offsets: slicing is a view, no kernel and no sync.
+        if ids is None or offsets is None or offsets[i] == offsets[i + 1]:
+            return None
+        return ids[offsets[i] : offsets[i + 1]]
+
+    chunks = []
+    for i, (start, end) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        chunk_sampled = sample_offsets[i + 1] - sample_offsets[i]
+        some_sampled = 0 < chunk_sampled < end - start
+        chunks.append(
+            _Chunk(
+                start=start,
+                end=end,
+                table=table_on_device[start:end],
+                num_sampled=chunk_sampled,
+                sample_rows=ids_of(all_sample_rows, sample_offsets, i) if some_sampled else None,
+                uses_top_k=bool(top_k_users[i]),
+                uses_top_p=bool(top_p_users[i]),
+                uses_min_p=bool(min_p_users[i]),
+                repetition_ids=ids_of(repetition_ids, repetition_offsets, i),
+                output_ids=ids_of(output_ids, output_offsets, i),
+            )
+        )
+    return _StepInputs(chunks=tuple(chunks), max_top_logprobs=int(top_logprobs.max(initial=0)))
 
 
-def _penalise(logits: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
-    """Penalised copy of ``logits`` [batch, vocab].
+def _penalise(logits: torch.Tensor, chunk: _Chunk) -> torch.Tensor:
+    """Penalised copy of ``logits`` [rows, vocab], the rows of ``chunk``.
 
     Only the (row, token) pairs in the id lists are read and written: O(tokens), not
     O(batch * vocab). Every value is computed exactly as the dense form
@@ -300,16 +383,16 @@ def _penalise(logits: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
     """
     # Contiguous whatever the input's strides, so the flat view below exists.
     logits = logits.clone(memory_format=torch.contiguous_format)
-    flat = logits.view(-1)  # [batch * vocab]
+    flat = logits.view(-1)  # [rows * vocab]
     vocab = logits.shape[1]
-    weights = inputs.table[:, _REPETITION : _FREQUENCY + 1].to(logits.dtype)  # [batch, 3]
-    if inputs.repetition_ids is not None:
-        ids = inputs.repetition_ids
+    weights = chunk.table[:, _REPETITION : _FREQUENCY + 1].to(logits.dtype)  # [rows, 3]
+    if chunk.repetition_ids is not None:
+        ids = chunk.repetition_ids
         values = flat.gather(0, ids)
         penalty = weights[:, 0].index_select(0, ids // vocab)
         flat.scatter_(0, ids, torch.where(values > 0, values / penalty, values * penalty))
-    if inputs.output_ids is not None:
-        ids = inputs.output_ids
+    if chunk.output_ids is not None:
+        ids = chunk.output_ids
         # Occurrences of each id among the ids, by binary search in the sorted list: no
         # [batch, vocab] count buffer and no data-dependent size (which would sync).
         ordered = ids.sort().values
@@ -331,8 +414,13 @@ def apply_penalties(
     output_token_ids: Sequence[Sequence[int]],
 ) -> torch.Tensor:
     """Penalised copy of ``logits`` [batch, vocab]; see the module docstring for semantics."""
-    inputs = _prepare(params, prompt_token_ids, output_token_ids, logits.shape[1], logits.device)
-    return _penalise(logits, inputs)
+    batch, vocab = logits.shape
+    # One chunk: the result is a whole-batch copy anyway.
+    inputs = _prepare(
+        params, prompt_token_ids, output_token_ids, vocab, logits.device, chunk_rows=max(batch, 1)
+    )
+    (chunk,) = inputs.chunks
+    return _penalise(logits, chunk)
 
 
 def truncation_mask(
@@ -377,7 +465,11 @@ def truncation_mask(
 class Sampler:
     """Turns last-stage logits into one token per sequence; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_chunk_rows: int | None = None) -> None:
+        """``max_chunk_rows`` caps the rows per chunk below what ``CHUNK_BYTES`` allows
+        (tests use it to get many chunks from small batches)."""
+        assert max_chunk_rows is None or max_chunk_rows >= 1, max_chunk_rows
+        self.max_chunk_rows = max_chunk_rows
         # The vocab part of the hash depends only on (vocab, device): compute it once.
         self._vocab_hash_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -392,7 +484,7 @@ class Sampler:
 
     def __call__(
         self,
-        logits: torch.Tensor,  # [batch, vocab] float32
+        logits: torch.Tensor,  # [batch, vocab] float32 or the model's dtype
         params: list[stage_worker_pb2.StageSamplingParams],
         prompt_token_ids: Sequence[Sequence[int]],
         output_token_ids: Sequence[Sequence[int]],
@@ -403,33 +495,54 @@ class Sampler:
             f"{batch} logit rows but {len(params)} params, {len(prompt_token_ids)} prompts, "
             f"{len(output_token_ids)} outputs"
         )
-        device = logits.device
-        inputs = _prepare(params, prompt_token_ids, output_token_ids, vocab, device)
+        rows = chunk_rows(vocab, self.max_chunk_rows)
+        inputs = _prepare(params, prompt_token_ids, output_token_ids, vocab, logits.device, rows)
+        # Every chunk returns the same k columns, so their top logprobs concatenate.
+        k = min(inputs.max_top_logprobs, vocab)
+        outs = [self._sample_chunk(logits[c.start : c.end], c, k) for c in inputs.chunks]
+        if len(outs) == 1:
+            return outs[0]
+        return SamplerOutput(
+            token_ids=torch.cat([o.token_ids for o in outs]),
+            logprobs=torch.cat([o.logprobs for o in outs]),
+            top_token_ids=torch.cat([o.top_token_ids for o in outs]),
+            top_logprobs=torch.cat([o.top_logprobs for o in outs]),
+        )
+
+    def _sample_chunk(
+        self,
+        logits: torch.Tensor,  # [rows, vocab], the chunk's rows of the caller's logits
+        chunk: _Chunk,
+        k: int,
+    ) -> SamplerOutput:
+        # float32 one chunk at a time: with model-dtype logits, no float32 copy of the batch.
         logits = logits.float()
+        rows = logits.shape[0]
 
-        raw_logprobs = logits.log_softmax(dim=-1)  # [batch, vocab]
+        raw_logprobs = logits.log_softmax(dim=-1)  # [rows, vocab]
 
-        if inputs.repetition_ids is not None or inputs.output_ids is not None:
-            logits = _penalise(logits, inputs)
+        if chunk.repetition_ids is not None or chunk.output_ids is not None:
+            logits = _penalise(logits, chunk)
 
-        if batch > 0 and inputs.num_sampled == batch:
-            token_ids = self._sample(logits, inputs.table, inputs)
+        if rows > 0 and chunk.num_sampled == rows:
+            token_ids = self._sample(logits, chunk.table, chunk)
         else:
             token_ids = logits.argmax(dim=-1)  # greedy; argmax returns the first (lowest) max
-            if inputs.sample_rows is not None:
-                rows = inputs.sample_rows
+            if chunk.sample_rows is not None:
+                sample_rows = chunk.sample_rows
                 sampled = self._sample(
-                    logits.index_select(0, rows), inputs.table.index_select(0, rows), inputs
+                    logits.index_select(0, sample_rows),
+                    chunk.table.index_select(0, sample_rows),
+                    chunk,
                 )
-                token_ids.index_copy_(0, rows, sampled)
+                token_ids.index_copy_(0, sample_rows, sampled)
 
-        chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [batch]
-        k = min(inputs.max_top_logprobs, vocab)
+        chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [rows]
         if k > 0:
-            top_logprobs, top_token_ids = raw_logprobs.topk(k, dim=-1, sorted=True)  # [batch, k]
+            top_logprobs, top_token_ids = raw_logprobs.topk(k, dim=-1, sorted=True)  # [rows, k]
         else:
-            top_logprobs = torch.empty(batch, 0, dtype=torch.float32, device=device)
-            top_token_ids = torch.empty(batch, 0, dtype=torch.int64, device=device)
+            top_logprobs = torch.empty(rows, 0, dtype=torch.float32, device=logits.device)
+            top_token_ids = torch.empty(rows, 0, dtype=torch.int64, device=logits.device)
         return SamplerOutput(
             token_ids=token_ids,
             logprobs=chosen,
@@ -441,13 +554,13 @@ class Sampler:
         self,
         logits: torch.Tensor,  # [rows, vocab], penalised
         table: torch.Tensor,  # [rows, _NUM_COLUMNS] float64, the same rows
-        inputs: _StepInputs,
+        chunk: _Chunk,
     ) -> torch.Tensor:
         floats = table[:, _TEMPERATURE : _MIN_P + 1].to(logits.dtype)  # [rows, 3]
         scaled = logits / floats[:, :1]
-        top_k = table[:, _TOP_K].to(torch.int64) if inputs.uses_top_k else None
-        top_p = floats[:, 1] if inputs.uses_top_p else None
-        min_p = floats[:, 2] if inputs.uses_min_p else None
+        top_k = table[:, _TOP_K].to(torch.int64) if chunk.uses_top_k else None
+        top_p = floats[:, 1] if chunk.uses_top_p else None
+        min_p = floats[:, 2] if chunk.uses_min_p else None
         if top_k is not None or top_p is not None or min_p is not None:
             scaled = scaled.masked_fill(truncation_mask(scaled, top_k, top_p, min_p), float("-inf"))
         probs = scaled.softmax(dim=-1)  # removed tokens get exactly 0

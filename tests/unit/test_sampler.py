@@ -8,11 +8,14 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
 from shared.proto.stage_worker_pb2 import StageSamplingParams
 from shared.sampling_params import InvalidSamplingParams, SamplingParams
-from stage_worker.layers.sampler import Sampler, apply_penalties, uniform_noise
+from stage_worker.layers import sampler as sampler_module
+from stage_worker.layers.sampler import Sampler, SamplerOutput, apply_penalties, chunk_rows, uniform_noise
 
 
 def stage_params(**fields: object) -> StageSamplingParams:
@@ -377,6 +380,126 @@ def test_parameters_outside_the_rules_are_an_assertion_not_a_remap(bad: dict[str
         run(Sampler(), make_logits(2), [stage_params(), raw])
 
 
+# ---- chunks of rows ----
+
+
+def _mixed_batch(batch: int, vocab: int, seed: int):
+    """Every kind of row, in an order where chunks of 4 come out all greedy (rows 0-3), all
+    sampled (4-7) and mixed (the rest, drawn at random)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, vocab, generator=g) * 3.0
+
+    def pick(options: list):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    params, prompts, outputs = [], [], []
+    for i in range(batch):
+        temperature = 0.0 if i < 4 else 0.8 if i < 8 else pick([0.0, 0.7, 1.0, 1.3])
+        params.append(
+            stage_params(
+                temperature=temperature,
+                top_k=pick([0, 0, 1, 5, 40]),
+                top_p=pick([1.0, 1.0, 0.9, 0.5]),
+                min_p=pick([0.0, 0.0, 0.1]),
+                seed=int(torch.randint(2**62, (1,), generator=g)) * 3,
+                repetition_penalty=pick([1.0, 1.0, 0.8, 1.5]),
+                presence_penalty=pick([0.0, 0.0, 0.5, -0.4]),
+                frequency_penalty=pick([0.0, 0.0, 0.25]),
+                top_logprobs=pick([0, 0, 1, 5]),
+                return_logprob=pick([False, True]),
+            )
+        )
+        # Few distinct ids, so penalised tokens repeat within a row and across rows.
+        hi = pick([4, 30, vocab])
+        prompt_len = int(torch.randint(1, 30, (1,), generator=g))
+        output_len = int(torch.randint(0, 20, (1,), generator=g))
+        prompts.append(torch.randint(0, hi, (prompt_len,), generator=g).tolist())
+        outputs.append(torch.randint(0, hi, (output_len,), generator=g).tolist())
+    return logits, params, prompts, outputs
+
+
+def _assert_same_output(got: SamplerOutput, want: SamplerOutput) -> None:
+    assert torch.equal(got.token_ids, want.token_ids)
+    assert torch.equal(got.logprobs, want.logprobs)
+    assert torch.equal(got.top_token_ids, want.top_token_ids)
+    assert torch.equal(got.top_logprobs, want.top_logprobs)
+
+
+@pytest.mark.parametrize("max_chunk_rows", [1, 4, 7, 22])
+@pytest.mark.parametrize("seed", range(3))
+def test_chunks_give_the_one_pass_result_bit_for_bit(max_chunk_rows: int, seed: int) -> None:
+    """23 rows in chunks of 1, 4, 7 and 22: several chunks, the last one ragged."""
+    batch, vocab = 23, 257
+    logits, params, prompts, outputs = _mixed_batch(batch, vocab, seed)
+    assert chunk_rows(vocab) >= batch  # the default sampler takes the batch in one pass
+    one_pass = Sampler()(logits, params, prompts, outputs)
+    chunked = Sampler(max_chunk_rows=max_chunk_rows)(logits, params, prompts, outputs)
+    _assert_same_output(chunked, one_pass)
+    assert chunked.top_token_ids.shape == (batch, max(p.top_logprobs for p in params))
+
+
+def test_model_dtype_logits_are_converted_per_chunk_with_the_same_result() -> None:
+    logits, params, prompts, outputs = _mixed_batch(23, 257, seed=7)
+    bf16 = logits.to(torch.bfloat16)
+    want = Sampler()(bf16.float(), params, prompts, outputs)
+    _assert_same_output(Sampler(max_chunk_rows=5)(bf16, params, prompts, outputs), want)
+    _assert_same_output(Sampler()(bf16, params, prompts, outputs), want)
+
+
+def test_chunk_rows_follow_the_byte_budget() -> None:
+    # A float32 row of a 128k vocab is 501 KiB; 32 MiB holds 65 of them.
+    assert chunk_rows(128_256) == sampler_module.CHUNK_BYTES // (128_256 * 4)
+    assert chunk_rows(128_256) * 128_256 * 4 <= sampler_module.CHUNK_BYTES
+    assert chunk_rows(sampler_module.CHUNK_BYTES) == 1  # a row over the budget still samples
+    assert chunk_rows(64, max_rows=3) == 3
+
+
+def test_an_empty_batch_gives_empty_outputs() -> None:
+    out = Sampler(max_chunk_rows=2)(torch.zeros(0, VOCAB), [], [], [])
+    assert out.token_ids.shape == (0,) and out.logprobs.shape == (0,)
+    assert out.top_token_ids.shape == (0, 0) and out.top_logprobs.shape == (0, 0)
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Bytes of the largest tensor any op returns while active (views included).
+
+    The CPU has no allocator peak to read; every buffer the sampler makes is some op's
+    output, so this bounds each of them, and the sampler holds a fixed number at a time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("batch", [40, 160])
+def test_no_buffer_grows_with_the_batch(batch: int) -> None:
+    """top_p over the whole batch (the profile's configuration) plus penalties and a greedy
+    row: with chunks of 5 rows no intermediate exceeds an int64 [5, vocab] (the sort's order,
+    the noise hash), whatever the batch; in one pass the same probe sees [batch, vocab] ones."""
+    vocab, rows = 1000, 5
+    logits = make_logits(batch, vocab=vocab).to(torch.bfloat16)
+    params = [stage_params(temperature=1.0, top_p=0.9, seed=i) for i in range(batch)]
+    params[1] = stage_params(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.2, top_logprobs=3)
+    prompts, outputs = [[0, 1, 2]] * batch, [[5, 5, 6]] * batch
+    bound = rows * vocab * 8
+
+    with _LargestOutput() as probe:
+        Sampler(max_chunk_rows=rows)(logits, params, prompts, outputs)
+    assert probe.largest <= bound
+
+    with _LargestOutput() as probe:
+        Sampler()(logits, params, prompts, outputs)
+    assert probe.largest >= batch * vocab * 4 > bound  # at least the float32 logits
+
+
 # ---- GPU ----
 
 
@@ -401,8 +524,20 @@ def test_cuda_noise_equals_cpu_and_batch_invariance() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_sampling_makes_no_host_sync() -> None:
-    sampler = Sampler()
+def test_cuda_chunks_give_the_one_pass_result_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the real vocab: 150 rows take chunks of 65, 65 and 20 rows."""
+    logits, params, prompts, outputs = _mixed_batch(150, 128_256, seed=3)
+    logits = logits.to("cuda", torch.bfloat16)
+    chunked = Sampler()(logits, params, prompts, outputs)
+    monkeypatch.setattr(sampler_module, "CHUNK_BYTES", 2**40)
+    _assert_same_output(chunked, Sampler()(logits, params, prompts, outputs))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("max_chunk_rows", [None, 2])
+def test_cuda_sampling_makes_no_host_sync(max_chunk_rows: int | None) -> None:
+    sampler = Sampler(max_chunk_rows=max_chunk_rows)
     logits = make_logits(6, vocab=1000).cuda()
     params = [
         stage_params(temperature=0.0, top_logprobs=2),
