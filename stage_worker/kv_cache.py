@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from shared.config import ConfigError, ModelConfig
-from stage_worker.layers.layer_kv_cache import FP8_KV_DTYPE, LayerKVCache
+from stage_worker.layers.layer_kv_cache import FP8_KV_DTYPE, LayerKVCache, new_scales
 
 # --kv-cache-dtype: "auto" stores K/V in the model dtype, "fp8" in float8_e4m3fn.
 KV_CACHE_DTYPES = ("auto", "fp8")
@@ -92,8 +92,8 @@ class KVCache:
             return LayerKVCache(
                 torch.zeros(shape, dtype=dtype, device=device),
                 torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape[:3], dtype=torch.float32, device=device) if quantized else None,
-                torch.zeros(shape[:3], dtype=torch.float32, device=device) if quantized else None,
+                new_scales(num_blocks, block_size, num_kv_heads, device) if quantized else None,
+                new_scales(num_blocks, block_size, num_kv_heads, device) if quantized else None,
             )
 
         self.layers: dict[int, LayerKVCache] = {i: layer() for i in self.layer_indices}

@@ -22,6 +22,7 @@ from shared.sizes import format_size
 from stage_worker.kv_cache import kv_block_bytes_per_layer, resolve_kv_cache_dtype
 from stage_worker.layers.embed_head import pad_vocab_size
 from stage_worker.layers.linear import divide, kv_head_partition
+from stage_worker.layers.sampler import chunk_rows
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,10 @@ def rank_bytes(config: ModelConfig, tp: int, settings: MemorySettings) -> RankBy
         pairs = tokens * config.num_experts_per_tok
         mlp = max(mlp, pairs * (3 * moe_inter + hidden + 4) + tokens * (hidden + 3 * config.num_experts))
     activation = (4 * tokens * hidden + max(attention_act, mlp)) * itemsize
-    # Local and gathered logits in the model dtype, then float32 copies for the sampler.
-    sampling = seqs * vocab_rows * tp * itemsize * 2 + seqs * config.vocab_size * 4 * 3
+    # Local and gathered logits in the model dtype, then float32 copies for the sampler, which
+    # holds them for one chunk of rows at a time (layers/sampler.py).
+    chunk = min(seqs, chunk_rows(config.vocab_size))
+    sampling = seqs * vocab_rows * tp * itemsize * 2 + chunk * config.vocab_size * 4 * 3
     return RankBytes(
         decoder_layer=layer,
         embedding=vocab_rows * hidden * itemsize,

@@ -80,7 +80,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         raise RuntimeError("ParallelLMHead is not an embedding; call compute_logits")
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[num_tokens, hidden] -> float32 [num_tokens, vocab_size], same on every TP rank."""
+        """[num_tokens, hidden] -> [num_tokens, vocab_size] in the model dtype, same on every TP
+        rank. Not converted to float32 here: the sampler converts a chunk of rows at a time, so
+        no float32 copy of every row's logits is held at once."""
         logits = F.linear(hidden_states, self.weight)  # [num_tokens, vocab_per_partition]
         logits = get_tp_group().all_gather(logits, dim=-1)  # [num_tokens, vocab_padded]
-        return logits[:, : self.num_embeddings].float()
+        return logits[:, : self.num_embeddings]

@@ -6,7 +6,11 @@ round(row / scale). A scale per row needs no calibration data and follows whatev
 model's keys and values have, token by token (a single per-tensor scale of 1.0 would flush
 the small values of V rows to FP8's subnormals); it costs 4 bytes per 128-byte row at
 head_dim 128. The kernels dequantize as they read: K's scale multiplies the Q.K^T column
-(exact, it is one factor per key), V's scale multiplies the V tile before the P.V dot.
+(exact, it is one factor per key); V's scale multiplies the P column of its key before the
+P.V dot (a float16 model scales the V tile instead, whose small scales float16 could not hold).
+The scales are laid out [num_blocks, num_kv_heads, block_size] (viewed as [num_blocks,
+block_size, num_kv_heads], the values' order), so a kernel reading one kv head's keys of a
+block reads its scales from one contiguous run.
 
 ``write`` and ``gather`` are the plain-torch reference (CPU, and the oracle of the Triton
 kernels in triton_attention.py, which implement the same rounding).
@@ -36,6 +40,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_rows(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The inverse of quantize_rows (up to its rounding), in `dtype`."""
     return (values.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def new_scales(num_blocks: int, block_size: int, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """Zeroed scales [num_blocks, block_size, num_kv_heads] float32, stored head-major within
+    each block (see the module docstring)."""
+    return torch.zeros(num_blocks, num_kv_heads, block_size, dtype=torch.float32, device=device).transpose(1, 2)
 
 
 @dataclass(frozen=True)
@@ -79,7 +89,9 @@ class LayerKVCache:
             cache.view(torch.uint8).view(-1, num_kv_heads, head_dim).index_copy_(
                 0, slot_mapping, values.view(torch.uint8)
             )
-            scales.view(-1, num_kv_heads).index_copy_(0, slot_mapping, scale)
+            # The scales are not one flat run of rows (new_scales): index block and offset.
+            block_size = scales.shape[1]
+            scales[slot_mapping // block_size, slot_mapping % block_size] = scale
 
     def gather(
         self, blocks: torch.Tensor, context_len: int, dtype: torch.dtype
@@ -92,6 +104,6 @@ class LayerKVCache:
         v = self.value[blocks].view(-1, num_kv_heads, head_dim)[:context_len]
         if not self.quantized:
             return k, v
-        k_scale = self.key_scale[blocks].view(-1, num_kv_heads)[:context_len]  # [context_len, kv_heads]
-        v_scale = self.value_scale[blocks].view(-1, num_kv_heads)[:context_len]
+        k_scale = self.key_scale[blocks].reshape(-1, num_kv_heads)[:context_len]  # [context_len, kv_heads]
+        v_scale = self.value_scale[blocks].reshape(-1, num_kv_heads)[:context_len]
         return dequantize_rows(k, k_scale, dtype), dequantize_rows(v, v_scale, dtype)

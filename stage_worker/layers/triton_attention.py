@@ -292,7 +292,7 @@ def _paged_attention_kernel(
         v_rows = block_ids * stride_vcb + within * stride_vcs + kv_head * stride_vch
         v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vcd, mask=kv_mask, other=0.0)
         if KV_FP8:
-            k, v, key_scale = dequantize_kv_tile(
+            k, v, key_scale, value_scale = dequantize_kv_tile(
                 k, v, k_scale_ptr, v_scale_ptr, block_ids * stride_sb + within * stride_ss + kv_head * stride_sh,
                 k_valid, q.dtype,
             )
@@ -308,6 +308,8 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, 1)
+        if KV_FP8:
+            p = p * value_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 

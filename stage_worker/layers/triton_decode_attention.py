@@ -38,14 +38,18 @@ KV_FP8_MIN_SCALE = tl.constexpr(FP8_KV_MIN_SCALE)
 @triton.jit
 def dequantize_kv_tile(k, v, k_scale_ptr, v_scale_ptr, scale_rows, valid, dtype: tl.constexpr):
     """FP8 K/V tiles [BLOCK_N, BLOCK_D] read at rows scale_rows [BLOCK_N] (offsets into the
-    scale caches, `valid` masking them) -> (K in `dtype`, still to be scaled: one factor per key,
-    which the caller applies to the Q.K^T columns; V dequantized in `dtype`; K's scales
-    [BLOCK_N] float32). Masked rows get scale 0."""
+    scale caches, `valid` masking them) -> (K and V in `dtype`, K's and V's scales [BLOCK_N]
+    float32; masked rows get 0). The scales are one factor per key: the caller applies K's to
+    the Q.K^T columns and V's to P's columns. A float16 V tile is scaled here instead (its
+    value scale is 1): float16 cannot hold P times a small scale."""
     key_scale = tl.load(k_scale_ptr + scale_rows, mask=valid, other=0.0)
     value_scale = tl.load(v_scale_ptr + scale_rows, mask=valid, other=0.0)
-    # Scaled in float32 before rounding to `dtype`: a float16 tile keeps the full range.
-    v = (v.to(tl.float32) * value_scale[:, None]).to(dtype)
-    return k.to(dtype), v, key_scale
+    if dtype == tl.float16:
+        v = (v.to(tl.float32) * value_scale[:, None]).to(dtype)
+        value_scale = tl.where(valid, 1.0, 0.0)
+    else:
+        v = v.to(dtype)
+    return k.to(dtype), v, key_scale, value_scale
 
 
 @triton.jit
@@ -136,7 +140,7 @@ def _paged_decode_split_kernel(
         v_rows = block_ids * stride_vcb + within * stride_vcs + kv_head * stride_vch
         v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vcd, mask=kv_mask, other=0.0)
         if KV_FP8:
-            k, v, key_scale = dequantize_kv_tile(
+            k, v, key_scale, value_scale = dequantize_kv_tile(
                 k, v, k_scale_ptr, v_scale_ptr, block_ids * stride_sb + within * stride_ss + kv_head * stride_sh,
                 k_valid, q.dtype,
             )
@@ -149,6 +153,8 @@ def _paged_decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, 1)
+        if KV_FP8:
+            p = p * value_scale[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 

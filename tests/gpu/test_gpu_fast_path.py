@@ -5,9 +5,12 @@ A dense Llama and a Qwen3-MoE (its experts on the Triton path inside the graphs)
 * float32: concurrent requests (decode steps of several sequences, replayed from a graph
   captured for a larger batch, so padding rows run too) give transformers' float32 greedy
   tokens and logprobs, as tightly as the plain-torch path does.
-* an FP8 KV cache (`--kv-cache-dtype fp8`), float32 otherwise: the compiled FP8 store and
-  attention kernels, graphs included, give the greedy tokens and logprobs of transformers'
-  float32 with its K/V rounded the same way (tests/harness/fp8_kv_attention.py).
+* an FP8 KV cache (`--kv-cache-dtype fp8`), float32 otherwise, dense model: the compiled FP8
+  store and attention kernels, graphs included, give the greedy tokens and logprobs of
+  transformers' float32 with its K/V rounded the same way (tests/harness/fp8_kv_attention.py),
+  within a tolerance that allows a few values to round the other way (float32 differences
+  of the two implementations' K/V land on either side of an e4m3 midpoint), and far below
+  what the rounding itself moves.
 * bfloat16: the fast path against the plain-torch path of this project
   (`--kernel-backend reference --enforce-eager`) on the same concurrent load: the same
   tokens until a step where float32's top-2 margin is within bf16's reach (twice transformers'
@@ -39,6 +42,7 @@ pytestmark = [
 
 NEW_TOKENS = 24
 FP32_TOL = 2e-3
+FP8_KV_TOL = 1e-2
 # Decode steps of 6 sequences replay the batch-8 graph: rows 6 and 7 are padding.
 PROMPT_LENGTHS = (5, 17, 33, 60, 101, 140)
 
@@ -90,18 +94,26 @@ def test_fast_path_float32_equals_transformers_under_concurrency(model: Path) ->
 
 
 def test_fast_path_fp8_kv_cache_equals_transformers_with_rounded_kv(model: Path) -> None:
+    if "Moe" in model.name:
+        # Top-k routing is discontinuous: one K/V value rounded the other way may change an
+        # expert choice, so a token-for-token comparison would test the routing, not the
+        # cache. The MoE model's attention runs these same kernels.
+        pytest.skip("the FP8 cache is compared on the dense model")
     system = _serve(model, "float32", "--kv-cache-dtype", "fp8")
     try:
         results = _generate_concurrently(system, _prompts())
-        compared, max_diff = 0, 0.0
+        compared, max_diff, rounding_moves = 0, 0.0, 0.0
         for prompt, got in zip(_prompts(), results):
             ref = hf_greedy(model, prompt, NEW_TOKENS, dtype=torch.float32, device="cuda:0",
                             attn_implementation=FP8_KV_ATTENTION)
-            n, diff = assert_matches_reference(got, ref, FP32_TOL)
+            unrounded = hf_greedy(model, prompt, NEW_TOKENS, dtype=torch.float32, device="cuda:0")
+            n, diff = assert_matches_reference(got, ref, FP8_KV_TOL, margin=2 * FP8_KV_TOL)
             compared, max_diff = compared + n, max(max_diff, diff)
+            rounding_moves = max(rounding_moves, float((ref.logprobs[0] - unrounded.logprobs[0]).abs().max()))
         print(f"\nfast path, FP8 KV cache, {len(results)} concurrent: {compared} tokens equal transformers with "
-              f"rounded K/V, max logprob diff {max_diff:.2e}")
+              f"rounded K/V, max logprob diff {max_diff:.2e}; the rounding itself moves logprobs by {rounding_moves:.2e}")
         assert compared >= 3 * NEW_TOKENS
+        assert rounding_moves > 3 * FP8_KV_TOL, "the tolerance would not see an unquantized cache"
     finally:
         system.stop()
 

@@ -93,11 +93,11 @@ def steps_before_near_tie(ref: Reference, margin: float) -> int:
     return len(ref.token_ids) if tie is None else tie
 
 
-def assert_matches_reference(got, ref: Reference, tol: float) -> tuple[int, float]:
+def assert_matches_reference(got, ref: Reference, tol: float, margin: float = 1e-3) -> tuple[int, float]:
     """`got` (a client result with logprobs) must give `ref`'s greedy tokens over the
-    comparable prefix, each chosen token's logprob within `tol` of the reference's.
-    Returns (steps compared, largest logprob difference)."""
-    n = comparable_prefix(ref)
+    comparable prefix (up to the first top-2 gap under `margin`), each chosen token's logprob
+    within `tol` of the reference's. Returns (steps compared, largest logprob difference)."""
+    n = comparable_prefix(ref, margin)
     assert got.token_ids[:n] == ref.token_ids[:n]
     max_diff = 0.0
     for step in range(n):
