@@ -247,17 +247,22 @@ def _sm_count(device_type: str, index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _decode_tile_config(element_size: int, queries_per_kv: int, block_d: int) -> tuple[int, int, int, int | None]:
+def _decode_tile_config(
+    element_size: int, queries_per_kv: int, block_d: int, fp8_cache: bool = False
+) -> tuple[int, int, int, int | None]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the split-KV decode kernel: the rows are
     one GQA group, padded to the 16 rows tl.dot needs; tiles as the general kernel's decode
     tiles. Two stages for 16-bit caches: on an H200 at the Llama-3-8B shape (bf16, d 128,
     benchmarks/kernel_bench.py sweep) they beat Triton's default of 3 by 13% at batch 256
     and 25-30% at batch 64 (about 4.4 TB/s at batch 256, context 2048), and tie it at batch 1.
-    float32 keeps Triton's default (None)."""
+    An FP8 cache takes twice the keys per tile (the same bytes as a 16-bit tile; the fastest
+    of block_n 32/64/128 x stages 2/3/4 x warps 4/8 on an H100 at batch 256). float32 keeps
+    Triton's default (None)."""
     block_m = max(16, triton.next_power_of_2(queries_per_kv))
     if element_size >= 4:
         return block_m, (32 if block_d <= 128 else 16), 4, None
-    return block_m, (64 if block_d <= 128 else 32), 4, 2
+    block_n = 64 if block_d <= 128 else 32
+    return block_m, (2 * block_n if fp8_cache else block_n), 4, 2
 
 
 def decode_num_splits(
@@ -298,7 +303,7 @@ def paged_decode_split_kv(
     queries_per_kv = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m, default_n, default_warps, default_stages = _decode_tile_config(
-        query.element_size(), queries_per_kv, block_d
+        query.element_size(), queries_per_kv, block_d, fp8_cache=k_scale is not None
     )
     block_n = block_n or default_n
     num_stages = num_stages or default_stages
