@@ -39,13 +39,9 @@ import triton
 import triton.language as tl
 
 from stage_worker.layers.layer_kv_cache import FP8_KV_DTYPE
-from stage_worker.layers.triton_decode_attention import (
-    KV_FP8_MAX,
-    KV_FP8_MIN_SCALE,
-    dequantize_kv_tile,
-    paged_decode_split_kv,
-)
+from stage_worker.layers.triton_decode_attention import paged_decode_split_kv
 from stage_worker.layers.triton_interpreter import fix_loop_bounds_for_numpy_2_4, interpreting
+from stage_worker.layers.triton_paged_kv import KV_FP8_MAX, KV_FP8_MIN_SCALE, kv_tile_scores
 
 if interpreting():
     fix_loop_bounds_for_numpy_2_4()
@@ -282,23 +278,12 @@ def _paged_attention_kernel(
     for start in range(0, key_end, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         k_valid = k_pos < key_end
-        # Position -> cache row: the block table maps the position's block to a physical block.
-        block_ids = tl.load(table_row + k_pos // block_size, mask=k_valid, other=0).to(tl.int64)
-        within = k_pos % block_size
-        kv_mask = k_valid[:, None] & d_valid[None, :]  # [BLOCK_N, BLOCK_D]
-        k_rows = block_ids * stride_kcb + within * stride_kcs + kv_head * stride_kch  # [BLOCK_N]
-        # Masked rows load 0 so stale or non-finite cache contents never reach the dots.
-        k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :] * stride_kcd, mask=kv_mask, other=0.0)
-        v_rows = block_ids * stride_vcb + within * stride_vcs + kv_head * stride_vch
-        v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vcd, mask=kv_mask, other=0.0)
-        if KV_FP8:
-            k, v, key_scale, value_scale = dequantize_kv_tile(
-                k, v, k_scale_ptr, v_scale_ptr, block_ids * stride_sb + within * stride_ss + kv_head * stride_sh,
-                k_valid, q.dtype,
-            )
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (key_scale * scale_log2)[None, :]
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        s, v, value_factor = kv_tile_scores(
+            q, k_pos, k_valid, table_row, block_size, kv_head, d, d_valid, k_cache_ptr, v_cache_ptr,
+            k_scale_ptr, v_scale_ptr, stride_kcb, stride_kcs, stride_kch, stride_kcd, stride_vcb,
+            stride_vcs, stride_vch, stride_vcd, stride_sb, stride_ss, stride_sh, scale_log2, KV_FP8,
+            DOT_PRECISION,
+        )  # [BLOCK_M, BLOCK_N], [BLOCK_N, BLOCK_D], [BLOCK_N]
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -309,7 +294,7 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, 1)
         if KV_FP8:
-            p = p * value_scale[None, :]
+            p = p * value_factor[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 

@@ -23,33 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from stage_worker.layers.layer_kv_cache import FP8_KV_MAX, FP8_KV_MIN_SCALE
 from stage_worker.layers.triton_interpreter import fix_loop_bounds_for_numpy_2_4, interpreting
+from stage_worker.layers.triton_paged_kv import kv_tile_scores
 
 if interpreting():
     fix_loop_bounds_for_numpy_2_4()
 
 LOG2E = 1.4426950408889634
-# layer_kv_cache's constants, as the kernels read them.
-KV_FP8_MAX = tl.constexpr(FP8_KV_MAX)
-KV_FP8_MIN_SCALE = tl.constexpr(FP8_KV_MIN_SCALE)
-
-
-@triton.jit
-def dequantize_kv_tile(k, v, k_scale_ptr, v_scale_ptr, scale_rows, valid, dtype: tl.constexpr):
-    """FP8 K/V tiles [BLOCK_N, BLOCK_D] read at rows scale_rows [BLOCK_N] (offsets into the
-    scale caches, `valid` masking them) -> (K and V in `dtype`, K's and V's scales [BLOCK_N]
-    float32; masked rows get 0). The scales are one factor per key: the caller applies K's to
-    the Q.K^T columns and V's to P's columns. A float16 V tile is scaled here instead (its
-    value scale is 1): float16 cannot hold P times a small scale."""
-    key_scale = tl.load(k_scale_ptr + scale_rows, mask=valid, other=0.0)
-    value_scale = tl.load(v_scale_ptr + scale_rows, mask=valid, other=0.0)
-    if dtype == tl.float16:
-        v = (v.to(tl.float32) * value_scale[:, None]).to(dtype)
-        value_scale = tl.where(valid, 1.0, 0.0)
-    else:
-        v = v.to(dtype)
-    return k.to(dtype), v, key_scale, value_scale
 
 
 @triton.jit
@@ -131,22 +111,12 @@ def _paged_decode_split_kernel(
     for start in range(split_start, split_end, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         k_valid = k_pos < split_end
-        block_ids = tl.load(table_row + k_pos // block_size, mask=k_valid, other=0).to(tl.int64)
-        within = k_pos % block_size
-        kv_mask = k_valid[:, None] & d_valid[None, :]  # [BLOCK_N, BLOCK_D]
-        k_rows = block_ids * stride_kcb + within * stride_kcs + kv_head * stride_kch  # [BLOCK_N]
-        # Masked rows load 0 so stale or non-finite cache contents never reach the dots.
-        k = tl.load(k_cache_ptr + k_rows[:, None] + d[None, :] * stride_kcd, mask=kv_mask, other=0.0)
-        v_rows = block_ids * stride_vcb + within * stride_vcs + kv_head * stride_vch
-        v = tl.load(v_cache_ptr + v_rows[:, None] + d[None, :] * stride_vcd, mask=kv_mask, other=0.0)
-        if KV_FP8:
-            k, v, key_scale, value_scale = dequantize_kv_tile(
-                k, v, k_scale_ptr, v_scale_ptr, block_ids * stride_sb + within * stride_ss + kv_head * stride_sh,
-                k_valid, q.dtype,
-            )
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (key_scale * scale_log2)[None, :]
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        s, v, value_factor = kv_tile_scores(
+            q, k_pos, k_valid, table_row, block_size, kv_head, d, d_valid, k_cache_ptr, v_cache_ptr,
+            k_scale_ptr, v_scale_ptr, stride_kcb, stride_kcs, stride_kch, stride_kcd, stride_vcb,
+            stride_vcs, stride_vch, stride_vcd, stride_sb, stride_ss, stride_sh, scale_log2, KV_FP8,
+            DOT_PRECISION,
+        )  # [BLOCK_M, BLOCK_N], [BLOCK_N, BLOCK_D], [BLOCK_N]
         s = tl.where(k_valid[None, :], s, float("-inf"))
         # Every tile holds at least one valid key, which every row sees: m_new is finite.
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -154,7 +124,7 @@ def _paged_decode_split_kernel(
         p = tl.exp2(s - m_new[:, None])  # [BLOCK_M, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, 1)
         if KV_FP8:
-            p = p * value_scale[None, :]
+            p = p * value_factor[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
