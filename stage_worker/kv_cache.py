@@ -124,7 +124,7 @@ class KVCache:
         )
 
     def bind(self, model: nn.Module) -> None:
-        """Attaches each layer's (k, v) to that layer's attention module."""
+        """Attaches each layer's LayerKVCache to that layer's attention module."""
         layers = model.attention_layers()
         assert sorted(layers) == sorted(self.layer_indices), (
             f"cache layers {self.layer_indices} do not match model layers {sorted(layers)}"
