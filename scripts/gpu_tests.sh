@@ -5,7 +5,8 @@
 #
 #   bash scripts/gpu_tests.sh [OUTDIR] [TEST_FILE ...]
 #
-# Default OUTDIR: gpu-test-logs; default files: the kernels, the fast path, the NCCL parity
+# Default OUTDIR: gpu-test-logs; default files: the kernels, the fast path, the NCCL parity, and
+# the unit files whose CUDA cases skip on the CPU (sampler, host upload)
 # (measured on 2 x H200, each on its own: 16 compiled kernel tests 14 s, fast path 2.6 min,
 # parity 5.5 min; the whole list has not run in one go). PER_FILE_TIMEOUT (seconds, default
 # 900) stops a file that hangs. Parity needs 2 GPUs; its tests skip themselves on one.
@@ -16,7 +17,8 @@ shift || true
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
   files=(tests/gpu/test_triton_attention.py tests/gpu/test_triton_fused.py tests/gpu/test_triton_fused_moe.py tests/gpu/test_kernel_backends.py
-         tests/gpu/test_triton_fp8_matmul.py tests/gpu/test_gpu_fast_path.py tests/gpu/test_gpu_memory_profile.py tests/gpu/test_gpu_fp8.py tests/gpu/test_gpu_parity.py)
+         tests/gpu/test_triton_fp8_matmul.py tests/gpu/test_gpu_fast_path.py tests/gpu/test_gpu_memory_profile.py tests/gpu/test_gpu_fp8.py tests/gpu/test_gpu_parity.py
+         tests/unit/test_sampler.py tests/unit/test_host_upload.py)
 fi
 if ! "${PYTHON:-python3}" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "no CUDA device: the GPU tests would all skip" >&2
