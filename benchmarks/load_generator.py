@@ -314,24 +314,44 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_generate(model: Any, prompt: Any, new_tokens: int, pad_token_id: int) -> tuple[float, Any]:
-    """Seconds of a greedy generate that makes exactly `new_tokens` per row, and its output."""
+class _TokenClock:
+    """A transformers streamer that notes when each put reaches it: the prompt first, then each
+    step's new tokens (moved to the host, so the step has finished)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _timed_generate(model: Any, prompt: Any, new_tokens: int, pad_token_id: int) -> tuple[float, float, float, Any]:
+    """A greedy generate that makes exactly `new_tokens` per row: (seconds to the first new
+    token, seconds per later token (0 for one token), seconds in all, the output). Both
+    latencies come from this one run, so they cannot disagree with each other."""
     import torch
 
+    clock = _TokenClock()
     _sync(prompt.device)
     t0 = time.perf_counter()
     out = model.generate(
         prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens, pad_token_id=pad_token_id,
+        min_new_tokens=new_tokens, pad_token_id=pad_token_id, streamer=clock,
     )
     _sync(prompt.device)
-    return time.perf_counter() - t0, out
+    total = time.perf_counter() - t0
+    steps = clock.times[1:]  # [new_tokens]
+    per_token = (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else 0.0
+    return steps[0] - t0, per_token, total, out
 
 
 def hf_baseline(model_dir: str, device: str, dtype_name: str, batch: int, prompt_len: int, output_len: int,
                 seed: int) -> dict[str, Any]:
     """transformers `generate` at `batch` rows: greedy, every row makes all `output_len`
-    tokens. TTFT: a generate of one token (the batch's prefill); TPOT from the rest."""
+    tokens. TTFT and TPOT from the times its steps' tokens reach the host, in one run."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -356,15 +376,14 @@ def hf_baseline(model_dir: str, device: str, dtype_name: str, batch: int, prompt
 
     with torch.no_grad():
         _timed_generate(model, ids[:, : min(8, prompt_len)], 2, pad)  # warm-up
-        ttft_s, _ = _timed_generate(model, ids, 1, pad)
-        wall_s, out = _timed_generate(model, ids, output_len, pad)
+        ttft_s, tpot_s, wall_s, out = _timed_generate(model, ids, output_len, pad)
     made = out.shape[1] - prompt_len
     result = {
         "model_dir": model_dir, "device": str(dev), "dtype": dtype_name, "batch": batch, "prompt_len": prompt_len,
         "output_len": output_len, "weights": "checkpoint" if has_weights else "random (config.json only)",
         "load_s": load_s, "wall_s": wall_s, "tokens_made": int(made) * batch,
         "tok_s": batch * made / wall_s, "ttft_ms": ttft_s * 1e3,
-        "tpot_ms": (wall_s - ttft_s) / (made - 1) * 1e3 if made > 1 else None,
+        "tpot_ms": tpot_s * 1e3 if made > 1 else None,
     }
     del model, out, ids
     if dev.type == "cuda":

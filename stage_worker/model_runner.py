@@ -364,22 +364,26 @@ class ModelRunner:
         False (ranks whose results nobody reads) skips both. Thread-safe against `launch` of
         later steps: it reads only what `launched` holds."""
         result = launched.result
+        ended: float | None = None
         if report and launched.launched_at is not None:
             # From launch to the result being ready: the sampled tokens reaching the host on
             # the last stage (the device work still running, the steps queued before it
             # included), and on every stage the time the step waited for this thread.
             packed = launched.host_copy.values() if launched.host_copy is not None else None
-            mark = time.perf_counter()
+            ended = mark = time.perf_counter()
             result.phase_seconds["wait"] = mark - launched.launched_at
             if packed is not None:
                 assert launched.output is not None  # set with host_copy, by the sampler
                 _fill_tokens(result, launched.seq_ids, launched.top_logprobs, launched.output, packed)
-                result.phase_seconds["reply"] = time.perf_counter() - mark
+                ended = time.perf_counter()
+                result.phase_seconds["reply"] = ended - mark
             if launched.device_span is not None:
                 start, end = launched.device_span
                 end.synchronize()  # recorded after the host copy's event: no wait in practice
                 result.phase_seconds["device"] = start.elapsed_time(end) / 1e3
-        result.compute_seconds = time.perf_counter() - launched.started
+        # A reported step's phases share their clock readings, so its time is exactly their
+        # sum: a thread switch between two readings cannot open a gap that no phase counts.
+        result.compute_seconds = (ended if ended is not None else time.perf_counter()) - launched.started
         if self.timeline is not None and launched.launched_at is not None:
             self.timeline.finished(result.step_id, launched.launched_at, launched.started + result.compute_seconds)
         return result
