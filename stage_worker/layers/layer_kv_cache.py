@@ -13,7 +13,8 @@ block_size, num_kv_heads], the values' order), so a kernel reading one kv head's
 block reads its scales from one contiguous run.
 
 ``write`` and ``gather`` are the plain-torch reference (CPU, and the oracle of the Triton
-kernels in triton_attention.py, which implement the same rounding).
+kernels: triton_attention.py's store, which rounds exactly as ``quantize_rows`` does, and
+triton_paged_kv.py's tile reader).
 """
 
 from __future__ import annotations
